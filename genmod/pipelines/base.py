@@ -1,0 +1,77 @@
+"""Shared pipeline plumbing: loading genmod pipelines offline in a fresh process.
+
+diffusers 0.42 never imports a library just because ``model_index.json`` names it (a 2026 security
+hardening), so ``DiffusionPipeline.from_pretrained`` cannot find genmod's component classes unless
+their modules are already imported. ``GenmodPipeline.from_pretrained`` imports the ``genmod.*``,
+``tokenizers_vq.*`` and ``samplers.*`` modules the index names (our own packages only) first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import torch
+from diffusers import DiffusionPipeline
+
+TRUSTED_PREFIXES = ("genmod.", "tokenizers_vq.", "samplers.")
+
+
+def _import_named_components(path: str | os.PathLike) -> dict:
+    index_file = os.path.join(os.fspath(path), "model_index.json")
+    if not os.path.isfile(index_file):
+        raise FileNotFoundError(f"{path}: not a pipeline folder (no model_index.json)")
+    try:
+        with open(index_file) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_file}: invalid JSON ({err})") from None
+    for value in index.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith(TRUSTED_PREFIXES):
+            importlib.import_module(value[0])
+    return index
+
+
+class GenmodPipeline(DiffusionPipeline):
+    """Base class of genmod pipelines: offline ``from_pretrained`` of genmod components."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        if os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+            _import_named_components(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @staticmethod
+    def _generator_for(generator, batch_size: int):
+        """Accept one generator, a list of one per sample, or None (diffusers convention)."""
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {batch_size}")
+        return generator
+
+    @staticmethod
+    def images_to_output(images: torch.Tensor, output_type: str):
+        """Map decoder output in [-1, 1] (B, C, H, W) to 'pt' ([0,1] NCHW), 'np' (NHWC float) or 'pil'."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type: expected one of pil/np/pt/latent, got {output_type!r}")
+        if output_type == "latent":
+            return images
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return DiffusionPipeline.numpy_to_pil(array)
+
+
+def load_pipeline(path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+    """Load any genmod pipeline folder by the class named in its ``model_index.json``."""
+    index = _import_named_components(path)
+    class_name = index.get("_class_name")
+    import genmod.pipelines as registry
+
+    pipeline_cls = getattr(registry, str(class_name), None)
+    if pipeline_cls is None:
+        raise ValueError(f"{path}/model_index.json: unknown pipeline class {class_name!r}")
+    return pipeline_cls.from_pretrained(path, **kwargs)
