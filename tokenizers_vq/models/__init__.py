@@ -1,0 +1,26 @@
+"""Tokenizer models: VQTokenizer (vq / fsq / rvq / msvq / simvq), SigmaVAE, KLVAE for images and audio."""
+from .common import TokenizerOutput
+from .kl_vae import KLVAE, gaussian_kl
+from .sigma_vae import SigmaVAE
+from .vq_tokenizer import VQTokenizer
+
+TOKENIZER_CLASSES = {"vq": VQTokenizer, "sigma_vae": SigmaVAE, "kl_vae": KLVAE}
+
+
+def load_tokenizer(path: str):
+    """Load any tokenizer saved with ``save_pretrained`` by the ``_class_name`` in its config.json."""
+    import json
+    import os
+
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no tokenizer config.json in {path!r}")
+    with open(config_file) as f:
+        name = json.load(f).get("_class_name")
+    classes = {cls.__name__: cls for cls in TOKENIZER_CLASSES.values()}
+    if name not in classes:
+        raise ValueError(f"{config_file}: _class_name {name!r} is not one of {sorted(classes)}")
+    return classes[name].from_pretrained(path)
+
+
+__all__ = ["VQTokenizer", "SigmaVAE", "KLVAE", "TokenizerOutput", "gaussian_kl", "TOKENIZER_CLASSES", "load_tokenizer"]

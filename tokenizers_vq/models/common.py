@@ -1,0 +1,97 @@
+"""Pieces every tokenizer model shares: the encoder/decoder factory, latent normalisation and its
+statistics, and the forward output type.
+
+Latent normalisation follows diffusers (SD3 / Flux convention):
+``latents = (z - shift_factor) * scaling_factor`` and ``z = latents / scaling_factor + shift_factor``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
+
+from .blocks import Decoder1d, Decoder2d, Encoder1d, Encoder2d
+
+MODALITY_KEYS = {"image": "image", "audio": "audio"}
+
+
+@dataclass
+class TokenizerOutput(BaseOutput):
+    """``sample``: reconstruction; ``latent``: the (unnormalised) latent fed to the decoder;
+    ``reg_loss``: the weighted quantizer / KL / mean-L2 term; ``indices``: code indices (discrete only);
+    ``stats``: float logs (usage, perplexity, kl, ...)."""
+
+    sample: torch.Tensor
+    latent: torch.Tensor
+    reg_loss: torch.Tensor
+    indices: Optional[torch.Tensor] = None
+    stats: dict = field(default_factory=dict)
+
+
+def build_encoder_decoder(modality: str, in_channels: int, enc_out: int, dec_in: int, base_channels: int,
+                          ch_mult: Sequence[int], num_res_blocks: int, attention: bool, strides: Sequence[int]):
+    """Image (2D, ``ch_mult``) or waveform (1D, ``strides``) encoder and decoder."""
+    if modality == "image":
+        return (Encoder2d(in_channels, enc_out, base_channels, ch_mult, num_res_blocks, attention),
+                Decoder2d(dec_in, in_channels, base_channels, ch_mult, num_res_blocks, attention))
+    if modality == "audio":
+        return (Encoder1d(in_channels, enc_out, base_channels, strides, attention),
+                Decoder1d(dec_in, in_channels, base_channels, strides, attention))
+    raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
+
+
+def downsample_factor(modality: str, ch_mult: Sequence[int], strides: Sequence[int]) -> int:
+    if modality == "image":
+        return 2 ** (len(ch_mult) - 1)
+    result = 1
+    for s in strides:
+        result *= s
+    return result
+
+
+def batch_input(batch, modality: str) -> torch.Tensor:
+    """The tensor a tokenizer eats from a dataset batch (dict with "image"/"audio") or a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    key = MODALITY_KEYS[modality]
+    if key not in batch:
+        raise KeyError(f"batch has no {key!r} key (keys: {sorted(batch)}); modality={modality!r}")
+    return batch[key]
+
+
+class LatentNormMixin:
+    """Normalisation with ``scaling_factor`` / ``shift_factor`` kept in the model config."""
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.config.scaling_factor + self.config.shift_factor
+
+    @torch.no_grad()
+    def compute_latent_stats(self, dataloader: Iterable, max_batches: Optional[int] = None) -> dict:
+        """Global mean / std of the raw (deterministic) latents over ``dataloader``; stores
+        ``shift_factor = mean`` and ``scaling_factor = 1 / std`` in the config so that
+        :meth:`encode` returns latents with mean 0 and std 1 on that data."""
+        was_training = self.training
+        self.eval()
+        total = total_sq = 0.0
+        count = 0
+        device = next(self.parameters()).device
+        for i, batch in enumerate(tqdm(dataloader, desc="latent stats", leave=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            z = self.encode_raw(batch_input(batch, self.config.modality).to(device)).double()
+            total += z.sum().item()
+            total_sq += z.pow(2).sum().item()
+            count += z.numel()
+        if count == 0:
+            raise ValueError("compute_latent_stats: dataloader yielded no batches")
+        mean = total / count
+        std = max(total_sq / count - mean * mean, 1e-12) ** 0.5
+        self.register_to_config(shift_factor=float(mean), scaling_factor=float(1.0 / std))
+        self.train(was_training)
+        return {"shift_factor": float(mean), "scaling_factor": float(1.0 / std)}
