@@ -1,1 +1,39 @@
-"""samplers."""
+"""samplers: network-agnostic solvers, time grids, guidance and logits sampling.
+
+A solver integrates a velocity callable ``velocity_fn(x, t)`` (``t`` of shape ``[B]``) over a decreasing
+time grid from t = 1 (noise) to t = 0 (data), in the package convention of docs/DESIGN.md §1.
+"""
+
+from samplers.autoregressive import filter_logits, sample_logits
+from samplers.guidance import classifier_free_guidance
+from samplers.ode import (
+    SOLVERS,
+    NFECounter,
+    SolverStats,
+    as_velocity_fn,
+    dpm_solver_pp_2m,
+    euler,
+    heun,
+    midpoint,
+    nfe_per_solve,
+    rk4,
+    sample_ode,
+)
+from samplers.sde import diffusion_coefficient, sample_sde
+from samplers.time_grids import (
+    TIME_GRIDS,
+    cosine_grid,
+    get_time_grid,
+    karras_grid,
+    register_time_grid,
+    shifted_grid,
+    uniform_grid,
+    validate_time_grid,
+)
+
+__all__ = [
+    "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverStats", "as_velocity_fn", "classifier_free_guidance",
+    "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m", "euler", "filter_logits", "get_time_grid",
+    "heun", "karras_grid", "midpoint", "nfe_per_solve", "register_time_grid", "rk4", "sample_logits",
+    "sample_ode", "sample_sde", "shifted_grid", "uniform_grid", "validate_time_grid",
+]

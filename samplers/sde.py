@@ -1,0 +1,93 @@
+"""Euler-Maruyama for the reverse-time SDE of an affine path, driven by the velocity.
+
+For any diffusion coefficient g(t) the SDE, run from t = 1 to t = 0 (``tau = 1 - t`` forward),
+
+    dx = [-v(x, t) + g(t)^2 / 2 * score(x, t)] dtau + g(t) dW,
+
+has the same marginals p_t as the probability-flow ODE ``dx/dt = v`` (its Fokker-Planck equation
+reduces to the continuity equation of v; Song et al. 2021, eq. 6 and App. D.1; Ma et al. 2024 SiT,
+Sec. 3.3). The score comes from the velocity through the path: ``score = -E[eps | x_t] / sigma``
+(``AffinePath.convert``). Diffusion schedules (times ``noise_scale``):
+
+* ``sigma``: ``g = sigma(t)`` (default; finite everywhere, vanishes at the data end),
+* ``path``: the path's own forward-SDE diffusion ``g^2 = 2 sigma sigma' - 2 (alpha'/alpha) sigma^2`` (the
+  classic reverse SDE; infinite where alpha = 0, e.g. linear path at t = 1),
+* ``constant``: ``g = 1``.
+
+The last step is a noise-free Euler step of the ODE, so the output carries no fresh noise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from genmod.flow.paths import AffinePath, LinearPath
+
+DIFFUSION_SCHEDULES = ("sigma", "path", "constant")
+
+
+def diffusion_coefficient(path: AffinePath, t: torch.Tensor, schedule: str = "sigma", noise_scale: float = 1.0) -> torch.Tensor:
+    """``g(t)`` of the chosen schedule times ``noise_scale``."""
+    if schedule == "sigma":
+        g = path.sigma(t)
+    elif schedule == "path":
+        a, s, da, ds = path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)
+        g = torch.sqrt((2 * s * ds - 2 * (da / a) * s**2).clamp(min=0))
+    elif schedule == "constant":
+        g = torch.ones_like(t)
+    else:
+        raise ValueError(f"diffusion: expected one of {', '.join(DIFFUSION_SCHEDULES)}, got {schedule!r}")
+    return noise_scale * g
+
+
+def sample_sde(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_init: torch.Tensor,
+    time_grid: Sequence[float] | torch.Tensor,
+    path: AffinePath | None = None,
+    diffusion: str = "sigma",
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    progress: bool = False,
+    return_stats: bool = False,
+):
+    """Euler-Maruyama over a decreasing ``time_grid``; noise drawn from ``generator``.
+
+    Returns ``x`` (and ``SolverStats`` when ``return_stats``); one velocity call per step.
+    """
+    from samplers.ode import NFECounter, SolverStats, _grid_list, _time  # local: avoid a cycle in samplers/__init__
+
+    path = path or LinearPath()
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale: must be >= 0, got {noise_scale}")
+    grid = _grid_list(time_grid)
+    if grid[1] > grid[0]:
+        raise ValueError("time_grid: sample_sde integrates from noise to data; give a decreasing grid")
+    diffusion_coefficient(path, torch.tensor(0.5), diffusion)  # validates the schedule name early
+    counter = NFECounter(velocity_fn)
+    x = x_init
+    pairs = list(zip(grid[:-1], grid[1:]))
+    with torch.no_grad():
+        for i, (t, t_next) in enumerate(tqdm(pairs, desc="sde", leave=False) if progress else pairs):
+            t_batch = _time(x, t)
+            velocity = counter(x, t_batch)
+            dtau = t - t_next
+            if i == len(pairs) - 1 or noise_scale == 0:
+                x = x - dtau * velocity
+            else:
+                g = diffusion_coefficient(path, torch.tensor(t, dtype=torch.float64), diffusion, noise_scale).item()
+                if not torch.isfinite(torch.tensor(g)):
+                    raise ValueError(f"diffusion: g(t) is infinite at t={t} for diffusion={diffusion!r} on {path!r}; start the grid below it or use 'sigma'")
+                score = path.convert(velocity, x, t_batch, src="velocity", dst="score")
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                    device=generator.device if generator is not None else x.device).to(x.device)
+                x = x + dtau * (-velocity + 0.5 * g**2 * score) + g * dtau**0.5 * noise
+            if callback is not None:
+                callback(i, t_next, x)
+    if return_stats:
+        return x, SolverStats(nfe=counter.nfe, num_steps=len(pairs), time_grid=torch.tensor(grid, dtype=torch.float64))
+    return x
