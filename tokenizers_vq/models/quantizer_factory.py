@@ -1,78 +1,43 @@
-"""Build the quantizer a :class:`VQTokenizer` config names, from ``tokenizers_vq.quantizers``.
-
-Falls back to the small local FSQ / EMA-VQ (``local_quantizers``) only when the quantizer package
-is not importable, so the tokenizer stays usable while that package is being written.
-"""
+"""Build the quantizer a :class:`VQTokenizer` config names from ``tokenizers_vq.quantizers``."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch.nn as nn
 
-QUANTIZER_KINDS = ("vq", "fsq", "rvq", "msvq", "simvq")
+from tokenizers_vq.quantizers import FSQ, MultiScaleResidualVQ, ResidualVQ, VectorQuantizer
+
+QUANTIZER_KINDS = ("vq", "fsq", "rvq", "rfsq", "msvq", "simvq")
 
 
 def quantizer_dim(kind: str, latent_channels: int, fsq_levels: Sequence[int]) -> int:
-    """Channel count the encoder must produce for quantizer ``kind``."""
+    """Channels the encoder must produce: ``len(fsq_levels)`` for FSQ (no projection), else ``latent_channels``."""
     return len(fsq_levels) if kind == "fsq" else latent_channels
 
 
-def build_quantizer(kind: str, dim: int, codebook_size: int, fsq_levels: Sequence[int], num_quantizers: int,
-                    scales: Sequence[int], ema: bool, decay: float, beta: float, dead_threshold: float,
-                    quantizer_dropout: float) -> nn.Module:
-    if kind not in QUANTIZER_KINDS:
-        raise ValueError(f"quantizer must be one of {QUANTIZER_KINDS}, got {kind!r}")
-    shared = _shared_class(kind)
-    if shared is not None:
-        return _construct(shared, kind, dim=dim, codebook_size=codebook_size, levels=list(fsq_levels),
-                          num_quantizers=num_quantizers, scales=tuple(scales), ema=ema, decay=decay, beta=beta,
-                          dead_threshold=dead_threshold, quantizer_dropout=quantizer_dropout)
-    from .local_quantizers import LocalEMAVQ, LocalFSQ
-    if kind == "fsq":
-        return LocalFSQ(fsq_levels)
+def build_quantizer(kind: str, dim: int, codebook_size: int = 4096, fsq_levels: Sequence[int] = (8, 8, 8, 8),
+                    codebook_dim: Optional[int] = None, cosine: bool = False, codebook_update: str = "ema",
+                    ema_decay: float = 0.99, kmeans_init: bool = False, dead_code_threshold: float = 0.0,
+                    gradient: str = "ste", commitment_beta: float = 0.25, num_quantizers: int = 1,
+                    quantizer_dropout: float = 0.0, scales: Sequence[int] = (1, 2, 3, 4, 6, 8)) -> nn.Module:
+    """One quantizer by name: ``vq`` (VectorQuantizer), ``simvq`` (VectorQuantizer with a SimVQ
+    codebook, loss-updated), ``fsq``, ``rvq`` / ``rfsq`` (ResidualVQ over VQ / FSQ stages) or
+    ``msvq`` (VAR multi-scale residual VQ; ``scales[-1]`` must equal the latent size)."""
+    vq_options = dict(codebook_dim=codebook_dim, beta=commitment_beta, codebook_update=codebook_update,
+                      ema_decay=ema_decay, kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold,
+                      cosine=cosine, gradient=gradient)
     if kind == "vq":
-        return LocalEMAVQ(codebook_size, dim, decay=decay, beta=beta, dead_threshold=dead_threshold)
-    raise ImportError(f"quantizer {kind!r} needs tokenizers_vq.quantizers, which is not importable")
-
-
-_SHARED_NAMES = {"vq": "VectorQuantizer", "fsq": "FSQ", "rvq": "ResidualVQ", "msvq": "MultiScaleResidualVQ",
-                 "simvq": "SimVQ"}
-
-
-def _shared_class(kind: str):
-    try:
-        import tokenizers_vq.quantizers as q
-    except ImportError:
-        return None
-    return getattr(q, _SHARED_NAMES[kind], None)
-
-
-def _construct(cls, kind: str, **options):
-    """Call the shared quantizer's constructor with the options its signature names."""
-    import inspect
-
-    aliases = {
-        "dim": ("dim", "embed_dim", "codebook_dim"),
-        "codebook_size": ("codebook_size", "num_codes"),
-        "levels": ("levels",),
-        "num_quantizers": ("num_quantizers", "num_stages"),
-        "scales": ("scales", "patch_nums"),
-        "decay": ("decay", "ema_decay"),
-        "beta": ("beta", "commitment_weight", "commitment_beta"),
-        "dead_threshold": ("dead_code_threshold", "threshold_dead"),
-        "quantizer_dropout": ("quantizer_dropout", "dropout"),
-    }
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {}
-    for key, names in aliases.items():
-        for name in names:
-            if name in params:
-                kwargs[name] = options[key]
-                break
-    if "ema" in params:
-        kwargs["ema"] = options["ema"]
-    elif "codebook_update" in params:
-        kwargs["codebook_update"] = "ema" if options["ema"] else "loss"
+        return VectorQuantizer(dim, codebook_size, **vq_options)
+    if kind == "simvq":
+        vq_options.update(codebook_update="loss", simvq=True)
+        return VectorQuantizer(dim, codebook_size, **vq_options)
     if kind == "fsq":
-        kwargs = {k: v for k, v in kwargs.items() if k in ("levels",)}
-    return cls(**kwargs)
+        return FSQ(fsq_levels)
+    if kind == "rvq":
+        return ResidualVQ(dim, num_quantizers, codebook_size, kind="vq", quantizer_dropout=quantizer_dropout,
+                          **vq_options)
+    if kind == "rfsq":
+        return ResidualVQ(dim, num_quantizers, kind="fsq", levels=fsq_levels, quantizer_dropout=quantizer_dropout)
+    if kind == "msvq":
+        return MultiScaleResidualVQ(dim, codebook_size, scales=tuple(scales), beta=commitment_beta, cosine=cosine)
+    raise ValueError(f"quantizer must be one of {QUANTIZER_KINDS}, got {kind!r}")

@@ -1,4 +1,4 @@
-"""VQTokenizer: conv encoder -> quantizer (vq / fsq / rvq / msvq / simvq) -> conv decoder.
+"""VQTokenizer: conv encoder -> quantizer (vq / simvq / fsq / rvq / rfsq / msvq) -> conv decoder.
 
 VQ-VAE / VQGAN (van den Oord et al. 2017; Esser et al. 2021, Sec. 3.1), FSQ (Mentzer et al. 2024),
 residual VQ (SoundStream / DAC) and VAR's multi-scale residual VQ (Tian et al. 2024, Sec. 3.2), for
@@ -26,25 +26,30 @@ class VQTokenizer(ModelMixin, ConfigMixin, LatentNormMixin):
                  ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False,
                  strides: Sequence[int] = (2, 4, 5, 8), quantizer: str = "fsq", latent_channels: int = 8,
                  codebook_size: int = 4096, fsq_levels: Sequence[int] = (8, 8, 8, 8),
-                 num_quantizers: int = 1, scales: Sequence[int] = (1, 2, 3, 4, 5, 6, 8),
-                 ema: bool = True, ema_decay: float = 0.99, commitment_beta: float = 0.25,
-                 dead_code_threshold: float = 1.0, quantizer_dropout: float = 0.0,
+                 codebook_dim: Optional[int] = None, cosine: bool = False, codebook_update: str = "ema",
+                 ema_decay: float = 0.99, kmeans_init: bool = False, dead_code_threshold: float = 0.0,
+                 gradient: str = "ste", commitment_beta: float = 0.25, num_quantizers: int = 1,
+                 quantizer_dropout: float = 0.0, scales: Sequence[int] = (1, 2, 3, 4, 6, 8),
                  scaling_factor: float = 1.0, shift_factor: float = 0.0):
         super().__init__()
         dim = quantizer_dim(quantizer, latent_channels, fsq_levels)
         self.encoder, self.decoder = build_encoder_decoder(modality, in_channels, dim, dim, base_channels, ch_mult,
                                                            num_res_blocks, attention, strides)
-        self.quantize_layer = build_quantizer(quantizer, dim, codebook_size, fsq_levels, num_quantizers, scales, ema,
-                                         ema_decay, commitment_beta, dead_code_threshold, quantizer_dropout)
+        self.quantize_layer = build_quantizer(
+            quantizer, dim, codebook_size=codebook_size, fsq_levels=fsq_levels, codebook_dim=codebook_dim,
+            cosine=cosine, codebook_update=codebook_update, ema_decay=ema_decay, kmeans_init=kmeans_init,
+            dead_code_threshold=dead_code_threshold, gradient=gradient, commitment_beta=commitment_beta,
+            num_quantizers=num_quantizers, quantizer_dropout=quantizer_dropout, scales=scales)
         self.latent_dim = dim
         self.downsample_factor = downsample_factor(modality, ch_mult, strides)
 
     # channel-first maps <-> channel-last tokens for the token-wise quantizers
-    def _quantize(self, z: torch.Tensor):
+    def _quantize(self, z: torch.Tensor, generator: Optional[torch.Generator] = None):
         if self.config.quantizer == "msvq":
             out = self.quantize_layer(z)
             return out, out.z_q
-        out = self.quantize_layer(z.movedim(1, -1))
+        kwargs = {} if self.config.quantizer in ("fsq",) else {"generator": generator}
+        out = self.quantize_layer(z.movedim(1, -1), **kwargs)
         return out, out.z_q.movedim(-1, 1)
 
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +76,7 @@ class VQTokenizer(ModelMixin, ConfigMixin, LatentNormMixin):
         return self.decoder(codes)
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> TokenizerOutput:
-        out, z_q = self._quantize(self.encoder(x))
+        out, z_q = self._quantize(self.encoder(x), generator)
         stats = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in (out.stats or {}).items() if torch.is_tensor(v) and v.numel() == 1
                  or isinstance(v, (int, float))}
         loss = out.loss if torch.is_tensor(out.loss) else x.new_tensor(float(out.loss))
