@@ -55,7 +55,8 @@ def flow_matching_loss(
     point = path.sample(x0, noise, t)
     targets = {"velocity": point.velocity_target, "x0": x0, "epsilon": noise}
     pred = model_output if prediction == loss_space else path.convert(model_output, point.x_t, t, prediction, loss_space)
-    err = (pred.float() - targets[loss_space].float()) ** 2
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # bf16/fp16 outputs: the MSE in fp32
+    err = (pred.to(dtype) - targets[loss_space].to(dtype)) ** 2
     if weight is not None:
         err = err * broadcast_like(weight, err)
     counted = torch.ones_like(err) if mask is None else broadcast_like(mask, err).expand_as(err)
