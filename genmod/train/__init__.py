@@ -1,1 +1,90 @@
-"""train."""
+"""The one trainer every family runs on (docs/DESIGN.md §3).
+
+    from genmod.train import TrainConfig, Trainer, Family, register_family, parse_config
+
+    config = parse_config(MyConfig, ["--max_steps", "200", "--cpu"])
+    summary = Trainer(config, MyFamily(config), dataset).train()
+
+``genmod train NAME [--field value ...]`` does the same for a registered family (:func:`run_family`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, read_trainer_state
+from .config import ConfigError, TrainConfig, config_help, load_config, parse_config, save_config
+from .ema import EMA
+from .family import Family, get_family, register_family, registered_families, unwrap_model
+from .trainer import EpochBatchSampler, Trainer, TrainingDivergedError, TrainSummary, read_metrics, stable_seed
+
+__all__ = [
+    "TrainConfig", "ConfigError", "parse_config", "save_config", "load_config", "config_help",
+    "Family", "register_family", "get_family", "registered_families", "unwrap_model",
+    "EMA", "Trainer", "TrainSummary", "TrainingDivergedError", "EpochBatchSampler", "stable_seed", "read_metrics",
+    "CheckpointError", "find_checkpoint", "list_checkpoints", "run_family", "pipeline_from_checkpoint",
+    "load_family_from_checkpoint",
+]
+
+
+def run_family(name: str, argv: list[str]) -> TrainSummary:
+    """``genmod train NAME ...``: parse the family's config from flags, build it, train, print paths."""
+    entry = get_family(name)
+    config = parse_config(entry.config_class, argv)
+    family = entry(config)
+    try:
+        summary = Trainer(config, family).train()
+    except TrainingDivergedError as err:
+        print(f"genmod train {name}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {name} for {summary.final_step} steps (last loss {summary.last_loss:.4f})")
+        print(f"  checkpoint:  {summary.checkpoint}")
+        if summary.final_model:
+            print(f"  final model: {summary.final_model}")
+        if summary.pipeline:
+            print(f"  pipeline:    {summary.pipeline}")
+        print(f"  metrics:     {summary.metrics_file}")
+    return summary
+
+
+def load_family_from_checkpoint(path: str, use_ema: bool = True):
+    """``(family, model)`` rebuilt from a checkpoint (or an output folder's latest) with its weights.
+
+    The family comes from ``trainer_state.json`` (its class is imported by module path), the config
+    from ``train_config.json``; the weights are the EMA ones when present and ``use_ema``.
+    """
+    import importlib
+
+    from .config import resolve_config_class
+
+    checkpoint = find_checkpoint(path, path)
+    state = read_trainer_state(checkpoint)
+    config_file = os.path.join(checkpoint, "train_config.json")
+    config = load_config(resolve_config_class(config_file), config_file)
+    family_class = state.get("family_class")
+    if family_class:
+        module, qualname = family_class.split(":", 1)
+        factory = importlib.import_module(module)
+        for part in qualname.split("."):
+            factory = getattr(factory, part)
+    else:
+        factory = get_family(state["family"])
+    family = factory(config)
+    model = family.build_model()
+    folder = os.path.join(checkpoint, "ema" if use_ema and os.path.isdir(os.path.join(checkpoint, "ema")) else "model")
+    try:
+        model.load_state_dict(load_weights(folder), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{folder}: weights do not match the model ({str(err).splitlines()[0]})") from None
+    return family, model.eval()
+
+
+def pipeline_from_checkpoint(path: str, use_ema: bool = True):
+    """The family's pipeline around a checkpoint's (EMA) model, for ``genmod sample CHECKPOINT``."""
+    family, model = load_family_from_checkpoint(path, use_ema=use_ema)
+    pipeline = family.build_pipeline(model)
+    if pipeline is None:
+        raise CheckpointError(f"{path}: family {type(family).__name__} builds no pipeline to sample with")
+    return pipeline

@@ -1,0 +1,85 @@
+"""Exponential moving average of model parameters (fp32 shadow).
+
+Update after every optimizer step t = 0, 1, 2, ... (Polyak averaging as used by DDPM/EDM/DiT):
+
+    shadow <- d_t * shadow + (1 - d_t) * param
+
+with a constant ``d_t = decay``, or with warmup (the ``inv_gamma``/``power`` schedule of
+diffusers' ``EMAModel``, after Karras' "EMA warmup"):
+
+    d_t = min(decay, 1 - (1 + t / inv_gamma) ** -power)
+
+so d_0 = 0 copies the weights on the first update. Only floating-point parameters are averaged;
+buffers are taken from the live model when copying.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False,
+                 inv_gamma: float = 1.0, power: float = 0.75):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay: must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.inv_gamma = float(inv_gamma)
+        self.power = float(power)
+        self.num_updates = 0
+        self.names = [n for n, p in model.named_parameters() if p.dtype.is_floating_point]
+        params = dict(model.named_parameters())
+        self.shadow = [params[n].detach().to(torch.float32).clone() for n in self.names]
+
+    def current_decay(self) -> float:
+        """d_t for the next update (t = number of updates done so far)."""
+        if not self.warmup:
+            return self.decay
+        warm = 1.0 - (1.0 + self.num_updates / self.inv_gamma) ** (-self.power)
+        return min(self.decay, max(warm, 0.0))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> float:
+        """One EMA step from the model's current parameters; returns the decay used."""
+        decay = self.current_decay()
+        params = dict(model.named_parameters())
+        for shadow, name in zip(self.shadow, self.names):
+            shadow.mul_(decay).add_(params[name].detach().to(torch.float32), alpha=1.0 - decay)
+        self.num_updates += 1
+        return decay
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Write the averaged weights into ``model`` (cast to its dtype/device)."""
+        params = dict(model.named_parameters())
+        for shadow, name in zip(self.shadow, self.names):
+            params[name].copy_(shadow)
+
+    def to(self, device) -> "EMA":
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self
+
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers (safe for ``torch.load(weights_only=True)``)."""
+        return {"decay": self.decay, "warmup": self.warmup, "inv_gamma": self.inv_gamma, "power": self.power,
+                "num_updates": self.num_updates, "shadow": dict(zip(self.names, self.shadow))}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.load_shadow(state["shadow"])
+
+    @torch.no_grad()
+    def load_shadow(self, tensors: dict, where: str = "EMA state") -> None:
+        """Fill the shadow from a ``{param name: tensor}`` mapping (e.g. a safetensors file)."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"{where}: missing parameter {missing[0]!r} ({len(missing)} missing)")
+        for shadow, name in zip(self.shadow, self.names):
+            if tensors[name].shape != shadow.shape:
+                raise ValueError(f"{where}: parameter {name!r} has shape {tuple(tensors[name].shape)}, "
+                                 f"model expects {tuple(shadow.shape)}")
+            shadow.copy_(tensors[name])
