@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,12 +30,13 @@ class Phi(nn.Module):
         return (1.0 - self.gamma) * h + self.gamma * F.conv2d(h, self.conv.weight.float(), self.conv.bias.float(), padding=1)
 
 
-def phi_ticks(num_phi: int) -> torch.Tensor:
+def phi_ticks(num_phi: int) -> np.ndarray:
     """VAR's tick positions: linspace(1/(3K'), 1 - 1/(3K'), K') for K' = 4, else
-    linspace(1/(2K'), 1 - 1/(2K'), K')."""
+    linspace(1/(2K'), 1 - 1/(2K'), K'). float64 numpy on purpose: for 10 scales and K' = 4, scale 2
+    sits exactly between two ticks and the reference's float64 rounding decides the tie."""
     if num_phi == 4:
-        return torch.linspace(1 / (3 * num_phi), 1 - 1 / (3 * num_phi), num_phi)
-    return torch.linspace(1 / (2 * num_phi), 1 - 1 / (2 * num_phi), num_phi)
+        return np.linspace(1 / 3 / num_phi, 1 - 1 / 3 / num_phi, num_phi)
+    return np.linspace(1 / 2 / num_phi, 1 - 1 / 2 / num_phi, num_phi)
 
 
 def phi_index_for_scale(k: int, num_scales: int, num_phi: int) -> int:
@@ -42,7 +44,7 @@ def phi_index_for_scale(k: int, num_scales: int, num_phi: int) -> int:
     if num_phi == 1:
         return 0
     position = k / (num_scales - 1) if num_scales > 1 else 0.0
-    return int((phi_ticks(num_phi) - position).abs().argmin())
+    return int(np.argmin(np.abs(phi_ticks(num_phi) - position)))
 
 
 class MultiScaleResidualVQ(QuantizerBase):
