@@ -1,0 +1,159 @@
+"""FlowTransformer: a DiT / SiT velocity network for images or latents (Peebles & Xie 2023; Ma et al. 2024).
+
+Patchify -> fixed 2D sin-cos positions -> ``depth`` adaLN-Zero blocks conditioned on
+``c = TimestepEmbedder(timestep) + LabelEmbedder(class)`` -> adaLN final layer -> unpatchify.
+``timestep`` is ``1000 * t`` (t = 1 noise, package convention); the output is whatever the flow
+family trains it for (the velocity by default). The null class id ``num_classes`` is the
+unconditional input for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from genmod.nn.attention import check_backend
+from genmod.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
+from genmod.nn.layers import AdaLNZeroBlock, FinalLayer, xavier_init_
+
+
+class FlowTransformer(ModelMixin, ConfigMixin):
+    """DiT-style transformer ``forward(sample [B, C, H, W], timestep [B], class_labels [B]) -> [B, C', H, W]``.
+
+    Args:
+        in_channels, sample_size: channels and side of the (square) input the positions are built for;
+            other sizes divisible by ``patch_size`` also work (positions are recomputed).
+        patch_size, hidden_size, depth, num_heads, mlp_ratio: DiT sizes (DiT-S/2: 384, 12, 6, 4).
+        num_classes: 0 = unconditional; otherwise ids ``0..num_classes-1`` plus null id ``num_classes``.
+        class_dropout_prob: training-time label dropout for CFG (decided by ``dropout_generator``).
+        learn_sigma: DiT's extra ``in_channels`` output channels (a variance; unused by flow matching).
+        attention_backend: ``sdpa`` | ``xformers`` | ``math``; qk_norm: None | ``layernorm`` | ``rmsnorm``.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AdaLNZeroBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = False,
+        attention_backend: str = "sdpa",
+        qk_norm: str | None = None,
+    ):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
+                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+            if int(value) <= 0:
+                raise ValueError(f"{name}: must be positive, got {value}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
+        check_backend(attention_backend)
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.gradient_checkpointing = False
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, ndim=2)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        grid = sample_size // patch_size
+        self.register_buffer("pos_embed", sincos_2d(grid, grid, hidden_size).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(
+            AdaLNZeroBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, attention_backend=attention_backend)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """DiT initialisation: xavier linears, patch conv as a linear, N(0, 0.02) embeddings, zero adaLN and output."""
+        xavier_init_(self)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        for layer in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def null_class_id(self) -> int:
+        """Label id of the unconditional (null) class used by classifier-free guidance."""
+        return self.config.num_classes
+
+    def _positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        side = self.config.sample_size // self.config.patch_size
+        if (grid_h, grid_w) == (side, side):
+            return self.pos_embed
+        return sincos_2d(grid_h, grid_w, self.config.hidden_size).unsqueeze(0).to(self.pos_embed.device)
+
+    def _condition(self, timestep, class_labels, batch: int, device, dropout_generator) -> torch.Tensor:
+        timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(batch)
+        if timestep.shape != (batch,):
+            raise ValueError(f"timestep: expected a scalar or shape ({batch},), got {tuple(timestep.shape)}")
+        c = self.t_embedder(timestep)
+        if self.y_embedder is None:
+            if class_labels is not None:
+                raise ValueError("class_labels: this model is unconditional (num_classes=0)")
+            return c
+        if class_labels is None:  # unconditional request on a conditional model = the null class
+            class_labels = torch.full((batch,), self.null_class_id, dtype=torch.long, device=device)
+        class_labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
+        if class_labels.shape != (batch,):
+            raise ValueError(f"class_labels: expected {batch} labels, got shape {tuple(class_labels.shape)}")
+        return c + self.y_embedder(class_labels, generator=dropout_generator)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        dropout_generator: torch.Generator | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict for ``sample`` ``[B, C, H, W]`` at network ``timestep = 1000 * t`` (``[B]`` or scalar).
+
+        ``class_labels``: ``[B]`` ids in ``[0, num_classes]`` (``num_classes`` = null); ``None`` on a
+        conditional model means unconditional. In training mode labels are dropped to the null id with
+        ``class_dropout_prob``, drawn from ``dropout_generator``.
+        """
+        if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(f"sample: expected [B, {self.config.in_channels}, H, W], got shape {tuple(sample.shape)}")
+        batch, _, height, width = sample.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"sample: size {height}x{width} is not divisible by patch_size {p}")
+        x = self.x_embedder(sample) + self._positions(height // p, width // p).to(sample.dtype)
+        c = self._condition(timestep, class_labels, batch, sample.device, dropout_generator).to(x.dtype)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c)
+            else:
+                x = block(x, c)
+        x = self.final_layer(x, c)
+        out = unpatchify(x, p, (height // p, width // p))
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
