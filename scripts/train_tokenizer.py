@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Train a tokenizer with the shared trainer, then evaluate it.
+
+    python scripts/train_tokenizer.py --quantizer fsq --dataset shapes --max_steps 2000 --cpu \
+        --output_dir runs/tokenizers/fsq_shapes
+
+Every ``TokenizerConfig`` field is a flag (``--help`` lists them). At the end the final model is
+evaluated on ``--eval_split`` (``evaluate_tokenizer``): ``OUTPUT/eval/metrics.json`` plus a side-by-side
+PNG (WAVs for audio); the model is in ``OUTPUT/final_model`` (``tokenizers_vq.models.load_tokenizer``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(argv: list[str]) -> dict:
+    from genmod.train import Trainer, parse_config
+    from tokenizers_vq.family import TokenizerConfig, TokenizerFamily, evaluate_tokenizer, load_dataset
+    from tokenizers_vq.models import load_tokenizer
+
+    config = parse_config(TokenizerConfig, argv)
+    family = TokenizerFamily(config)
+    dataset = family.build_dataset()
+    summary = Trainer(config, family, dataset, callbacks=[family.trainer_callback]).train()
+    if family.discriminator is not None:  # the trainer does not checkpoint family state yet
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in family.discriminator.state_dict().items()},
+                  os.path.join(config.output_dir, "discriminator.safetensors"))
+    model = load_tokenizer(summary.final_model)
+    eval_set = load_dataset(config.dataset, config.eval_split)
+    metrics = evaluate_tokenizer(model, eval_set, os.path.join(config.output_dir, "eval"),
+                                 num_samples=config.eval_samples)
+    metrics["steps"] = summary.final_step
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,465 @@
+"""TokenizerFamily: trains VQ / FSQ / RVQ / multi-scale VQ / sigma-VAE / KL-VAE tokenizers with the
+shared trainer (``genmod train tokenizer --quantizer fsq ...``), and ``evaluate_tokenizer``.
+
+Loss (one micro-batch):
+
+* images: ``rec_weight * L1|L2 + perceptual_weight * LPIPS + reg`` (reg = quantizer loss, KL or the
+  sigma-VAE mean L2) ``+ gan_factor * lambda_adapt * gan_weight * (-mean D(x_hat))`` with the VQGAN
+  adaptive weight (Esser et al. 2021, Eq. 7) and a PatchGAN hinge discriminator from ``gan_start``;
+* audio (Improved RVQGAN, Kumar et al. 2023, Sec. 3.4): ``rec_weight * L1 + mel_weight * multi-scale mel
+  + stft_weight * MR-STFT + reg`` and, from ``gan_start``, LSGAN over MPD + multi-band STFT
+  discriminators plus ``feature_matching_weight`` * feature matching.
+
+The shared trainer has one optimizer, so the family owns the discriminator and its AdamW and takes
+the discriminator step inside ``loss`` (before the generator's adversarial term is built, so the
+trainer's backward sees no in-place-modified weights). Step count and discriminator state go
+through ``set_step`` / ``state_dict`` / ``load_state_dict``, which a trainer may call when present;
+``scripts/train_tokenizer.py`` wires ``set_step`` through a trainer callback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from genmod.train import Family, TrainConfig, register_family, unwrap_model
+
+from .losses import (MultiBandSTFTDiscriminator, MultiPeriodDiscriminator, MultiResolutionSTFTLoss, MultiScaleMelLoss,
+                     PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, feature_matching_loss, gan_factor,
+                     hinge_d_loss, hinge_g_loss, lsgan_d_loss, lsgan_g_loss, reconstruction_loss, si_sdr)
+from .models import KLVAE, SigmaVAE, VQTokenizer
+from .models.common import batch_input
+
+
+@dataclass
+class TokenizerConfig(TrainConfig):
+    """Flat config of a tokenizer run; every field is a ``genmod train tokenizer`` flag."""
+
+    output_dir: str = "runs/tokenizers/fsq"
+    ema_decay: float = 0.0  # model EMA off by default: codebook EMA already smooths, runs are short
+    lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.5, 0.9)  # taming VQGAN
+    batch_size: int = 32
+    sample_every: int = 0
+    checkpoint_every: int = 1000
+    num_preview: int = 8
+    # which tokenizer
+    tokenizer: Literal["vq", "sigma_vae", "kl_vae"] = "vq"
+    modality: Literal["image", "audio"] = "image"
+    in_channels: Optional[int] = None  # None: from the dataset (channels)
+    base_channels: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    attention: bool = False
+    strides: tuple[int, ...] = (2, 4, 5, 8)
+    latent_channels: int = 8
+    # quantizer (tokenizer == "vq")
+    quantizer: Literal["vq", "simvq", "fsq", "rvq", "rfsq", "msvq"] = "fsq"
+    codebook_size: int = 4096
+    fsq_levels: tuple[int, ...] = (7, 5, 5, 5, 5)  # FSQ paper Table 1 for ~2^12
+    codebook_dim: Optional[int] = None
+    cosine: bool = False
+    codebook_update: Literal["ema", "loss"] = "ema"
+    codebook_ema_decay: float = 0.99
+    kmeans_init: bool = False
+    dead_code_threshold: float = 0.0
+    gradient: Literal["ste", "rotation", "softmax_ste"] = "ste"
+    commitment_beta: float = 0.25
+    num_quantizers: int = 1
+    quantizer_dropout: float = 0.0
+    scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    # continuous latents
+    sigma_std: float = 0.75
+    mean_l2_weight: float = 1e-2
+    kl_weight: float = 1e-6
+    # losses
+    rec_loss: Literal["l1", "l2"] = "l1"
+    rec_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    gan_weight: float = 0.0  # 0 = no discriminator
+    gan_start: int = 0
+    disc_lr: float = 2e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    mel_weight: float = 15.0
+    stft_weight: float = 0.0
+    feature_matching_weight: float = 2.0
+    audio_segment: int = 8000  # training crop in samples (a multiple of prod(strides))
+    # evaluation at the end of training
+    eval_samples: int = 1000
+    eval_split: str = "test"
+
+    def validate(self) -> None:
+        super().validate()
+        from genmod.train import ConfigError
+
+        if self.modality == "audio":
+            hop = math.prod(self.strides)
+            if self.audio_segment % hop:
+                raise ConfigError(f"audio_segment={self.audio_segment} must be a multiple of prod(strides)={hop}")
+        if self.gan_weight < 0 or self.perceptual_weight < 0:
+            raise ConfigError("gan_weight / perceptual_weight must be >= 0")
+
+
+def build_tokenizer(config: TokenizerConfig, in_channels: int):
+    """The model a :class:`TokenizerConfig` describes."""
+    common = dict(modality=config.modality, in_channels=in_channels, base_channels=config.base_channels,
+                  ch_mult=tuple(config.ch_mult), num_res_blocks=config.num_res_blocks, attention=config.attention,
+                  strides=tuple(config.strides), latent_channels=config.latent_channels)
+    if config.tokenizer == "vq":
+        return VQTokenizer(quantizer=config.quantizer, codebook_size=config.codebook_size,
+                           fsq_levels=tuple(config.fsq_levels), codebook_dim=config.codebook_dim, cosine=config.cosine,
+                           codebook_update=config.codebook_update, ema_decay=config.codebook_ema_decay,
+                           kmeans_init=config.kmeans_init, dead_code_threshold=config.dead_code_threshold,
+                           gradient=config.gradient, commitment_beta=config.commitment_beta,
+                           num_quantizers=config.num_quantizers, quantizer_dropout=config.quantizer_dropout,
+                           scales=tuple(config.scales), **common)
+    if config.tokenizer == "sigma_vae":
+        return SigmaVAE(sigma_std=config.sigma_std, mean_l2_weight=config.mean_l2_weight, **common)
+    return KLVAE(kl_weight=config.kl_weight, **common)
+
+
+def load_dataset(name: str, split: str, num_samples: Optional[int] = None):
+    """``genmod.data.get_dataset`` (falls back to the built-in classes while that registry is missing)."""
+    kwargs = {"num_samples": num_samples} if num_samples is not None else {}
+    try:
+        from genmod.data import get_dataset
+    except ImportError:
+        get_dataset = None
+    if get_dataset is not None:
+        return get_dataset(name, split=split, **kwargs)
+    if name == "shapes":
+        from genmod.data.shapes import ShapesDataset
+        return ShapesDataset(split=split, **kwargs)
+    if name == "fashion_mnist":
+        from genmod.data.fashion_mnist import FashionMNIST
+        return FashionMNIST(split="test" if split != "train" else "train", **kwargs)
+    if name == "tones":
+        from genmod.data.tones import ToneDataset
+        return ToneDataset(split=split, **kwargs)
+    raise ValueError(f"dataset {name!r} unknown (genmod.data.get_dataset is not available yet)")
+
+
+class TokenizerFamily(Family):
+    name = "tokenizer"
+    config_class = TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__(config)
+        self.step = 0
+        self._micro_steps = 0
+        self.in_channels = config.in_channels
+        self.sample_rate = 16000
+        self.discriminator = None
+        self.disc_optimizer = None
+        self.perceptual = None
+        self.mel_loss = None
+        self.stft_loss = None
+        self.preview_batch = None
+        self.dataset = None
+
+    # ------------------------------------------------------------------ model and data
+    def build_dataset(self):
+        config = self.config
+        dataset = load_dataset(config.dataset, config.dataset_split, config.dataset_size)
+        self.attach_dataset(dataset)
+        return dataset
+
+    def attach_dataset(self, dataset) -> None:
+        """Take channels / sample rate and the fixed preview items from ``dataset``."""
+        self.dataset = dataset
+        if self.in_channels is None:
+            self.in_channels = int(getattr(dataset, "channels", 1 if self.config.modality == "audio" else 3))
+        self.sample_rate = int(getattr(dataset, "sample_rate", self.sample_rate))
+        count = min(self.config.num_preview, len(dataset)) if self.config.num_preview > 0 else 0
+        if count:
+            items = [dataset[i] for i in range(count)]
+            x = torch.stack([batch_input(item, self.config.modality) for item in items])
+            self.preview_batch = self.crop_audio(x, None) if self.config.modality == "audio" else x
+
+    def build_model(self):
+        if self.in_channels is None:
+            self.in_channels = 1 if self.config.modality == "audio" else 3
+        return build_tokenizer(self.config, self.in_channels)
+
+    def crop_audio(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Random (or, without a generator, leading) crop of ``audio_segment`` samples."""
+        segment = self.config.audio_segment
+        if x.shape[-1] < segment:
+            return F.pad(x, (0, segment - x.shape[-1]))
+        if generator is None:
+            return x[..., :segment]
+        start = int(torch.randint(0, x.shape[-1] - segment + 1, (1,), generator=generator, device=generator.device))
+        return x[..., start:start + segment]
+
+    # ------------------------------------------------------------------ trainer hooks
+    def set_step(self, step: int) -> None:
+        """Optimizer step number (gates the GAN); a trainer callback keeps it exact across resumes."""
+        self.step = int(step)
+
+    def trainer_callback(self, trainer, step: int, metrics: dict) -> None:
+        """``Trainer(..., callbacks=[family.trainer_callback])``: the step after each optimizer step."""
+        self._step_from_trainer = True
+        self.set_step(step)
+
+    def state_dict(self) -> dict:
+        """Discriminator and its optimizer, for a trainer that checkpoints family state."""
+        if self.discriminator is None:
+            return {}
+        return {"discriminator": self.discriminator.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict(),
+                "step": self.step}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        if not state:
+            return
+        self._ensure_discriminator(device or torch.device("cpu"))
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        self.step = int(state.get("step", self.step))
+
+    def _ensure_discriminator(self, device) -> None:
+        config = self.config
+        if self.discriminator is not None:
+            return
+        if config.modality == "image":
+            disc = PatchDiscriminator(self.in_channels or 3, config.disc_channels, config.disc_layers)
+        else:
+            disc = torch.nn.ModuleList([MultiPeriodDiscriminator(), MultiBandSTFTDiscriminator()])
+        self.discriminator = disc.to(device)
+        self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=config.disc_lr,
+                                                betas=tuple(config.adam_betas))
+
+    def _audio_disc(self, x):
+        return [out for d in self.discriminator for out in d(x)]
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, model, batch, generator):
+        config = self.config
+        x = batch_input(batch, config.modality)
+        if config.modality == "audio":
+            x = self.crop_audio(x, generator)
+        if self.trainer_steps_unknown():
+            self.step = self._micro_steps // config.grad_accum_steps
+        self._micro_steps += 1
+        out = model(x, generator=generator)
+        x_hat = out.sample
+        logs = {k: torch.as_tensor(v) for k, v in out.stats.items()}
+        rec = reconstruction_loss(x.float(), x_hat.float(), config.rec_loss)
+        total_rec = config.rec_weight * rec
+        logs["rec"] = rec.detach()
+        if config.modality == "image" and config.perceptual_weight > 0:
+            if self.perceptual is None:
+                self.perceptual = PerceptualLoss().to(x.device)
+            p_loss = self.perceptual(x, x_hat)
+            total_rec = total_rec + config.perceptual_weight * p_loss
+            logs["lpips"] = p_loss.detach()
+        if config.modality == "audio":
+            if config.mel_weight > 0:
+                if self.mel_loss is None:
+                    self.mel_loss = MultiScaleMelLoss(self.sample_rate).to(x.device)
+                mel = self.mel_loss(x, x_hat)
+                total_rec = total_rec + config.mel_weight * mel
+                logs["mel"] = mel.detach()
+            if config.stft_weight > 0:
+                if self.stft_loss is None:
+                    self.stft_loss = MultiResolutionSTFTLoss()
+                stft = self.stft_loss(x, x_hat)
+                total_rec = total_rec + config.stft_weight * stft
+                logs["mr_stft"] = stft.detach()
+        total = total_rec + out.reg_loss
+        logs["reg"] = out.reg_loss.detach()
+        if config.gan_weight > 0 and gan_factor(self.step, config.gan_start) > 0:
+            total = total + self._adversarial(model, x, x_hat, total_rec, logs)
+        logs["loss"] = total
+        return logs
+
+    def trainer_steps_unknown(self) -> bool:
+        """True until a trainer callback has reported a step (then ``self.step`` is authoritative)."""
+        return not getattr(self, "_step_from_trainer", False)
+
+    def _adversarial(self, model, x, x_hat, rec_loss, logs) -> torch.Tensor:
+        config = self.config
+        self._ensure_discriminator(x.device)
+        disc = self.discriminator
+        disc.train()
+        # 1) discriminator step on detached fakes, before the generator term references its weights
+        with torch.enable_grad():
+            if config.modality == "image":
+                d_loss = hinge_d_loss(disc(x.detach()), disc(x_hat.detach()))
+            else:
+                real, fake = self._audio_disc(x.detach()), self._audio_disc(x_hat.detach())
+                d_loss = sum(lsgan_d_loss(r[0], f[0]) for r, f in zip(real, fake))
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_optimizer.step()
+        logs["d_loss"] = d_loss.detach()
+        # 2) generator adversarial term
+        if config.modality == "image":
+            g_loss = hinge_g_loss(disc(x_hat))
+            last = unwrap_model(model).last_layer_weight
+            weight = adaptive_gan_weight(rec_loss, g_loss, last) if torch.is_grad_enabled() else torch.tensor(1.0)
+            logs["g_loss"], logs["gan_adaptive_weight"] = g_loss.detach(), weight
+            return config.gan_weight * weight * g_loss
+        real, fake = self._audio_disc(x), self._audio_disc(x_hat)
+        g_loss = sum(lsgan_g_loss(f[0]) for f in fake)
+        fm = feature_matching_loss(real, fake)
+        logs["g_loss"], logs["feature_matching"] = g_loss.detach(), fm.detach()
+        return config.gan_weight * g_loss + config.feature_matching_weight * fm
+
+    # ------------------------------------------------------------------ previews / export
+    @torch.no_grad()
+    def sample(self, model, num, generator):
+        """Side-by-side previews: each input next to its reconstruction (width-wise for images,
+        time-wise for audio)."""
+        if self.preview_batch is None:
+            return None
+        device = next(model.parameters()).device
+        x = self.preview_batch[:num].to(device)
+        x_hat = model(x).sample.clamp(-1, 1)
+        return torch.cat([x, x_hat], dim=-1)
+
+    def save_preview(self, samples, stem: str) -> None:
+        from genmod.data.io import save_image_grid, save_wav
+
+        if self.config.modality == "image":
+            save_image_grid(samples.float().cpu(), stem + ".png", nrow=max(1, int(math.sqrt(samples.shape[0]))))
+        else:
+            for i, clip in enumerate(samples.float().cpu()):
+                save_wav(f"{stem}-{i:02d}.wav", clip, self.sample_rate)
+
+
+register_family("tokenizer", TokenizerFamily, TokenizerConfig)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def _psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) on [-1, 1] images mapped to [0, 1]."""
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5) on [0, 1] images."""
+    x, y = (x + 1) / 2, (y + 1) / 2
+    coords = torch.arange(11, dtype=x.dtype, device=x.device) - 5
+    g = torch.exp(-coords.pow(2) / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
+    blur = lambda t: F.conv2d(t, window, groups=x.shape[1])  # noqa: E731
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def _image_metric_fns():
+    """PSNR / SSIM from ``evals`` when it provides them, else the local reference formulas."""
+    try:
+        from evals import image_metrics as im  # the evals engineer's module, when present
+        return getattr(im, "psnr", _psnr), getattr(im, "ssim", _ssim)
+    except ImportError:
+        return _psnr, _ssim
+
+
+def _code_histograms(model, indices: torch.Tensor) -> list[torch.Tensor]:
+    """One histogram per codebook (per RVQ stage; one for FSQ / VQ / multi-scale)."""
+    size = model.quantize_layer.codebook_size if hasattr(model.quantize_layer, "codebook_size") else model.config.codebook_size
+    if model.config.quantizer in ("rvq", "rfsq"):
+        stages = model.quantize_layer.stages
+        return [torch.bincount(indices[..., s][indices[..., s] >= 0].flatten(), minlength=stages[s].codebook_size)
+                for s in range(indices.shape[-1])]
+    return [torch.bincount(indices.flatten(), minlength=int(size))]
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, batch_size: int = 64,
+                       num_show: int = 8, lpips: bool = True) -> dict:
+    """Reconstruction metrics of ``model`` on the first ``num_samples`` items of ``dataset``.
+
+    Images: PSNR, SSIM, LPIPS (when available); audio: multi-resolution STFT distance, multi-scale mel
+    distance, SI-SDR. Discrete tokenizers: codebook usage (fraction of codes used over the whole set)
+    and perplexity (exp of the entropy of the whole-set code histogram), per codebook and averaged.
+    Writes ``metrics.json`` and ``reconstructions.png`` (or ``input_XX.wav`` / ``recon_XX.wav``) into
+    ``out_dir`` and returns the metrics.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    model.eval()
+    modality = model.config.modality
+    device = next(model.parameters()).device
+    num_samples = min(num_samples, len(dataset))
+    if num_samples <= 0:
+        raise ValueError(f"evaluate_tokenizer: dataset is empty or num_samples={num_samples}")
+    psnr_fn, ssim_fn = _image_metric_fns()
+    lpips_fn = None
+    if lpips and modality == "image":
+        try:
+            lpips_fn = PerceptualLoss().to(device)
+        except RuntimeError:
+            lpips_fn = None
+    sums: dict[str, float] = {}
+    histograms = None
+    shown_in, shown_out = [], []
+    hop = getattr(model, "downsample_factor", 1)
+    stft, mel = MultiResolutionSTFTLoss(), None
+    sample_rate = int(getattr(dataset, "sample_rate", 16000))
+    for start in tqdm(range(0, num_samples, batch_size), desc="eval tokenizer", leave=False):
+        items = [dataset[i] for i in range(start, min(start + batch_size, num_samples))]
+        x = torch.stack([batch_input(item, modality) for item in items]).to(device)
+        if modality == "audio":
+            x = x[..., : x.shape[-1] // hop * hop]
+        out = model(x)
+        x_hat = out.sample.clamp(-1, 1)
+        n = x.shape[0]
+        if modality == "image":
+            sums["psnr"] = sums.get("psnr", 0.0) + float(psnr_fn(x, x_hat).sum())
+            sums["ssim"] = sums.get("ssim", 0.0) + float(ssim_fn(x, x_hat).sum())
+            if lpips_fn is not None:
+                sums["lpips"] = sums.get("lpips", 0.0) + float(lpips_fn(x, x_hat)) * n
+        else:
+            if mel is None:
+                mel = MultiScaleMelLoss(sample_rate).to(device)
+            sums["mr_stft_distance"] = sums.get("mr_stft_distance", 0.0) + float(stft(x, x_hat)) * n
+            sums["mel_distance"] = sums.get("mel_distance", 0.0) + float(mel(x, x_hat)) * n
+            sums["si_sdr"] = sums.get("si_sdr", 0.0) + float(si_sdr(x, x_hat).mean(-1).sum())
+        if out.indices is not None:
+            hists = _code_histograms(model, out.indices)
+            histograms = hists if histograms is None else [a + b for a, b in zip(histograms, hists)]
+        if len(shown_in) * batch_size < num_show:
+            shown_in.append(x[:num_show].cpu())
+            shown_out.append(x_hat[:num_show].cpu())
+    metrics = {k: v / num_samples for k, v in sums.items()}
+    metrics["num_samples"] = num_samples
+    if histograms is not None:
+        usages, perplexities = [], []
+        for h in histograms:
+            p = h.double() / h.sum().clamp_min(1)
+            usages.append(float((h > 0).double().mean()))
+            perplexities.append(float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())))
+        metrics["codebook_usage"] = sum(usages) / len(usages)
+        metrics["perplexity"] = sum(perplexities) / len(perplexities)
+        metrics["codebook_size"] = int(histograms[0].numel())
+        if len(histograms) > 1:
+            metrics["usage_per_codebook"] = usages
+            metrics["perplexity_per_codebook"] = perplexities
+    shown_x = torch.cat(shown_in)[:num_show]
+    shown_y = torch.cat(shown_out)[:num_show]
+    from genmod.data.io import save_image_grid, save_wav
+
+    if modality == "image":
+        grid = torch.cat([shown_x, shown_y], dim=-1)  # input | reconstruction, side by side
+        save_image_grid(grid, os.path.join(out_dir, "reconstructions.png"), nrow=max(1, int(math.sqrt(len(grid)))))
+    else:
+        for i in range(len(shown_x)):
+            save_wav(os.path.join(out_dir, f"input_{i:02d}.wav"), shown_x[i], sample_rate)
+            save_wav(os.path.join(out_dir, f"recon_{i:02d}.wav"), shown_y[i], sample_rate)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
