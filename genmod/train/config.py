@@ -287,9 +287,8 @@ def parse_config(cls, argv: list[str] | None = None):
             if has_eq:
                 raise ConfigError(f"--{key}: takes no value")
             values[name] = False
-        elif tp is bool and not has_eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")
-                                              or argv[i + 1].lower() not in _TRUE | _FALSE):
-            values[name] = True
+        elif tp is bool and not has_eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            values[name] = True  # a bare --flag
         else:
             if not has_eq:
                 if i + 1 >= len(argv):
