@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import QuantizerBase, QuantizerOutput, check_last_dim
+from .base import QuantizerBase, QuantizerOutput, check_last_dim, distributed_world
 from .fsq import FSQ
 from .vector_quantizer import VectorQuantizer
 
@@ -96,7 +96,9 @@ class ResidualVQ(QuantizerBase):
         for s in range(self.num_stages):
             rows = (active > s).nonzero().squeeze(1)
             stage_indices = torch.full(z.shape[:-1], -1, dtype=torch.int64, device=z.device)
-            if rows.numel() == 0:
+            # under DDP a process with no active rows still calls the stage (empty input), so the
+            # stage's collective statistics are entered by every process and nothing hangs
+            if rows.numel() == 0 and not (self.training and distributed_world()):
                 all_indices.append(stage_indices)
                 continue
             full = rows.numel() == batch
@@ -111,7 +113,8 @@ class ResidualVQ(QuantizerBase):
             residual = residual - q_full.detach()  # detached: later stages' commitment still trains the encoder
             output = q_full if output is None else output + q_full.detach()
             all_indices.append(stage_indices)
-            losses.append(loss)
+            if rows.numel() > 0:
+                losses.append(loss)
             for key, value in st.items():
                 stats[f"stage{s}/{key}"] = value
         indices = torch.stack(all_indices, dim=-1)

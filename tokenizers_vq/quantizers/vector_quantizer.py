@@ -177,11 +177,14 @@ class VectorQuantizer(QuantizerBase):
             indices, _ = nearest_codes(e.detach(), codes.detach(), self.token_chunk, self.code_chunk)
             q = F.embedding(indices, codes)  # gradient reaches the codebook (or W) through the gather
 
-            commitment = F.mse_loss(e, q.detach())
-            if self.codebook_update == "loss":
-                loss = F.mse_loss(q, e.detach()) + self.beta * commitment
+            if e.shape[0] == 0:
+                # an empty shard (e.g. all of this process's samples dropped by RVQ dropout) still
+                # takes part in the collective statistics below; its loss is an exact zero
+                loss = (e.sum() + q.sum()) * 0.0
+            elif self.codebook_update == "loss":
+                loss = F.mse_loss(q, e.detach()) + self.beta * F.mse_loss(e, q.detach())
             else:
-                loss = self.beta * commitment
+                loss = self.beta * F.mse_loss(e, q.detach())
 
             if self.gradient == "ste":
                 e_q = straight_through(e, q)
@@ -189,17 +192,19 @@ class VectorQuantizer(QuantizerBase):
                 e_q = rotation_trick(e, q)
             else:
                 e_q = self._softmax_straight_through(e, codes, indices, q)
-                loss = loss + F.mse_loss(e_q, e)  # IBQ's "double quantisation" term
+                if e.shape[0] > 0:
+                    loss = loss + F.mse_loss(e_q, e)  # IBQ's "double quantisation" term
 
             out = fp32_linear(self.project_out, e_q) if self.factorised else e_q
 
             counts = torch.zeros(self.codebook_size, device=z.device).index_add_(
                 0, indices, torch.ones_like(indices, dtype=torch.float32))
             stats = code_histogram_stats(counts)
-            if self.training:
-                self._update_statistics(e.detach(), indices, counts, generator)
+            # dead codes: below the EMA threshold (counted before this step's restarts), else unused now
             stats["dead_codes"] = (self._dead_mask().sum() if self.dead_code_threshold > 0
                                    else stats["unused_codes"])
+            if self.training:
+                stats["restarted_codes"] = self._update_statistics(e.detach(), indices, counts, generator)
         return QuantizerOutput(out.reshape(*lead_shape, self.dim).to(in_dtype), indices.reshape(lead_shape), loss, stats)
 
     def _softmax_straight_through(self, e, codes, indices, q):
@@ -219,8 +224,11 @@ class VectorQuantizer(QuantizerBase):
     @torch.no_grad()
     def _kmeans_initialise(self, e: torch.Tensor, generator) -> None:
         """k-means on the first training batch (rank 0's, broadcast to all processes)."""
-        centroids, _ = kmeans(e, self.codebook_size, self.kmeans_iters, generator, self.cosine,
-                              self.token_chunk, self.code_chunk)
+        if e.shape[0] == 0:  # nothing local; rank 0's centroids arrive by broadcast
+            centroids = torch.zeros(self.codebook_size, e.shape[1], device=e.device)
+        else:
+            centroids, _ = kmeans(e, self.codebook_size, self.kmeans_iters, generator, self.cosine,
+                                  self.token_chunk, self.code_chunk)
         broadcast_from_rank0_(centroids)
         self.codebook.data.copy_(centroids)
         if self.codebook_update == "ema":
@@ -229,7 +237,7 @@ class VectorQuantizer(QuantizerBase):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _update_statistics(self, e, indices, counts, generator) -> None:
+    def _update_statistics(self, e, indices, counts, generator) -> int:
         """EMA hit counts (all processes summed), the EMA codebook update and dead-code restarts."""
         counts = all_reduce_sum_(counts.clone())
         decay = self.ema_decay
@@ -244,25 +252,29 @@ class VectorQuantizer(QuantizerBase):
             smoothed = (self.cluster_size_ema + self.ema_eps) / (n + self.codebook_size * self.ema_eps) * n
             new_codes = self.ema_embed_sum / smoothed.unsqueeze(1)
             self.codebook.copy_(F.normalize(new_codes, dim=1) if self.cosine else new_codes)
-        if self.dead_code_threshold > 0:
-            self._restart_dead_codes(e, generator)
+        return self._restart_dead_codes(e, generator) if self.dead_code_threshold > 0 else 0
 
     @torch.no_grad()
-    def _restart_dead_codes(self, e, generator) -> None:
+    def _restart_dead_codes(self, e, generator) -> int:
         """Replace codes with EMA usage below the threshold by random current encoder outputs
         (EnCodec / SoundStream). The dead mask is identical on every process (all-reduced counts) and
         the replacements are rank 0's, broadcast."""
         dead = self._dead_mask()
         num_dead = int(dead.sum())
         if num_dead == 0:
-            return
-        gen_device = generator.device if generator is not None else "cpu"
-        pick = torch.randint(0, e.shape[0], (num_dead,), generator=generator, device=gen_device)
-        replacement = broadcast_from_rank0_(e[pick.to(e.device)].clone())
+            return 0
+        if e.shape[0] == 0:  # rank 0's replacements arrive by broadcast
+            replacement = torch.zeros(num_dead, e.shape[1], device=e.device)
+        else:
+            gen_device = generator.device if generator is not None else "cpu"
+            pick = torch.randint(0, e.shape[0], (num_dead,), generator=generator, device=gen_device)
+            replacement = e[pick.to(e.device)].clone()
+        broadcast_from_rank0_(replacement)
         self.codebook.data[dead] = replacement.to(self.codebook.dtype)
         self.cluster_size_ema[dead] = self.dead_code_threshold
         if self.codebook_update == "ema":
             self.ema_embed_sum[dead] = replacement * self.dead_code_threshold
+        return num_dead
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
