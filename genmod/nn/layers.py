@@ -78,13 +78,14 @@ def make_mlp(kind: str, dim: int, mlp_ratio: float = 4.0, out_dim: int | None = 
     raise ValueError(f"mlp: expected one of {', '.join(MLPS)}, got {kind!r}")
 
 
-def _per_token(param: torch.Tensor) -> torch.Tensor:
-    return param.unsqueeze(1) if param.dim() == 2 else param
+def _per_token(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # a per-sample [B, D] parameter acting on tokens [B, N, D] broadcasts over N
+    return param.unsqueeze(1) if param.dim() == x.dim() - 1 else param
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN (DiT Sec. 3.2): ``x * (1 + scale) + shift``; shift/scale ``[B, D]`` or per token ``[B, N, D]``."""
-    return x * (1 + _per_token(scale)) + _per_token(shift)
+    return x * (1 + _per_token(scale, x)) + _per_token(shift, x)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -175,13 +176,13 @@ class AdaLNZeroBlock(nn.Module):
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = self.attn(modulate(self.norm1(x), shift1, scale1), mask=mask, rope=rope, kv_cache=kv_cache, causal=causal, update_cache=update_cache)
-        x = x + self.drop_path(_per_token(gate1) * h)
+        x = x + self.drop_path(_per_token(gate1, h) * h)
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("context: this block has cross-attention and needs a context")
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context=context, mask=context_mask))
         h = self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x + self.drop_path(_per_token(gate2) * h)
+        return x + self.drop_path(_per_token(gate2, h) * h)
 
 
 class PreNormBlock(nn.Module):
