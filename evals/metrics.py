@@ -206,3 +206,33 @@ def fidelity_metrics(input1, input2=None, *, metrics=("fid", "kid", "prc"), feat
     args.update(kwargs)
     with weights_only_loads(), numpy2_compat():
         return dict(torch_fidelity.calculate_metrics(**args))
+
+
+def perceptual_path_length(model, num_samples: int, *, sample_similarity: str, epsilon: float = 1e-4,
+                           discard_lower: float | None = 1, discard_higher: float | None = 99, **kwargs) -> dict:
+    """Perceptual path length (Karras et al., StyleGAN, Sec. 3 / Appendix: ``E[d(G(z_t), G(z_t+eps)) / eps^2]``)
+    through torch-fidelity, with the percentile trimming done here.
+
+    torch-fidelity 0.4.0 trims with ``np.percentile(..., interpolation=...)``, a keyword numpy 2
+    removed (TypeError). We ask it for the raw distances with trimming off and apply the same rule
+    (keep ``lo <= d <= hi`` with lo the 'lower' and hi the 'higher' percentile) ourselves.
+    """
+    import torch_fidelity
+
+    from evals.generator_adapter import numpy2_compat
+
+    args = dict(input1=model, input1_model_num_samples=num_samples, ppl=True, ppl_reduction="none",
+                ppl_epsilon=float(epsilon), ppl_sample_similarity=sample_similarity,
+                ppl_discard_percentile_lower=None, ppl_discard_percentile_higher=None,
+                cuda=torch.cuda.is_available(), verbose=False, save_cpu_ram=True)
+    args.update(kwargs)
+    with weights_only_loads(), numpy2_compat():
+        raw = np.asarray(torch_fidelity.calculate_metrics(**args)["perceptual_path_length_raw"], dtype=np.float64)
+    keep = np.ones(len(raw), dtype=bool)
+    if discard_lower is not None:
+        keep &= raw >= np.percentile(raw, discard_lower, method="lower")
+    if discard_higher is not None:
+        keep &= raw <= np.percentile(raw, discard_higher, method="higher")
+    kept = raw[keep]
+    return {"perceptual_path_length_mean": float(kept.mean()), "perceptual_path_length_std": float(kept.std()),
+            "num_kept": int(keep.sum()), "raw": raw}
