@@ -79,21 +79,13 @@ class GaussianMixture:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x)`` for ``x`` of shape ``[N, d]``."""
-        return torch.logsumexp(self._component_log_probs(x.to(torch.float64), self.means, self._chol) + self.weights.log(), dim=-1)
+        log_normals, _ = _gaussian_terms(x.to(torch.float64), self.means, self.covariances)
+        return torch.logsumexp(log_normals + self.weights.log(), dim=-1)
 
     def component_posteriors(self, x: torch.Tensor) -> torch.Tensor:
         """Responsibilities ``p(k | x)``, ``[N, K]``; used to read mode weights off samples."""
-        logits = self._component_log_probs(x.to(torch.float64), self.means, self._chol) + self.weights.log()
-        return torch.softmax(logits, dim=-1)
-
-    @staticmethod
-    def _component_log_probs(x, means, chol):
-        """``log N(x_n; means[.., k], L L^T)`` for x ``[N, d]``, means ``[N or 1, K, d]`` or ``[K, d]``, chol ``[.., K, d, d]``."""
-        diff = x[:, None, :] - means  # [N, K, d]
-        chol = chol.expand(diff.shape[:2] + chol.shape[-2:]) if chol.ndim == 4 else chol.expand(diff.shape[:1] + chol.shape)
-        white = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)[..., 0]
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        return -0.5 * (white**2).sum(-1) - 0.5 * log_det - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+        log_normals, _ = _gaussian_terms(x.to(torch.float64), self.means, self.covariances)
+        return torch.softmax(log_normals + self.weights.log(), dim=-1)
 
     # -- path marginals ----------------------------------------------------------------------
     def marginal(self, t: float, path: AffinePath | None = None) -> "GaussianMixture":
@@ -111,15 +103,14 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x_t: expected shape [N, {self.dim}], got {tuple(x_t.shape)}")
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        a, s = path.alpha(t)[:, None, None], path.sigma(t)[:, None, None]  # [N, 1, 1]
         eye = torch.eye(self.dim, dtype=torch.float64)
-        cov_t = a[..., None] ** 2 * self.covariances + s[..., None] ** 2 * eye  # [N, K, d, d]
-        chol_t = torch.linalg.cholesky(cov_t)
-        means_t = a * self.means  # [N, K, d]
-        log_r = self._component_log_probs(x, means_t, chol_t) + self.weights.log()
-        resp = torch.softmax(log_r, dim=-1)  # [N, K]
-        residual = (x[:, None, :] - means_t)[..., None]  # [N, K, d, 1]
-        precision_residual = torch.cholesky_solve(residual, chol_t)[..., 0]  # C_k^{-1} (x - a mu_k)
+        if (t == t[0]).all():  # one time for the whole batch (the solvers' case): K factorisations, not N K
+            t = t[:1]
+        a, s = path.alpha(t)[:, None, None], path.sigma(t)[:, None, None]  # [N or 1, 1, 1]
+        cov_t = a[..., None] ** 2 * self.covariances + s[..., None] ** 2 * eye  # [N or 1, K, d, d]
+        means_t = a * self.means  # [N or 1, K, d]
+        log_normals, precision_residual = _gaussian_terms(x, means_t, cov_t)  # C_k^{-1} (x - a mu_k)
+        resp = torch.softmax(log_normals + self.weights.log(), dim=-1)  # [N, K]
         x0_k = self.means + a * torch.einsum("kij,nkj->nki", self.covariances, precision_residual)
         eps_k = s * precision_residual
         x0 = torch.einsum("nk,nkd->nd", resp, x0_k)
@@ -148,6 +139,20 @@ class GaussianMixture:
 
     def __repr__(self):
         return f"GaussianMixture(K={self.num_components}, d={self.dim})"
+
+
+def _gaussian_terms(x: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor):
+    """``log N(x_n; m_k, C_k)`` ``[N, K]`` and ``C_k^{-1} (x_n - m_k)`` ``[N, K, d]``.
+
+    ``means`` is ``[K, d]`` or ``[N or 1, K, d]``, ``covariances`` ``[K, d, d]`` or ``[N or 1, K, d, d]``.
+    """
+    chol = torch.linalg.cholesky(covariances)
+    precision = torch.cholesky_inverse(chol)
+    diff = x[:, None, :] - means  # [N, K, d]
+    precision_diff = torch.matmul(precision, diff[..., None])[..., 0]
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_normals = -0.5 * (diff * precision_diff).sum(-1) - 0.5 * log_det - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    return log_normals, precision_diff
 
 
 def three_mode_mixture_2d() -> GaussianMixture:
