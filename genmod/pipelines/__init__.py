@@ -1,1 +1,23 @@
-"""pipelines."""
+"""genmod pipelines (diffusers ``DiffusionPipeline`` subclasses) and offline loading.
+
+Load a saved pipeline with ``genmod.pipelines.load_pipeline(dir)`` or with its class, e.g.
+``FlowMatchingPipeline.from_pretrained(dir)``; both work in a fresh process without network.
+Pipeline classes are imported lazily from their family's module.
+"""
+
+import importlib
+
+from genmod.pipelines.base import GenmodPipeline, load_pipeline
+
+# class name -> module defining it (one file per family)
+PIPELINE_MODULES = {
+    "FlowMatchingPipeline": "genmod.flow.pipeline",
+}
+
+__all__ = ["GenmodPipeline", "load_pipeline", *PIPELINE_MODULES]
+
+
+def __getattr__(name):
+    if name in PIPELINE_MODULES:
+        return getattr(importlib.import_module(PIPELINE_MODULES[name]), name)
+    raise AttributeError(f"module 'genmod.pipelines' has no attribute {name!r}")

@@ -1,0 +1,169 @@
+"""The flow-matching family: a FlowTransformer, the flow-matching loss and an ODE sampler.
+
+Training (Lipman et al. 2023; Liu et al. 2023; SD3's logit-normal time sampling, Esser et al. 2024
+eq. 19): draw ``t`` and noise, build ``x_t = alpha(t) x0 + sigma(t) eps`` on the chosen path, regress
+the network output on the target of its prediction type. Labels are dropped to the null class with
+``class_dropout_prob`` so one network is both conditional and unconditional (classifier-free
+guidance, Ho & Salimans 2022). Everything random comes from the trainer's generator.
+
+Pixel space by default; ``--tokenizer DIR`` trains in the latent space of a saved ``tokenizers_vq``
+tokenizer (the generator only sees "latents plus a decode function").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from genmod.flow.loss import flow_matching_loss
+from genmod.flow.paths import get_path
+from genmod.flow.time_sampling import get_time_sampler
+from genmod.flow.transformer import FlowTransformer
+from genmod.train import Family, TrainConfig, register_family, unwrap_model
+from samplers import classifier_free_guidance, get_time_grid, sample_ode
+
+
+@dataclass
+class FlowConfig(TrainConfig):
+    """Flow-matching options (model size, path, prediction, time sampling, sampling) on top of the trainer's."""
+
+    output_dir: str = "runs/flow"
+    lr: float = 3e-4
+    batch_size: int = 64
+    ema_decay: float = 0.999
+    # network (DiT/SiT sizes)
+    patch_size: int = 4
+    hidden_size: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    conditional: bool = True
+    # flow matching
+    path: Literal["linear", "cosine", "vp"] = "linear"
+    prediction: Literal["velocity", "x0", "epsilon"] = "velocity"
+    time_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
+    time_shift: float = 1.0
+    # latent space: a saved tokenizers_vq tokenizer folder (None = pixels)
+    tokenizer: Optional[str] = None
+    # previews / exported pipeline defaults
+    sample_steps: int = 20
+    sample_solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "heun"
+    guidance_scale: float = 2.0
+
+
+class FlowFamily(Family):
+    """Class-conditional (or unconditional) flow matching on images or tokenizer latents."""
+
+    name = "flow"
+    config_class = FlowConfig
+
+    def __init__(self, config: FlowConfig):
+        super().__init__(config)
+        self.path = get_path(config.path)
+        kwargs = {"shift": config.time_shift} if config.time_sampling == "shifted" else {}
+        self.draw_time = get_time_sampler(config.time_sampling, **kwargs)
+        self._dataset = None
+        self.tokenizer = None
+        if config.tokenizer:
+            from tokenizers_vq.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(config.tokenizer).eval().requires_grad_(False)
+
+    # -- data ----------------------------------------------------------------------------------
+    def build_dataset(self):
+        if self._dataset is None:
+            self._dataset = super().build_dataset()
+        return self._dataset
+
+    def _data_shape(self):
+        dataset = self.build_dataset()
+        first = dataset[0]
+        x = first["latents"] if "latents" in first else first["image"]
+        if self.tokenizer is not None and "latents" not in first:
+            with torch.no_grad():
+                x = self.tokenizer.encode(x[None])[0]
+        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"dataset {self.config.dataset!r}: flow needs square (C, H, W) images, got {tuple(x.shape)}")
+        return x.shape[0], x.shape[-1], getattr(dataset, "num_classes", 0), list(getattr(dataset, "class_names", []))
+
+    def _clean_data(self, batch) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"]
+        x = batch["image"]
+        if self.tokenizer is not None:
+            self.tokenizer.to(x.device)
+            with torch.no_grad():
+                x = self.tokenizer.encode(x)
+        return x
+
+    # -- model, loss, sampler --------------------------------------------------------------------
+    def build_model(self) -> FlowTransformer:
+        cfg = self.config
+        channels, size, num_classes, _ = self._data_shape()
+        return FlowTransformer(
+            in_channels=channels, sample_size=size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+            depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+            num_classes=num_classes if cfg.conditional else 0, class_dropout_prob=cfg.class_dropout_prob,
+        )
+
+    def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
+        x0 = self._clean_data(batch)
+        batch_size = x0.shape[0]
+        t = self.draw_time((batch_size,), generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.path.sample(x0, noise, t).x_t
+        labels = batch["label"].to(x0.device) if unwrap_model(model).config.num_classes else None
+        out = model(x_t, 1000 * t, labels, dropout_generator=generator).sample
+        loss = flow_matching_loss(out, x0, noise, t, path=self.path, prediction=self.config.prediction)
+        return {"loss": loss}
+
+    def velocity_fn(self, model, labels: Optional[torch.Tensor], guidance_scale: float, guidance_interval=None):
+        """``v(x, t)`` of a trained model (converted from its prediction type), with CFG."""
+        num_classes = model.config.num_classes
+
+        def model_fn(x, t, y):
+            out = model(x, 1000 * t, y).sample
+            if self.config.prediction != "velocity":
+                out = self.path.convert(out, x, t, src=self.config.prediction, dst="velocity")
+            return out
+
+        if labels is None or not num_classes:
+            return lambda x, t: model_fn(x, t, None)
+        null = torch.full_like(labels, num_classes)
+        return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval)
+
+    @torch.no_grad()
+    def sample(self, model, num: int, generator: torch.Generator, labels=None, steps=None, solver=None,
+               guidance_scale=None) -> torch.Tensor:
+        """``num`` images in [-1, 1] (classes cycled unless ``labels``), decoded if in latent space."""
+        cfg = model.config
+        device = next(model.parameters()).device
+        if labels is None and cfg.num_classes:
+            labels = torch.arange(num, device=device) % cfg.num_classes
+        noise = torch.randn((num, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
+                            device=generator.device).to(device)
+        velocity = self.velocity_fn(model, labels, self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        grid = get_time_grid("uniform", steps or self.config.sample_steps)
+        x = sample_ode(velocity, noise, grid, method=solver or self.config.sample_solver, path=self.path)
+        if self.tokenizer is not None:
+            self.tokenizer.to(device)
+            decoded = self.tokenizer.decode(x)
+            x = decoded.sample if hasattr(decoded, "sample") else decoded
+        return x.clamp(-1, 1)
+
+    def build_pipeline(self, model):
+        from genmod.flow.pipeline import FlowMatchingPipeline
+        from genmod.flow.scheduler import FlowMatchSolverScheduler
+
+        if self.config.path != "linear" or self.config.prediction != "velocity":
+            return None  # the diffusers boundary is the linear path with a velocity output
+        _, _, _, class_names = self._data_shape()
+        scheduler = FlowMatchSolverScheduler(solver=self.config.sample_solver)
+        id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
+        return FlowMatchingPipeline(transformer=model, scheduler=scheduler, vae=self.tokenizer, id2label=id2label)
+
+
+register_family("flow", FlowFamily)
