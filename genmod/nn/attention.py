@@ -82,11 +82,11 @@ def attention(
 
         bias = None
         if mask is not None:
-            bias = _to_bias(mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            # xformers wants the bias' last dim aligned to 8 elements: pad, then slice a view
-            pad = (-bias.shape[-1]) % 8
-            if pad:
-                bias = F.pad(bias, (0, pad))[..., : k.shape[2]]
+            # xformers wants a dense [B, H, Lq, Lk] bias whose row stride is a multiple of 8: fill a padded buffer, slice a view
+            batch, heads, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            buffer = q.new_zeros(batch, heads, lq, (lk + 7) // 8 * 8)
+            buffer[..., :lk] = _to_bias(mask, q.dtype)
+            bias = buffer[..., :lk]
         out = xops.memory_efficient_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
         )
