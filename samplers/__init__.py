@@ -18,6 +18,7 @@ from samplers.ode import (
     nfe_per_solve,
     rk4,
     sample_ode,
+    velocity_singular_at_zero,
 )
 from samplers.sde import diffusion_coefficient, sample_sde
 from samplers.time_grids import (
@@ -35,5 +36,5 @@ __all__ = [
     "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverStats", "as_velocity_fn", "classifier_free_guidance",
     "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m", "euler", "filter_logits", "get_time_grid",
     "heun", "karras_grid", "midpoint", "nfe_per_solve", "register_time_grid", "rk4", "sample_logits",
-    "sample_ode", "sample_sde", "shifted_grid", "uniform_grid", "validate_time_grid",
+    "sample_ode", "sample_sde", "shifted_grid", "uniform_grid", "validate_time_grid", "velocity_singular_at_zero",
 ]
