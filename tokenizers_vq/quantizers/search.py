@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_TOKEN_CHUNK = 4096
-DEFAULT_CODE_CHUNK = 8192
+# 1024 x 4096 fp32 = 16 MiB of partial distances per chunk
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_CODE_CHUNK = 4096
 
 
 @torch.no_grad()
@@ -30,23 +31,26 @@ def nearest_codes(
     z = z.float()
     codes = codes.float()
     num_tokens, num_codes = z.shape[0], codes.shape[0]
-    code_sq = codes.pow(2).sum(1)
+    # one matmul gives ||c||^2 - 2 z.c: append a ones column to z and ||c||^2 to -2c (no bias copy,
+    # no extra pass); the ||z||^2 term is constant per row and only added to the returned distance
+    codes_aug = torch.cat([codes * -2.0, codes.pow(2).sum(1, keepdim=True)], dim=1)
+    z_aug = torch.cat([z, torch.ones(num_tokens, 1, device=z.device)], dim=1)
     best_index = torch.empty(num_tokens, dtype=torch.int64, device=z.device)
     best_dist = torch.empty(num_tokens, dtype=torch.float32, device=z.device)
     for t0 in range(0, num_tokens, token_chunk):
-        zc = z[t0:t0 + token_chunk]
-        run_min = torch.full((zc.shape[0],), float("inf"), device=z.device)
-        run_arg = torch.zeros(zc.shape[0], dtype=torch.int64, device=z.device)
+        zc = z_aug[t0:t0 + token_chunk]
+        run_min, run_arg = None, None
         for c0 in range(0, num_codes, code_chunk):
-            cc = codes[c0:c0 + code_chunk]
-            # ||c||^2 - 2 z.c, the ||z||^2 term is constant per row and added once at the end
-            partial = torch.addmm(code_sq[c0:c0 + code_chunk].unsqueeze(0), zc, cc.t(), beta=1.0, alpha=-2.0)
+            partial = zc @ codes_aug[c0:c0 + code_chunk].t()
             chunk_min, chunk_arg = partial.min(dim=1)
+            if run_min is None:
+                run_min, run_arg = chunk_min, chunk_arg
+                continue
             better = chunk_min < run_min  # strict: earlier chunk wins ties -> lowest index
             run_min = torch.where(better, chunk_min, run_min)
             run_arg = torch.where(better, chunk_arg + c0, run_arg)
         best_index[t0:t0 + token_chunk] = run_arg
-        best_dist[t0:t0 + token_chunk] = (run_min + zc.pow(2).sum(1)).clamp_min(0.0)
+        best_dist[t0:t0 + token_chunk] = (run_min + z[t0:t0 + token_chunk].pow(2).sum(1)).clamp_min(0.0)
     return best_index, best_dist
 
 
