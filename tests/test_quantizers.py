@@ -133,6 +133,17 @@ def test_vq_factorised_lookup_round_trip():
     assert torch.allclose(vq.indices_to_codes(out.indices), out.z_q, atol=1e-6)
 
 
+def test_channel_first_helper_matches_channel_last_call():
+    vq = VectorQuantizer(6, 40)
+    fmap = torch.randn(2, 6, 3, 5)
+    first = vq.forward_channel_first(fmap)
+    last = vq(fmap.permute(0, 2, 3, 1))
+    assert first.indices.shape == (2, 3, 5)
+    assert torch.equal(first.indices, last.indices)
+    assert torch.equal(first.z_q, last.z_q.permute(0, 3, 1, 2))
+    assert torch.equal(vq.indices_to_codes_channel_first(first.indices), first.z_q)
+
+
 # ----------------------------------------------------------------------------------------- VQ training
 def test_ema_update_matches_formula_with_laplace_smoothing():
     decay, eps = 0.9, 0.1

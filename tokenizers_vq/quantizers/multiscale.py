@@ -238,6 +238,10 @@ class MultiScaleResidualVQ(QuantizerBase):
     def indices_to_codes(self, indices) -> torch.Tensor:
         return self.decode_scales(indices)
 
+    def forward_channel_first(self, f: torch.Tensor) -> QuantizerOutput:
+        """This quantizer is channel-first already: same as ``forward``."""
+        return self(f)
+
     def scales_to_teacher_forcing_inputs(self, indices) -> torch.Tensor:
         """VAR's teacher-forcing input (``idxBl_to_var_input``): for k = 0..K-2 the accumulated f_hat
         after scale k, area-downsampled to scale k+1, flattened and concatenated:
