@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .shapes import item_rng, split_id
+from .seeding import item_rng, split_id
 
 # Frequency bins (Hz) that define the class label: the bin of dimension 0's frequency.
 FREQUENCY_BINS = ((0.5, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, 2.5))

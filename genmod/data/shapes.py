@@ -12,12 +12,16 @@ then averaged down to the output grid.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .seeding import item_rng, split_id
 
 SHAPE_NAMES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "heart")
 
@@ -51,20 +55,6 @@ POSITION_WORDS = (
     ("on the left", "in the center", "on the right"),
     ("in the bottom left", "at the bottom", "in the bottom right"),
 )
-
-SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
-
-
-def split_id(split: str) -> int:
-    if split not in SPLIT_IDS:
-        raise ValueError(f"split={split!r} is not one of {sorted(SPLIT_IDS)}")
-    return SPLIT_IDS[split]
-
-
-def item_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
-    """A PCG64 generator for one item: identical on every machine and independent of dataset size."""
-    return np.random.default_rng([int(seed), split_id(split), int(index), int(stream)])
-
 
 def position_word(x: float, y: float, size: int) -> str:
     """The 3x3 position word of a point (pixel units, y down) in a ``size`` x ``size`` image."""
@@ -157,24 +147,35 @@ def render_coverage(
     in pixels, ``angles`` (B,) in radians.
     """
     n = len(shapes)
-    fine = size * supersample
-    grid = (torch.arange(fine, dtype=torch.float32) + 0.5) / supersample
-    gy, gx = torch.meshgrid(grid, grid, indexing="ij")
-    cov = torch.zeros(n, fine, fine)
-    centers = centers.float()
-    for name in set(shapes):
-        idx = torch.tensor([i for i, s in enumerate(shapes) if s == name])
-        cx, cy = centers[idx, 0].view(-1, 1, 1), centers[idx, 1].view(-1, 1, 1)
-        r = radii[idx].float().view(-1, 1, 1)
-        cos, sin = torch.cos(angles[idx]).float().view(-1, 1, 1), torch.sin(angles[idx]).float().view(-1, 1, 1)
-        dx, dy = gx - cx, gy - cy
+    centers, radii, angles = centers.float(), radii.float(), angles.float()
+    # Only a window around each shape is rasterised (everything outside has zero coverage): its
+    # side covers the outline plus one pixel on each side, rounded up to a multiple of 4 so items
+    # share few window sizes, and shapes of one class and window size are drawn as one batch.
+    windows = [min(size, 4 * math.ceil(2 * (SHAPE_EXTENT * float(r) + 1) / 4)) for r in radii]
+    cov = torch.zeros(n, size, size)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (name, w) in enumerate(zip(shapes, windows)):
+        groups.setdefault((name, w), []).append(i)
+    for (name, w), members in groups.items():
+        idx = torch.tensor(members)
+        cx, cy = centers[idx, 0], centers[idx, 1]
+        ox = (cx - w / 2).floor().clamp(0, size - w)
+        oy = (cy - w / 2).floor().clamp(0, size - w)
+        local = (torch.arange(w * supersample, dtype=torch.float32) + 0.5) / supersample
+        dx = (ox.view(-1, 1, 1) + local.view(1, 1, -1)) - cx.view(-1, 1, 1)  # (B, 1, w*ss)
+        dy = (oy.view(-1, 1, 1) + local.view(1, -1, 1)) - cy.view(-1, 1, 1)  # (B, w*ss, 1)
+        r = radii[idx].view(-1, 1, 1)
+        cos, sin = torch.cos(angles[idx]).view(-1, 1, 1), torch.sin(angles[idx]).view(-1, 1, 1)
         # Offsets into the shape's frame (rotation by the item's angle, scaled to unit radius).
         qx = (cos * dx - sin * dy) / r
         qy = (sin * dx + cos * dy) / r
         dist_sub = shape_sdf(name, qx, qy) * r * supersample
-        cov[idx] = (0.5 - dist_sub).clamp(0.0, 1.0)
-    if supersample > 1:
-        cov = torch.nn.functional.avg_pool2d(cov.unsqueeze(1), supersample).squeeze(1)
+        window = (0.5 - dist_sub).clamp(0.0, 1.0)
+        if supersample > 1:
+            window = torch.nn.functional.avg_pool2d(window.unsqueeze(1), supersample).squeeze(1)
+        rows = oy.long().view(-1, 1, 1) + torch.arange(w).view(1, -1, 1)
+        cols = ox.long().view(-1, 1, 1) + torch.arange(w).view(1, 1, -1)
+        cov[idx.view(-1, 1, 1), rows, cols] = window
     return cov
 
 
@@ -224,6 +225,18 @@ class ShapeParams:
     rgb: tuple[float, float, float]
 
 
+@contextlib.contextmanager
+def _single_thread():
+    """Render on one intra-op thread: the tensors are small, so extra threads only add
+    synchronisation, and on a shared CPU they spin (measured 4-40x slower on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _ChunkCache:
     """Renders items in chunks on first access and keeps them (uint8) in memory."""
 
@@ -238,7 +251,8 @@ class _ChunkCache:
         k = index // self.chunk_size
         if k not in self.chunks:
             start = k * self.chunk_size
-            self.chunks[k] = self.render_fn(range(start, min(start + self.chunk_size, self.num_items)))
+            with _single_thread():
+                self.chunks[k] = self.render_fn(range(start, min(start + self.chunk_size, self.num_items)))
         return self.chunks[k][index - k * self.chunk_size]
 
     def all(self, progress: bool = False) -> torch.Tensor:
@@ -333,7 +347,8 @@ class ShapesDataset(Dataset):
         return self._params[index]
 
     def images_uint8(self, progress: bool = True) -> torch.Tensor:
-        """All images as one uint8 tensor ``(N, 3, S, S)`` (renders what is not cached yet)."""
+        """All images as one uint8 tensor ``(N, 3, S, S)`` (renders what is not cached yet; call it
+        before DataLoader workers start so they share the rendered images instead of redrawing)."""
         return self._cache.all(progress)
 
     def __getitem__(self, index: int) -> dict:
@@ -430,7 +445,7 @@ class MovingShapesDataset(Dataset):
         self._params = [self._draw_params(i) for i in range(self.num_samples)]
         self._bg_numbers = np.stack([item_rng(self.seed, split, i, stream=1).random(BACKGROUND_NUMBERS)
                                      for i in range(self.num_samples)])
-        self._cache = _ChunkCache(self.num_samples, lambda idx: self._render(idx, self.num_frames))
+        self._cache = _ChunkCache(self.num_samples, functools.partial(self._render, num_frames=self.num_frames))
         self._cache.chunk_size = max(1, 4096 // num_frames)
 
     def _draw_params(self, index: int) -> ClipParams:
@@ -495,7 +510,8 @@ class MovingShapesDataset(Dataset):
     def ground_truth(self, index: int, num_frames: int) -> torch.Tensor:
         """Clip ``index`` rendered for ``num_frames`` frames (longer than the dataset's for rollouts),
         ``(num_frames, 3, S, S)`` in [-1, 1]; its first ``self.num_frames`` frames equal ``self[index]``."""
-        return _uint8_to_unit(self._render([index], num_frames)[0])
+        with _single_thread():
+            return _uint8_to_unit(self._render([index], num_frames)[0])
 
     def caption(self, index: int) -> str:
         p = self._params[index]

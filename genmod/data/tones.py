@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .shapes import item_rng, split_id
+from .seeding import item_rng, split_id
 
 CLASS_NAMES = ("tone", "major chord", "minor chord", "vowel a", "vowel e", "vowel i", "vowel o", "vowel u")
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
