@@ -335,6 +335,8 @@ def test_image_folder_labels_crop_and_corrupt_files(tmp_path, caplog):
     assert crop.shape == (3, 32, 32)
     torch.testing.assert_close(crop, torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32))
     torch.testing.assert_close(by_name["1.png"]["image"], torch.full((3, 32, 32), 40 / 127.5 - 1))
+    subset = D.ImageFolderDataset(tmp_path, on_error="skip", num_samples=2)  # spread over both classes
+    assert [f.split("/")[-1] for f in subset.files] == ["0.png", "tall.png"] and subset.labels == [0, 1]
     lazy = D.ImageFolderDataset(tmp_path, on_error="skip", preload=False, channels=1)
     assert len(lazy) == 5 and len(lazy.skipped) == 2 and lazy[0]["image"].shape == (1, 32, 32)
     (tmp_path / "cat" / "0.png").write_bytes(b"overwritten after the scan")
@@ -399,6 +401,7 @@ def test_speech_digits_generation_and_dataset(tmp_path):
     assert sd.plan_corpus(20, 4) == sd.plan_corpus(20, 4) and sd.plan_corpus(20, 4) != sd.plan_corpus(20, 5)
     ds = D.get_dataset("speech_digits", root=tmp_path / "a", duration=2.0)
     assert len(ds) == 3 and ds.num_classes == 10
+    assert len(D.SpeechDigitsDataset(root=tmp_path / "a", num_samples=2)) == 2
     for k, rec in enumerate(meta["items"]):
         item = ds[k]
         assert item["audio"].shape == (1, 32000) and item["sample_rate"] == 16000

@@ -68,6 +68,16 @@ def _resolve_split_root(root: str | os.PathLike, split: str | None) -> Path:
     return path
 
 
+def _evenly_spaced(items: list, num: int | None, name: str = "num_samples") -> list:
+    """``num`` items spread evenly over ``items`` (sorted by class, so every class keeps its share)."""
+    if num is None or num >= len(items):
+        return items
+    if num <= 0:
+        raise ValueError(f"{name}={num} must be positive")
+    picks = np.linspace(0, len(items) - 1, num).round().astype(int)
+    return [items[k] for k in picks]
+
+
 def _progress(items, desc: str):
     from tqdm.auto import tqdm
 
@@ -108,6 +118,7 @@ class ImageFolderDataset(Dataset):
     With ``root/train`` and ``root/test`` present, ``split`` picks one. Images are resized (shorter
     side) and center-cropped to ``image_size``; ``preload=True`` decodes everything once (errors are
     found up front), ``preload=False`` only checks that each file opens and decodes on access.
+    ``num_samples`` keeps that many files spread evenly over the class-sorted list.
     """
 
     def __init__(
@@ -119,6 +130,7 @@ class ImageFolderDataset(Dataset):
         on_error: str = "raise",
         preload: bool = True,
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+        num_samples: int | None = None,
     ):
         from PIL import Image
 
@@ -131,6 +143,7 @@ class ImageFolderDataset(Dataset):
         files, labels, self.class_names = _scan(self.root, tuple(e.lower() for e in extensions))
         if not files:
             raise FileNotFoundError(f"no image files ({', '.join(extensions)}) under {self.root}")
+        files, labels = map(list, zip(*_evenly_spaced(list(zip(files, labels)), num_samples)))
         self.num_classes, self.channels, self.on_error = len(self.class_names), channels, on_error
         self.image_size = image_size
         self.skipped: list[tuple[str, str]] = []
@@ -182,7 +195,8 @@ class TorchvisionDataset(Dataset):
 
     Downloads only with ``download=True``; otherwise a missing dataset is a clear error. ``split``
     maps to ``train=`` or ``split=`` depending on the class. Images become ``(C, H, W)`` in [-1, 1],
-    optionally resized (shorter side + center crop) to ``image_size`` and converted to ``channels``.
+    optionally resized (shorter side + center crop) to ``image_size`` and converted to ``channels``;
+    ``num_samples`` keeps that many items spread evenly over the dataset.
     """
 
     def __init__(
@@ -193,6 +207,7 @@ class TorchvisionDataset(Dataset):
         download: bool = False,
         image_size: int | None = None,
         channels: int | None = None,
+        num_samples: int | None = None,
         **kwargs,
     ):
         import torchvision
@@ -220,13 +235,14 @@ class TorchvisionDataset(Dataset):
         self.image_size, self._channels = image_size, channels
         self.class_names = list(getattr(self.dataset, "classes", []) or [])
         self.num_classes = len(self.class_names)
+        self.indices = _evenly_spaced(list(range(len(self.dataset))), num_samples)
         first = self._image(0)
         self.channels, self.image_size = int(first.shape[0]), int(first.shape[-1])
 
     def _image(self, index: int) -> torch.Tensor:
         from PIL import Image
 
-        img = self.dataset[index][0]
+        img = self.dataset[self.indices[index]][0]
         if not isinstance(img, Image.Image):
             raise TypeError(f"torchvision:{self.name} returns {type(img).__name__} images; expected PIL images")
         channels = self._channels or (1 if img.mode in ("L", "1", "I", "F") else 3)
@@ -244,10 +260,10 @@ class TorchvisionDataset(Dataset):
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict:
-        target = self.dataset[index][1]
+        target = self.dataset[self.indices[index]][1]
         label = int(target) if isinstance(target, (int, np.integer)) or (torch.is_tensor(target) and target.numel() == 1) else -1
         caption = f"a photo of a {self.class_names[label]}" if 0 <= label < self.num_classes else ""
         return {"image": self._image(index), "label": torch.tensor(label, dtype=torch.int64), "caption": caption}
@@ -347,6 +363,7 @@ class AudioFolderDataset(Dataset):
     ``metadata.json`` / ``transcripts.csv`` / ``transcripts.json`` found in ``root``) or the folder
     name. With transcripts, only the files they list are used. Clips are cropped (``crop="start"``
     or ``"center"``) or zero-padded to ``duration`` seconds (``None`` keeps each length).
+    ``num_samples`` keeps that many files spread evenly over the list.
     """
 
     TRANSCRIPT_NAMES = ("metadata.json", "transcripts.csv", "transcripts.json", "metadata.csv")
@@ -364,6 +381,7 @@ class AudioFolderDataset(Dataset):
         on_error: str = "raise",
         preload: bool = True,
         extensions: tuple[str, ...] = AUDIO_EXTENSIONS,
+        num_samples: int | None = None,
     ):
         import soundfile as sf
 
@@ -404,6 +422,7 @@ class AudioFolderDataset(Dataset):
             captions = [_readable_name(self.class_names[k]) for k in labels]
         if not files:
             raise FileNotFoundError(f"no audio files ({', '.join(extensions)}) under {self.root}")
+        files, labels, captions = map(list, zip(*_evenly_spaced(list(zip(files, labels, captions)), num_samples)))
         self.num_classes = len(self.class_names)
         self.skipped: list[tuple[str, str]] = []
         self.files, self.labels, self.captions = [], [], []
