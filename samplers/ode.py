@@ -6,14 +6,17 @@ knows nothing of the network. Network evaluations (NFE) are counted by ``NFECoun
 * ``euler``: first order.
 * ``midpoint``: explicit midpoint, second order, 2 NFE per step.
 * ``heun``: Heun's trapezoid predictor-corrector (Karras et al. 2022, Alg. 1), second order, 2 NFE per
-  step. The step that lands on t = 0 is a plain Euler step (as in EDM, n steps then cost 2n - 1 NFE)
-  when ``final_euler=True`` or when the path's velocity is singular at t = 0 (VP); otherwise it is a
-  full Heun step, which on the linear path is ~1.5-2x more accurate for one more NFE
-  (benchmarks/solvers_nfe.py).
+  step. With ``final_euler=True`` the step that lands on t = 0 is a plain Euler step (as in EDM, n steps
+  then cost 2n - 1 NFE); by default it is a full Heun step, which on the linear path is ~1.5-2x more
+  accurate for one more NFE (benchmarks/solvers_nfe.py).
 * ``rk4``: classical fourth-order Runge-Kutta, 4 NFE per step.
 * ``dpm_solver_pp_2m``: DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): multistep
   second order in ``lambda = log(alpha / sigma)`` on the data prediction ``x0 = convert(v)`` of the
   path, 1 NFE per step. The first step and the step onto t = 0 are first order (DDIM), as in the paper.
+
+Where the path's velocity is singular at t = 0 (VP: sigma'(0) = inf), the Runge-Kutta solvers take the
+step onto t = 0 as a jump to the data prediction, ``x_0 = alpha(0) x0(x_t) + sigma(0) eps(x_t)`` (1 NFE,
+the first-order DDIM / DPM-Solver step), instead of evaluating the velocity at t = 0.
 
 All solvers accept a strictly monotone grid; going 0 -> 1 (inversion) works for the Runge-Kutta ones.
 """
@@ -116,15 +119,29 @@ def velocity_singular_at_zero(path: AffinePath | None) -> bool:
         return not bool(torch.isfinite(path.d_alpha(zero)).all() and torch.isfinite(path.d_sigma(zero)).all())
 
 
+def jump_to_zero_step(velocity_fn, x, t, path):
+    """The step onto t = 0 through the data prediction: ``alpha(0) x0 + sigma(0) eps`` at the current (x, t)."""
+    t_batch = _time(x, t)
+    velocity = velocity_fn(x, t_batch)
+    x0 = path.convert(velocity, x, t_batch, src="velocity", dst="x0")
+    eps = path.convert(velocity, x, t_batch, src="velocity", dst="epsilon")
+    zero = torch.zeros(1, dtype=torch.float64)
+    return path.alpha(zero).item() * x0 + path.sigma(zero).item() * eps
+
+
 def _runge_kutta(step, name):
     def solve(velocity_fn: VelocityFn, x_init: torch.Tensor, time_grid, callback=None, progress: bool = False,
               path: AffinePath | None = None, final_euler: bool | None = None) -> torch.Tensor:
         grid = _grid_list(time_grid)
-        euler_onto_zero = name == "heun" and (final_euler or (final_euler is None and velocity_singular_at_zero(path)))
+        jump_onto_zero = name != "euler" and velocity_singular_at_zero(path)
         x = x_init
         for i, (t, t_next) in enumerate(_steps(grid, progress, name)):
-            use_euler = euler_onto_zero and t_next == 0.0
-            x = euler_step(velocity_fn, x, t, t_next) if use_euler else step(velocity_fn, x, t, t_next)
+            if t_next == 0.0 and name == "heun" and final_euler:
+                x = euler_step(velocity_fn, x, t, t_next)
+            elif t_next == 0.0 and jump_onto_zero:
+                x = jump_to_zero_step(velocity_fn, x, t, path or LinearPath())
+            else:
+                x = step(velocity_fn, x, t, t_next)
             if callback is not None:
                 callback(i, t_next, x)
         return x
@@ -187,11 +204,12 @@ SOLVERS: dict[str, Callable] = {
 SOLVER_ALIASES = {"dpmsolver++2m": "dpm_solver_pp_2m", "dpm++2m": "dpm_solver_pp_2m"}
 
 
-def nfe_per_solve(method: str, num_steps: int, heun_final_euler: bool = False) -> int:
-    """Network evaluations a solve of ``num_steps`` steps costs (``heun_final_euler``: Heun's last step is Euler)."""
+def nfe_per_solve(method: str, num_steps: int, heun_final_euler: bool = False, path: AffinePath | None = None) -> int:
+    """Network evaluations of a ``num_steps`` solve ending at t = 0 (one-call last step: Heun's Euler, or the jump on VP)."""
     method = SOLVER_ALIASES.get(method, method)
     per_step = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dpm_solver_pp_2m": 1}[method]
-    return per_step * num_steps - (1 if method == "heun" and heun_final_euler else 0)
+    one_call_last = (method == "heun" and heun_final_euler) or (per_step > 1 and method != "dpm_solver_pp_2m" and velocity_singular_at_zero(path))
+    return per_step * num_steps - ((per_step - 1) if one_call_last else 0)
 
 
 def sample_ode(
