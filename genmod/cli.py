@@ -43,7 +43,7 @@ SPECIAL_TRAINERS = {
 }
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """A user-facing error: printed as one line, exit status 2."""
 
 

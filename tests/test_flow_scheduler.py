@@ -72,3 +72,15 @@ def test_stage_timesteps_and_errors():
         FlowMatchSolverScheduler(solver="dopri")
     with pytest.raises(RuntimeError, match="set_timesteps"):
         FlowMatchSolverScheduler().step(torch.zeros(1), 0, torch.zeros(1))
+
+
+@pytest.mark.parametrize("solver,method", [("euler", "euler"), ("midpoint", "midpoint"), ("heun", "heun"),
+                                           ("rk4", "rk4"), ("dpmsolver++2m", "dpm_solver_pp_2m")])
+def test_scheduler_steps_equal_the_network_agnostic_solver(solver, method):
+    """The step-by-step scheduler and samplers.sample_ode are one method, not two."""
+    from samplers import get_time_grid, sample_ode
+
+    x1 = torch.linspace(-2.5, 2.5, 101, dtype=torch.float32)
+    stepped = run(FlowMatchSolverScheduler(solver=solver), 7, x1.clone())
+    integrated = sample_ode(gaussian_velocity, x1.clone(), get_time_grid("uniform", 7), method=method)
+    torch.testing.assert_close(stepped, integrated.float(), atol=2e-6, rtol=0)

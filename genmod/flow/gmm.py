@@ -99,10 +99,10 @@ class GaussianMixture:
     def posterior_expectations(self, x_t: torch.Tensor, t, path: AffinePath | None = None):
         """``(E[x0 | x_t], E[eps | x_t])`` for ``x_t`` of shape ``[N, d]`` and ``t`` scalar or ``[N]``."""
         path = path or LinearPath()
-        x = x_t.to(torch.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
+        if x_t.ndim != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t: expected shape [N, {self.dim}], got {tuple(x_t.shape)}")
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        x = x_t.to(device=self.means.device, dtype=torch.float64)  # the oracle lives on the CPU in float64
+        t = torch.as_tensor(t, dtype=torch.float64).to(x.device).expand(x.shape[0])
         eye = torch.eye(self.dim, dtype=torch.float64)
         if (t == t[0]).all():  # one time for the whole batch (the solvers' case): K factorisations, not N K
             t = t[:1]
@@ -115,15 +115,15 @@ class GaussianMixture:
         eps_k = s * precision_residual
         x0 = torch.einsum("nk,nkd->nd", resp, x0_k)
         eps = torch.einsum("nk,nkd->nd", resp, eps_k)
-        return x0.to(x_t.dtype), eps.to(x_t.dtype)
+        return x0.to(x_t), eps.to(x_t)
 
     def velocity(self, x_t: torch.Tensor, t, path: AffinePath | None = None) -> torch.Tensor:
         """The exact marginal velocity ``alpha' E[x0|x_t] + sigma' E[eps|x_t]``."""
         path = path or LinearPath()
-        x0, eps = self.posterior_expectations(x_t, t, path)
-        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
+        x0, eps = self.posterior_expectations(x_t.to(self.means.device), t, path)
+        t = torch.as_tensor(t, dtype=torch.float64).to(self.means.device).expand(x_t.shape[0])
         da, ds = path.d_alpha(t)[:, None], path.d_sigma(t)[:, None]
-        return (da * x0.double() + ds * eps.double()).to(x_t.dtype)
+        return (da * x0.double() + ds * eps.double()).to(x_t)
 
     def velocity_fn(self, path: AffinePath | None = None):
         """A ``velocity_fn(x, t)`` closure for the solvers in ``samplers``."""
@@ -133,9 +133,9 @@ class GaussianMixture:
     def score(self, x_t: torch.Tensor, t, path: AffinePath | None = None) -> torch.Tensor:
         """``grad log p_t(x_t) = -E[eps | x_t] / sigma(t)``."""
         path = path or LinearPath()
-        _, eps = self.posterior_expectations(x_t, t, path)
-        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
-        return (-eps.double() / path.sigma(t)[:, None]).to(x_t.dtype)
+        _, eps = self.posterior_expectations(x_t.to(self.means.device), t, path)
+        t = torch.as_tensor(t, dtype=torch.float64).to(self.means.device).expand(x_t.shape[0])
+        return (-eps.double() / path.sigma(t)[:, None]).to(x_t)
 
     def __repr__(self):
         return f"GaussianMixture(K={self.num_components}, d={self.dim})"

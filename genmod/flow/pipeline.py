@@ -132,7 +132,7 @@ class FlowMatchingPipeline(GenmodPipeline):
         if sigmas is not None:
             if not accepts_sigmas:
                 raise ValueError(f"sigmas: {type(self.scheduler).__name__} does not take a custom sigma grid")
-            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+            self.scheduler.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float32), device=device)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps

@@ -7,7 +7,7 @@ Pipeline classes are imported lazily from their family's module.
 
 import importlib
 
-from genmod.pipelines.base import GenmodPipeline, load_pipeline
+from genmod.pipelines.base import GenmodPipeline, _import_named_components
 
 # class name -> module defining it (one file per family)
 PIPELINE_MODULES = {
@@ -21,3 +21,12 @@ def __getattr__(name):
     if name in PIPELINE_MODULES:
         return getattr(importlib.import_module(PIPELINE_MODULES[name]), name)
     raise AttributeError(f"module 'genmod.pipelines' has no attribute {name!r}")
+
+
+def load_pipeline(path, **kwargs):
+    """Load any genmod pipeline folder by the class named in its ``model_index.json``."""
+    index = _import_named_components(path)
+    class_name = str(index.get("_class_name"))
+    if class_name not in PIPELINE_MODULES:
+        raise ValueError(f"{path}/model_index.json: unknown pipeline class {class_name!r}")
+    return __getattr__(class_name).from_pretrained(path, **kwargs)

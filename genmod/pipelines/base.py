@@ -64,14 +64,3 @@ class GenmodPipeline(DiffusionPipeline):
             return array
         return DiffusionPipeline.numpy_to_pil(array)
 
-
-def load_pipeline(path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
-    """Load any genmod pipeline folder by the class named in its ``model_index.json``."""
-    index = _import_named_components(path)
-    class_name = index.get("_class_name")
-    import genmod.pipelines as registry
-
-    pipeline_cls = getattr(registry, str(class_name), None)
-    if pipeline_cls is None:
-        raise ValueError(f"{path}/model_index.json: unknown pipeline class {class_name!r}")
-    return pipeline_cls.from_pretrained(path, **kwargs)

@@ -113,9 +113,17 @@ def _rewrite(module: str) -> str:
 
 def _write_modules(root_module: str, folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
-    for module in collect_modules(root_module):
+    modules = collect_modules(root_module)
+    for module in modules:
+        source = _rewrite(module)
+        if module == root_module:
+            # diffusers copies only the entry file's direct relative imports into its module cache,
+            # so the entry file names every flattened module it needs, directly.
+            source += "\n# modules this file needs indirectly (diffusers copies direct relative imports only)\n"
+            source += "".join(f"from .{_flat_name(m)} import __name__ as _{_flat_name(m)}  # noqa: F401\n"
+                              for m in modules[1:])
         with open(os.path.join(folder, _flat_name(module) + ".py"), "w") as f:
-            f.write(_rewrite(module))
+            f.write(source)
     return _flat_name(root_module)
 
 

@@ -46,8 +46,11 @@ class EMA:
         """One EMA step from the model's current parameters; returns the decay used."""
         decay = self.current_decay()
         params = dict(model.named_parameters())
-        for shadow, name in zip(self.shadow, self.names):
-            shadow.mul_(decay).add_(params[name].detach().to(torch.float32), alpha=1.0 - decay)
+        live = [params[name].detach() for name in self.names]
+        live = [p if p.dtype == torch.float32 else p.float() for p in live]
+        # multi-tensor kernels: two launches for the whole model instead of two per parameter
+        torch._foreach_mul_(self.shadow, decay)
+        torch._foreach_add_(self.shadow, live, alpha=1.0 - decay)
         self.num_updates += 1
         return decay
 

@@ -239,7 +239,7 @@ class Trainer:
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
                                  collate_fn=_default_collate(), generator=self.loader_generator,
-                                 pin_memory=self.device.type == "cuda")
+                                 pin_memory=self.device.type == "cuda" and config.num_workers > 0)
         self._data_iter = None
 
     # ----------------------------------------------------------------------------------------
@@ -498,19 +498,22 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + value.to(self.device).reshape(())
                 keys = list(sums)
                 means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / accum, reduction="mean")
-                logs = dict(zip(keys, means.tolist()))
-                if not math.isfinite(logs["loss"]):
-                    self._diverged("the loss", logs["loss"])
-
                 clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(self.trainable, clip))
-                if not math.isfinite(grad_norm) and not fp16:  # fp16: the grad scaler skips the step
-                    self._diverged("the gradient norm", grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(self.trainable, clip)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                # One host sync per step, after the step's work is queued (as loss.item() in a plain
+                # loop). Weights stepped with a NaN/inf are never checkpointed: the guard raises first.
+                values = torch.cat([means.float(), torch.as_tensor(grad_norm).float().reshape(1).to(means.device)])
+                values = values.tolist()
+                logs, grad_norm = dict(zip(keys, values[:-1])), values[-1]
+                if not math.isfinite(logs["loss"]):
+                    self._diverged("the loss", logs["loss"])
+                if not math.isfinite(grad_norm) and not fp16:  # fp16: the grad scaler skipped the step
+                    self._diverged("the gradient norm", grad_norm)
                 if not accelerator.optimizer_step_was_skipped:
                     self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(unwrap_model(self.model))
