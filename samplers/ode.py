@@ -73,7 +73,9 @@ def _grid_list(time_grid) -> list[float]:
 
 
 def _time(x: torch.Tensor, t: float) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+    """``t`` as a ``[B]`` tensor in x's precision, at least float32 (bf16 would round 1000 t to ~3 digits)."""
+    dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+    return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
 
 
 def _steps(grid: list[float], progress: bool, desc: str):
