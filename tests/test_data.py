@@ -298,6 +298,27 @@ def test_fashion_mnist_full_dataset():
     assert x.shape == (1, 32, 32) and x.min() == -1 and x.max() == 1
 
 
+@pytest.mark.skipif(fm.find_fashion_mnist("test") is None, reason="Fashion-MNIST files not installed")
+def test_torchvision_by_name_matches_our_idx_reader(tmp_path):
+    # torchvision's own FashionMNIST class over the Debian test files (decompressed into its layout;
+    # the train files only have to exist) must give the same images and labels as our reader.
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in fm.find_fashion_mnist("test"):
+        name = path.split("/")[-1].removesuffix(".gz")
+        (raw / name).write_bytes(gzip.open(path).read() if path.endswith(".gz") else open(path, "rb").read())
+    D.write_idx(raw / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
+    D.write_idx(raw / "train-labels-idx1-ubyte", np.zeros(1, np.uint8))
+    tv = D.get_dataset("torchvision:FashionMNIST", split="test", root=tmp_path, num_samples=50)
+    ours = D.FashionMNIST("test", pad_to=None)
+    assert len(tv) == 50 and tv.num_classes == 10 and (tv.channels, tv.image_size) == (1, 28)
+    for k, index in enumerate(tv.indices):
+        assert torch.equal(tv[k]["image"], ours[index]["image"]) and int(tv[k]["label"]) == int(ours[index]["label"])
+    assert tv.indices[-1] == 9999  # spread over the whole split
+    resized = D.TorchvisionDataset("FashionMNIST", "test", root=tmp_path, image_size=32, channels=3, num_samples=2)
+    assert resized[0]["image"].shape == (3, 32, 32)
+
+
 # ----------------------------------------------------------------------------------------------
 # User folders
 # ----------------------------------------------------------------------------------------------

@@ -223,8 +223,12 @@ class TorchvisionDataset(Dataset):
             kwargs["train"] = split == "train"
         elif "split" in sig:
             kwargs["split"] = split
+        if "root" in sig:
+            kwargs["root"] = self.root
+        if "download" in sig:
+            kwargs["download"] = download
         try:
-            self.dataset = cls(self.root, download=download, **kwargs)
+            self.dataset = cls(**kwargs)
         except RuntimeError as err:
             if download:
                 raise RuntimeError(f"torchvision:{name}: download into {self.root} failed: {err}") from None
