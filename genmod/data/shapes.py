@@ -56,6 +56,7 @@ POSITION_WORDS = (
     ("in the bottom left", "at the bottom", "in the bottom right"),
 )
 
+
 def position_word(x: float, y: float, size: int) -> str:
     """The 3x3 position word of a point (pixel units, y down) in a ``size`` x ``size`` image."""
     col = min(2, max(0, int(3 * x / size)))
