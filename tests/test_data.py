@@ -277,6 +277,8 @@ def test_fashion_mnist_from_a_root_folder_and_missing_files(tmp_path, monkeypatc
     assert item["image"][0, 0].eq(-1).all() and item["image"][0, 12:20, 12:20].eq(1).all()  # 2-pixel pad
     assert item["caption"] == "a photo of an ankle boot" and int(item["label"]) == 9
     assert D.FashionMNIST("test", root=tmp_path, pad_to=None)[0]["image"].shape == (1, 28, 28)
+    monkeypatch.setenv("GENMOD_DATA_DIR", str(tmp_path))  # searched before the Debian folder
+    assert len(D.FashionMNIST("test")) == 4
     monkeypatch.setattr(fm, "DEBIAN_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(fm, "torchvision_cache_root", lambda: str(tmp_path / "tv"))
     monkeypatch.delenv("GENMOD_DATA_DIR", raising=False)
