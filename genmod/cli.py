@@ -37,6 +37,10 @@ COMMANDS = {
 FAMILY_MODULES = {
     "flow": "genmod.flow.family",
     "tokenizer": "tokenizers_vq.family",
+    "var": "genmod.var.family",
+    "latentlm": "genmod.latentlm.family",
+    "diffusion-forcing": "genmod.diffusion_forcing.family",
+    "causalfusion": "genmod.causalfusion.family",
 }
 SPECIAL_TRAINERS = {
     "feature-net": ("evals.feature_net", "main"),

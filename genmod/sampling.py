@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         from genmod.data.io import save_gif
 
         frames = torch.cat([torch.as_tensor(o.frames) for o in outputs])
-        save_gif(args.out, frames)
+        save_gif(args.out, frames, value_range=(0, 1))  # pipelines return frames in [0, 1] like images
         written = [args.out]
     else:
         raise ValueError(f"{type(pipe).__name__} returned {type(first).__name__}, which genmod sample cannot save")

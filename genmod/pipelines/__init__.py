@@ -12,6 +12,10 @@ from genmod.pipelines.base import GenmodPipeline, _import_named_components
 # class name -> module defining it (one file per family)
 PIPELINE_MODULES = {
     "FlowMatchingPipeline": "genmod.flow.pipeline",
+    "VARPipeline": "genmod.var.pipeline",
+    "LatentLMPipeline": "genmod.latentlm.pipeline",
+    "DiffusionForcingPipeline": "genmod.diffusion_forcing.pipeline",
+    "CausalFusionPipeline": "genmod.causalfusion.pipeline",
 }
 
 __all__ = ["GenmodPipeline", "load_pipeline", *PIPELINE_MODULES]
