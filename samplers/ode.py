@@ -133,7 +133,7 @@ def jump_to_zero_step(velocity_fn, x, t, path):
 
 def _runge_kutta(step, name):
     def solve(velocity_fn: VelocityFn, x_init: torch.Tensor, time_grid, callback=None, progress: bool = False,
-              path: AffinePath | None = None, final_euler: bool | None = None) -> torch.Tensor:
+              path: AffinePath | None = None, final_euler: bool = False) -> torch.Tensor:
         grid = _grid_list(time_grid)
         jump_onto_zero = name != "euler" and velocity_singular_at_zero(path)
         x = x_init
@@ -160,7 +160,7 @@ rk4 = _runge_kutta(rk4_step, "rk4")
 
 
 def dpm_solver_pp_2m(velocity_fn: VelocityFn, x_init: torch.Tensor, time_grid, callback=None, progress: bool = False,
-                     path: AffinePath | None = None, final_euler: bool | None = None) -> torch.Tensor:
+                     path: AffinePath | None = None, final_euler: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on ``path``, with the data prediction taken from the velocity.
 
     ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h_i} - 1) D_i``, ``h_i = lambda_{i+1} - lambda_i``,
@@ -224,6 +224,7 @@ def sample_ode(
     progress: bool = False,
     return_stats: bool = False,
     enable_grad: bool = False,
+    final_euler: bool = False,
 ):
     """Integrate ``dx/dt = velocity_fn(x, t)`` over ``time_grid`` (``time_grid[0]`` is where ``x_init`` lives).
 
@@ -235,6 +236,7 @@ def sample_ode(
         progress: show a tqdm bar over steps.
         return_stats: also return ``SolverStats(nfe, num_steps, time_grid)``.
         enable_grad: keep autograd on (off by default: sampling needs no graph).
+        final_euler: Heun only: make the step onto t = 0 an Euler step (EDM's choice, one NFE fewer).
     """
     name = SOLVER_ALIASES.get(method, method)
     if name not in SOLVERS:
@@ -244,7 +246,7 @@ def sample_ode(
     counter = NFECounter(velocity_fn)
     grid = torch.as_tensor(time_grid, dtype=torch.float64)
     with torch.set_grad_enabled(enable_grad):
-        x = SOLVERS[name](counter, x_init, grid, callback=callback, progress=progress, path=path)
+        x = SOLVERS[name](counter, x_init, grid, callback=callback, progress=progress, path=path, final_euler=final_euler)
     if return_stats:
         return x, SolverStats(nfe=counter.nfe, num_steps=grid.numel() - 1, time_grid=grid)
     return x
