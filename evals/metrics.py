@@ -178,13 +178,13 @@ def weights_only_loads():
 
 
 def fidelity_metrics(input1, input2=None, *, metrics=("fid", "kid", "prc"), feature_extractor: str,
-                     cache_name2: str | None = None, kid_subset_size: int | None = None,
+                     cache_name2: str | None = None, cache_name1: str | None = None, kid_subset_size: int | None = None,
                      verbose: bool = False, **kwargs) -> dict:
     """``torch_fidelity.calculate_metrics`` with the package's settings.
 
     ``input1`` = generated, ``input2`` = real (torch-fidelity's convention: precision is the fraction
-    of input1 on input2's manifold). ``cache_name2`` caches input2's features / FID statistics under
-    ``$GENMOD_CACHE/fidelity_cache``. KID's subset size is clipped to the smaller set so small N works.
+    of input1 on input2's manifold). ``cache_name2`` (``cache_name1``) caches input2's (input1's)
+    features / FID statistics under ``$GENMOD_CACHE/fidelity_cache``. KID's subset size is clipped to the smaller set so small N works.
     """
     import torch_fidelity
 
@@ -197,8 +197,11 @@ def fidelity_metrics(input1, input2=None, *, metrics=("fid", "kid", "prc"), feat
     args = dict(
         input1=input1, input2=input2, cuda=torch.cuda.is_available(), feature_extractor=feature_extractor,
         isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics, prc="prc" in metrics,
-        verbose=verbose, save_cpu_ram=True, cache_root=fidelity_cache_dir(), cache=cache_name2 is not None,
+        verbose=verbose, save_cpu_ram=True, cache_root=fidelity_cache_dir(),
+        cache=cache_name1 is not None or cache_name2 is not None,
     )
+    if cache_name1 is not None:
+        args["input1_cache_name"] = cache_name1
     if cache_name2 is not None:
         args["input2_cache_name"] = cache_name2
     if kid_subset_size is not None:

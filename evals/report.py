@@ -1,0 +1,405 @@
+"""Samples -> numbers, stated honestly: N, the real-vs-real floor at the same N, KID beside FID.
+
+:func:`evaluate_images` is the core: generated uint8 images against real ones in one or more
+feature spaces ("domain": the dataset's trained classifier, :mod:`evals.feature_net`; "inception":
+the standard FID InceptionV3, :mod:`evals.inception`). torch-fidelity computes FID / KID / IS /
+improved precision-recall (its input and feature caches are used, so reference features are
+computed once); P-precision/P-recall and density/coverage are computed on the same cached features.
+When a second real set is given, the same numbers for real-vs-real at the same N are the floor
+a model is compared against.
+
+:func:`eval_pipeline` and :func:`eval_folders` build the inputs, and write ``report.json`` (every
+number, settings, versions), ``report.md`` (a short table) and, for sweeps, a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import uuid
+
+import torch
+
+from evals.generator_adapter import SampleDataset, generate_samples, pipeline_sampler, to_uint8
+from evals.metrics import density_coverage, fidelity_metrics, p_precision_recall
+from evals.paths import fidelity_cache_dir
+
+TORCH_FIDELITY_METRICS = ("fid", "isc", "kid", "prc")
+FEATURE_METRICS = ("pppr", "dc")
+DEFAULT_METRICS = ("fid", "isc", "kid", "prc", "pppr", "dc")
+KEY_NAMES = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
+             "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
+             "precision": "precision", "recall": "recall", "f_score": "f_score"}
+
+
+def versions() -> dict:
+    import diffusers
+    import numpy
+    import torch_fidelity
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
+           "numpy": numpy.__version__, "diffusers": diffusers.__version__}
+    try:
+        import genmod
+
+        out["genmod"] = genmod.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# feature spaces
+
+
+class FeatureSpace:
+    """A named torch-fidelity extractor with what a report says about it."""
+
+    def __init__(self, key: str, extractor: str, rgb: bool, layer: str, description: dict, has_logits: bool):
+        self.key, self.extractor, self.rgb, self.layer = key, extractor, rgb, layer
+        self.description, self.has_logits = description, has_logits
+
+
+def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSpace:
+    from evals.feature_net import get_feature_net, register_feature_net
+
+    net = get_feature_net(dataset, feature_net_path)
+    return FeatureSpace("domain", register_feature_net(net), rgb=False, layer="feat",
+                        description={"kind": "domain classifier", **net.describe()}, has_logits=True)
+
+
+def inception_space(weights_path: str | None = None) -> FeatureSpace:
+    from evals import inception
+
+    path = inception.resolve_inception_weights(weights_path)
+    logits = inception.has_logits(inception.load_state_dict_file(path))
+    description = {"kind": "InceptionV3 (TF inception-2015-12-05)", "weights": path,
+                   "sha256": __import__("evals.inception_convert").inception_convert.file_sha256(path)}
+    if not logits:
+        description["isc"] = "unavailable: these weights have no logits layer (fid-helper conversion)"
+    return FeatureSpace("inception", inception.register_inception(), rgb=True, layer="2048",
+                        description=description, has_logits=logits)
+
+
+def resolve_spaces(features, dataset: str | None, feature_net_path=None, inception_weights=None) -> list[FeatureSpace]:
+    spaces = []
+    for name in features:
+        if name == "domain":
+            if dataset is None:
+                raise ValueError("features: 'domain' needs a dataset name (--dataset)")
+            spaces.append(domain_space(dataset, feature_net_path))
+        elif name == "inception":
+            spaces.append(inception_space(inception_weights))
+        else:
+            raise ValueError(f"features: unknown feature space {name!r}; use 'domain' and/or 'inception'")
+    return spaces
+
+
+# ------------------------------------------------------------------------------------------------
+# the core
+
+
+def _cached_features(cache_name: str, space: FeatureSpace) -> torch.Tensor:
+    path = os.path.join(fidelity_cache_dir(), f"{cache_name}-{space.extractor}-features-{space.layer}.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _drop_cache(cache_name: str) -> None:
+    root = fidelity_cache_dir()
+    for name in os.listdir(root):
+        if name.startswith(cache_name + "-"):
+            os.remove(os.path.join(root, name))
+
+
+def space_metrics(fake: SampleDataset, real: SampleDataset, space: FeatureSpace, metrics, *, real_cache: str,
+                  fake_cache: str | None = None) -> dict:
+    """All requested metrics of ``fake`` against ``real`` in one feature space. ``real_cache`` names
+    the reference's cache entry; ``fake_cache`` keeps the fakes' features too (e.g. a second real set)."""
+    wanted = [m for m in metrics if m in TORCH_FIDELITY_METRICS]
+    # KID always stands beside FID (unbiased at small N); features get cached so PP/PR and D/C reuse them
+    wanted = sorted(set(wanted) | {"fid", "kid"}, key=TORCH_FIDELITY_METRICS.index)
+    out = {}
+    if "isc" in wanted and not space.has_logits:
+        wanted.remove("isc")
+        out["isc"] = None
+    temporary = fake_cache is None
+    fake_cache = fake_cache or f"tmp-{uuid.uuid4().hex}"
+    kid_subset = min(1000, len(fake), len(real))
+    try:
+        raw = fidelity_metrics(fake, real, metrics=wanted, feature_extractor=space.extractor, cache_name1=fake_cache,
+                               cache_name2=real_cache, kid_subset_size=kid_subset)
+        out.update({KEY_NAMES[k]: v for k, v in raw.items() if k in KEY_NAMES})
+        if any(m in metrics for m in FEATURE_METRICS):
+            fake_features, real_features = _cached_features(fake_cache, space), _cached_features(real_cache, space)
+            if "pppr" in metrics:
+                out.update(p_precision_recall(real_features, fake_features))
+            if "dc" in metrics:
+                out.update(density_coverage(real_features, fake_features))
+    finally:
+        if temporary:
+            _drop_cache(fake_cache)
+    out["kid_subset_size"] = kid_subset
+    return out
+
+
+def evaluate_images(fake_uint8: torch.Tensor, real_uint8: torch.Tensor, spaces: list[FeatureSpace], *,
+                    metrics=DEFAULT_METRICS, real_cache: str, floor_uint8: torch.Tensor | None = None,
+                    floor_cache: str | None = None, fake_cache: str | None = None) -> dict:
+    """Metrics of generated vs real images per feature space, and the real-vs-real floor at the same N."""
+    result = {"num_fake": len(fake_uint8), "num_real": len(real_uint8), "spaces": {}}
+    for space in spaces:
+        entry = {"feature_extractor": space.description,
+                 "model": space_metrics(SampleDataset(fake_uint8, rgb=space.rgb), SampleDataset(real_uint8, rgb=space.rgb),
+                                        space, metrics, real_cache=real_cache, fake_cache=fake_cache)}
+        if floor_uint8 is not None:
+            entry["real_vs_real"] = space_metrics(SampleDataset(floor_uint8, rgb=space.rgb),
+                                                  SampleDataset(real_uint8, rgb=space.rgb), space, metrics,
+                                                  real_cache=real_cache, fake_cache=floor_cache)
+            entry["real_vs_real"]["num"] = len(floor_uint8)
+        result["spaces"][space.key] = entry
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# real data
+
+
+def real_images(dataset: str, split: str, num: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``num`` seeded random images of a dataset split as uint8, and a cache name that identifies them."""
+    from tqdm.auto import tqdm
+
+    from genmod.data import get_dataset
+
+    data = get_dataset(dataset, split=split)
+    if num > len(data):
+        raise ValueError(f"num_samples: {dataset} {split} has only {len(data)} images, asked for {num}")
+    indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    first = data[indices[0]]
+    if "image" not in first:
+        raise ValueError(f"dataset: {dataset} items have no 'image' field (keys {sorted(first)})")
+    images = torch.stack([data[i]["image"] for i in tqdm(indices, desc=f"{dataset} {split}", leave=False)])
+    return to_uint8(images), f"{dataset}-{split}-n{num}-s{seed}"
+
+
+def real_floor(dataset: str, num: int, seed: int = 0):
+    """Reference (train) and floor (test) real sets of the same size."""
+    reference, reference_name = real_images(dataset, "train", num, seed)
+    floor, floor_name = real_images(dataset, "test", num, seed + 1)
+    return reference, reference_name, floor, floor_name
+
+
+# ------------------------------------------------------------------------------------------------
+# tables, files, plots
+
+
+ROWS = [("fid", "FID"), ("kid", "KID"), ("isc", "IS"), ("precision", "precision"), ("recall", "recall"),
+        ("p_precision", "P-precision"), ("p_recall", "P-recall"), ("density", "density"), ("coverage", "coverage")]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(result: dict, title: str = "") -> str:
+    """One table per run: rows are metrics, columns model / real-vs-real per feature space."""
+    spaces = result["spaces"]
+    header, rule = ["metric"], ["---"]
+    for key, entry in spaces.items():
+        header.append(f"{key}: model")
+        rule.append("---")
+        if "real_vs_real" in entry:
+            header.append(f"{key}: real-vs-real")
+            rule.append("---")
+    lines = ([f"### {title}", ""] if title else []) + [
+        f"N = {result['num_fake']} generated vs {result['num_real']} real (FID is biased at small N: compare "
+        f"with the real-vs-real column at the same N; KID is unbiased).", "",
+        "| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    for key, label in ROWS:
+        if not any(key in entry["model"] for entry in spaces.values()):
+            continue
+        cells = [label]
+        for entry in spaces.values():
+            model = entry["model"]
+            value = _fmt(model.get(key))
+            if key in ("kid", "isc") and model.get(key + "_std") is not None:
+                value += f" ± {model[key + '_std']:.2g}"
+            cells.append(value)
+            if "real_vs_real" in entry:
+                cells.append(_fmt(entry["real_vs_real"].get(key)))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for key, entry in spaces.items():
+        fe = entry["feature_extractor"]
+        if fe.get("kind") == "domain classifier":
+            notes.append(f"{key}: classifier for {fe['dataset']}, test accuracy {fe['test_accuracy']:.4f}, "
+                         f"sha256 {fe['sha256'][:16]}")
+        else:
+            notes.append(f"{key}: {fe['kind']}, weights sha256 {fe['sha256'][:16]}" + (f"; IS {fe['isc']}" if "isc" in fe else ""))
+    if "classifier_accuracy" in result:
+        notes.append(f"domain-classifier accuracy of generated samples against their class labels: "
+                     f"{result['classifier_accuracy']:.4f}")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def write_report(result: dict, out_dir: str, title: str = "") -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    markdown = result.get("markdown") or markdown_table(result, title)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown)
+    return {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
+
+
+def plot_sweep(runs: list[dict], parameter: str, path: str) -> str:
+    """FID (and KID) against the swept parameter, one line per feature space, the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spaces = list(runs[0]["spaces"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    xs = [run["settings"][parameter] for run in runs]
+    for axis, metric in zip(axes, ("fid", "kid")):
+        for key in spaces:
+            ys = [run["spaces"][key]["model"].get(metric) for run in runs]
+            line = axis.plot(xs, ys, marker="o", label=key)[0]
+            floor = runs[0]["spaces"][key].get("real_vs_real", {}).get(metric)
+            if floor is not None:
+                axis.axhline(floor, linestyle="--", color=line.get_color(), label=f"{key} real-vs-real")
+        axis.set_xlabel(parameter)
+        axis.set_ylabel(metric.upper())
+        axis.set_yscale("log" if metric == "fid" else "linear")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"N = {runs[0]['num_fake']}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# pipelines and folders
+
+
+def load_pipeline_for_eval(path: str):
+    """A pipeline from a pipeline folder or a training checkpoint (the ``genmod sample`` loader)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or pipeline folder")
+    try:
+        from genmod.sampling import load_for_sampling
+    except ImportError:
+        load_for_sampling = None
+    if load_for_sampling is not None:
+        return load_for_sampling(path)
+    try:
+        from genmod.pipelines import load_pipeline
+    except ImportError:
+        raise ValueError("genmod.pipelines.load_pipeline is not available in this install; cannot load "
+                         f"{path} (evaluate a folder of samples with eval_folders instead)") from None
+    return load_pipeline(path)
+
+
+def dataset_of(path: str) -> str | None:
+    """The dataset name recorded in a run's ``train_config.json`` (searched upwards from ``path``)."""
+    folder = os.path.abspath(path)
+    for _ in range(4):
+        config = os.path.join(folder, "train_config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                return json.load(f).get("dataset")
+        folder = os.path.dirname(folder)
+    return None
+
+
+def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, steps=20, guidance=1.0, *,
+                  dataset: str | None = None, features=("domain", "inception"), seed: int = 0, batch_size: int = 64,
+                  out_dir: str | None = None, feature_net_path: str | None = None,
+                  inception_weights: str | None = None, save_samples: bool = True, pipeline=None) -> dict:
+    """Evaluate a checkpoint or pipeline folder: ``num_samples`` class-balanced samples per setting.
+
+    ``steps`` and ``guidance`` may be lists: every combination is evaluated (a sweep) and a PNG of
+    FID/KID against the swept parameter is written. Writes ``report.json`` / ``report.md`` (and
+    ``samples_*.npz``) into ``out_dir`` (default ``<path>/eval``). Returns the report dict.
+    """
+    pipe = pipeline if pipeline is not None else load_pipeline_for_eval(path)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    dataset = dataset or dataset_of(path)
+    if dataset is None and "domain" in features:
+        raise ValueError(f"dataset: no train_config.json with a dataset found near {path}; pass --dataset")
+    out_dir = out_dir or os.path.join(path, "eval")
+    steps_list = list(steps) if isinstance(steps, (list, tuple)) else [steps]
+    guidance_list = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
+    spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
+    reference, reference_name, floor, floor_name = real_floor(dataset, num_samples, seed) if dataset else (None,) * 4
+    num_classes = int(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_classes", 0) or 0)
+    runs = []
+    for num_steps in steps_list:
+        for scale in guidance_list:
+            sampler = pipeline_sampler(pipe, num_inference_steps=num_steps, guidance_scale=scale)
+            fake, labels = generate_samples(sampler, num_samples, num_classes=num_classes, seed=seed,
+                                            batch_size=batch_size, desc=f"sampling steps={num_steps} w={scale}")
+            run = evaluate_images(fake, reference, spaces, metrics=metrics, real_cache=reference_name,
+                                  floor_uint8=floor, floor_cache=floor_name)
+            run["settings"] = {"path": os.path.abspath(path), "dataset": dataset, "steps": num_steps,
+                               "guidance": scale, "num_samples": num_samples, "seed": seed, "metrics": list(metrics)}
+            if labels is not None and "domain" in features:
+                from evals.feature_net import classifier_accuracy, get_feature_net
+
+                run["classifier_accuracy"] = classifier_accuracy(get_feature_net(dataset, feature_net_path), fake, labels)
+            if save_samples:
+                from evals.generator_adapter import save_npz
+
+                save_npz(os.path.join(out_dir, f"samples_steps{num_steps}_w{scale}.npz"), fake, labels)
+            runs.append(run)
+    report = {"versions": versions(), "runs": runs}
+    markdown = "\n".join(markdown_table(run, f"{dataset}: steps={run['settings']['steps']}, guidance={run['settings']['guidance']}")
+                         for run in runs)
+    report["markdown"] = markdown
+    if len(runs) > 1:
+        parameter = "steps" if len(steps_list) > 1 else "guidance"
+        report["plot"] = plot_sweep(runs, parameter, os.path.join(out_dir, f"sweep_{parameter}.png"))
+    report["files"] = write_report(report, out_dir)
+    return report
+
+
+def _load_image_input(path: str, channels: int | None = None) -> torch.Tensor:
+    from evals.generator_adapter import load_npz, load_png_folder
+
+    if os.path.isfile(path) and path.endswith(".npz"):
+        return load_npz(path)[0]
+    return load_png_folder(path, channels)
+
+
+def eval_folders(generated: str, real: str, metrics=DEFAULT_METRICS, *, features=("inception",),
+                 dataset: str | None = None, out_dir: str | None = None, feature_net_path: str | None = None,
+                 inception_weights: str | None = None, real_cache: str | None = None) -> dict:
+    """Metrics between two image sets (folders of PNG/JPEG, or ADM ``.npz``): ``generated`` vs ``real``.
+
+    ``features`` "inception" and/or "domain" (needs ``dataset``). ``real_cache`` names a cache entry
+    for the real set's features (reuse across calls); by default the real set is not cached.
+    """
+    spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
+    fake, reference = _load_image_input(generated), _load_image_input(real)
+    temporary = real_cache is None
+    real_cache = real_cache or f"tmp-{uuid.uuid4().hex}"
+    try:
+        result = evaluate_images(fake, reference, spaces, metrics=metrics, real_cache=real_cache)
+    finally:
+        if temporary:
+            _drop_cache(real_cache)
+    result["settings"] = {"generated": os.path.abspath(generated), "real": os.path.abspath(real),
+                          "dataset": dataset, "metrics": list(metrics), "features": list(features)}
+    report = {"versions": versions(), "runs": [result], "markdown": markdown_table(result, "eval-folder")}
+    if out_dir:
+        report["files"] = write_report(report, out_dir)
+    return report

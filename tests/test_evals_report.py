@@ -1,0 +1,115 @@
+"""Reports: eval-folder and eval of a pipeline (sweep, floor, JSON/markdown/plot) on tiny inputs."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from evals import feature_net as fn
+from evals.cli import main_eval, main_eval_folder
+from evals.generator_adapter import save_png_folder, to_uint8
+from evals.metrics import frechet_distance, p_precision_recall
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENMOD_CACHE", str(tmp_path / "cache"))
+
+
+def _blobs(n, seed, shift=0.0, channels=3, size=16):
+    """Class k: a bright k-th quadrant; images in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    x = -0.7 + 0.2 * torch.randn(n, channels, size, size, generator=g)
+    h = size // 2
+    for i, k in enumerate(labels.tolist()):
+        x[i, :, (k // 2) * h:(k // 2 + 1) * h, (k % 2) * h:(k % 2 + 1) * h] += 1.2
+    return (x + shift).clamp(-1, 1), labels
+
+
+class Blobs(torch.utils.data.Dataset):
+    num_classes = 4
+
+    def __init__(self, n, seed):
+        self.x, self.y = _blobs(n, seed)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+@pytest.fixture(scope="module")
+def blob_net(tmp_path_factory):
+    out = tmp_path_factory.mktemp("blobnet") / "net"
+    return fn.train_feature_net(Blobs(256, 0), str(out), test_dataset=Blobs(64, 1), epochs=2, batch_size=64, name="blobs")
+
+
+def test_eval_folder_cli_report(blob_net, tmp_path):
+    fake, _ = _blobs(120, 5, shift=0.15)
+    real, _ = _blobs(120, 6)
+    save_png_folder(to_uint8(fake), tmp_path / "fake")
+    save_png_folder(to_uint8(real), tmp_path / "real")
+    rc = main_eval_folder([str(tmp_path / "fake"), str(tmp_path / "real"), "--features", "domain", "--dataset", "blobs",
+                           "--feature-net", blob_net.path, "--out", str(tmp_path / "out")])
+    assert rc == 0
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    run = report["runs"][0]
+    model = run["spaces"]["domain"]["model"]
+    with torch.no_grad():
+        f_fake = blob_net.model(to_uint8(fake).float() / 127.5 - 1)[0]
+        f_real = blob_net.model(to_uint8(real).float() / 127.5 - 1)[0]
+    assert model["fid"] == pytest.approx(frechet_distance(f_fake, f_real), rel=1e-4)
+    expected = p_precision_recall(f_real, f_fake)
+    assert model["p_precision"] == pytest.approx(expected["p_precision"], abs=1e-5)
+    assert model["p_recall"] == pytest.approx(expected["p_recall"], abs=1e-5)
+    assert {"kid", "kid_std", "isc", "precision", "recall", "density", "coverage"} <= set(model)
+    assert run["num_fake"] == run["num_real"] == 120 and model["kid_subset_size"] == 120
+    assert run["spaces"]["domain"]["feature_extractor"]["sha256"] == blob_net.checksum
+    assert report["versions"]["torch_fidelity"] == "0.4.0"
+    markdown = open(tmp_path / "out" / "report.md").read()
+    assert "N = 120 generated vs 120 real" in markdown and blob_net.checksum[:16] in markdown
+    # temporary caches of unnamed inputs are removed again
+    assert os.listdir(os.path.join(os.environ["GENMOD_CACHE"], "fidelity_cache")) == []
+
+
+def test_eval_pipeline_sweep_with_floor(blob_net, tmp_path, monkeypatch):
+    """A stand-in pipeline whose samples get closer to the data with more steps; the floor is real-vs-real."""
+    from evals import report as report_module
+
+    def fake_real_floor(dataset, num, seed=0):
+        assert dataset == "blobs"
+        return to_uint8(_blobs(num, 100)[0]), f"blobs-train-n{num}", to_uint8(_blobs(num, 101)[0]), f"blobs-test-n{num}"
+
+    monkeypatch.setattr(report_module, "real_floor", fake_real_floor)
+
+    class StandIn:
+        transformer = SimpleNamespace(config=SimpleNamespace(num_classes=4))
+
+        def __call__(self, class_labels, num_inference_steps, guidance_scale, generator, output_type):
+            labels = torch.as_tensor(class_labels)
+            seed = int(torch.randint(0, 10**6, (1,), generator=generator))
+            pool, _ = _blobs(4 * len(labels), seed, shift=0.4 / num_inference_steps)  # item j has class j % 4
+            return SimpleNamespace(images=(pool[4 * torch.arange(len(labels)) + labels] + 1) / 2)
+
+    out = report_module.eval_pipeline(str(tmp_path), metrics=["fid", "kid"], num_samples=64, steps=[1, 4],
+                                      dataset="blobs", features=("domain",), feature_net_path=blob_net.path,
+                                      out_dir=str(tmp_path / "eval"), pipeline=StandIn(), batch_size=32)
+    runs = out["runs"]
+    assert [r["settings"]["steps"] for r in runs] == [1, 4]
+    fids = [r["spaces"]["domain"]["model"]["fid"] for r in runs]
+    floors = [r["spaces"]["domain"]["real_vs_real"]["fid"] for r in runs]
+    assert fids[0] > fids[1] and floors[0] == floors[1] and floors[0] < fids[0]
+    assert runs[0]["classifier_accuracy"] == 1.0
+    assert os.path.isfile(tmp_path / "eval" / "sweep_steps.png")
+    assert os.path.isfile(tmp_path / "eval" / "samples_steps4_w1.0.npz")
+    assert json.load(open(tmp_path / "eval" / "report.json"))["runs"][1]["settings"]["steps"] == 4
+
+
+def test_cli_rejects_unknown_metric(capsys):
+    with pytest.raises(SystemExit):
+        main_eval(["somewhere", "--metrics", "fid,bogus"])
+    assert "unknown metric(s) ['bogus']" in capsys.readouterr().err
