@@ -331,6 +331,8 @@ class Trainer:
                 return
             raise
         state = read_trainer_state(path)
+        if self.is_main:
+            self._warn_config_changes(path)
         model = unwrap_model(self.model)
         try:
             model.load_state_dict(load_weights(os.path.join(path, "model")), strict=True)
@@ -370,6 +372,21 @@ class Trainer:
             self._truncate_metrics(self.step)
             logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch,
                         self.batch_in_epoch)
+
+    def _warn_config_changes(self, path: str) -> None:
+        """Log the fields that differ from the checkpoint's config (legitimate for max_steps, lr, ...)."""
+        from .config import config_to_dict
+
+        try:
+            with open(os.path.join(path, "train_config.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return
+        ignored = {"resume", "output_dir"}
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.config).items()
+                   if k in saved and k not in ignored and saved[k] != v]
+        if changed:
+            logger.warning("resuming %s with changed options: %s", path, "; ".join(changed))
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines after ``step`` (written by the killed run) so the file reads as one run."""
