@@ -13,6 +13,15 @@ from evals.generator_adapter import (SampleDataset, SamplerModel, generate_sampl
                                      numpy2_compat, save_npz, save_png_folder, to_uint8)
 from evals.metrics import fidelity_metrics, frechet_distance, perceptual_path_length
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
@@ -63,7 +72,7 @@ def toy_sampler(num, labels, generator):
 def toy_net(tmp_path_factory):
     out = tmp_path_factory.mktemp("net")
     return fn.train_feature_net(ToyImages(512, 0), str(out / "toy"), test_dataset=ToyImages(200, 1), epochs=2,
-                                batch_size=64, name="toy")
+                                batch_size=64, name="toy", width=8)
 
 
 # ------------------------------------------------------------------------------------------------ adapter

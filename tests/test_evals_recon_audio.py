@@ -11,6 +11,15 @@ import torch
 from evals.audio import mel_distance, multi_resolution_stft_distance, si_sdr, stft_distance
 from evals.recon import codebook_usage, psnr, reconstruction_metrics, ssim
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def _ssim_reference(x, y, data_range=2.0):
     """SSIM written from Wang et al. 2004 Eq. 13 with scipy: 11x11 Gaussian (sigma 1.5), valid region."""
@@ -130,3 +139,42 @@ def test_stft_and_mel_distances_analytic():
     assert stft_distance(2 * x, x).tolist() == pytest.approx([1 + math.log(2)] * 2, rel=1e-5)
     assert mel_distance(2 * x, x).tolist() == pytest.approx([math.log(4)] * 2, rel=1e-3)
     assert mel_distance(x, x).abs().max().item() == 0.0
+
+
+class ToyTones(torch.utils.data.Dataset):
+    """Class k: a 0.25 s tone at 300 * (k + 1) Hz with random phase and amplitude, 8 kHz."""
+
+    num_classes = 3
+
+    def __init__(self, n, seed, detune=1.0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % 3
+        t = torch.arange(2000) / 8000
+        phase = torch.rand(n, 1, generator=g) * 2 * math.pi
+        amp = 0.3 + 0.5 * torch.rand(n, 1, generator=g)
+        freq = 300.0 * (self.labels[:, None] + 1) * detune
+        self.audio = (amp * torch.sin(2 * math.pi * freq * t + phase)).unsqueeze(1).float()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"audio": self.audio[i], "label": self.labels[i], "sample_rate": 8000}
+
+
+def test_audio_domain_net_and_frechet(tmp_path, monkeypatch):
+    from evals.audio import audio_frechet_distance
+    from evals.feature_net import classify, train_feature_net
+
+    monkeypatch.setenv("GENMOD_CACHE", str(tmp_path))
+    net = train_feature_net(ToyTones(120, 0), str(tmp_path / "tones"), test_dataset=ToyTones(60, 1), epochs=4,
+                            batch_size=30, name="toy_tones", width=8)
+    assert net.model.config.modality == "audio" and net.model.config.sample_rate == 8000
+    assert net.info["test_accuracy"] > 0.9
+    test = ToyTones(30, 2)
+    assert (classify(net, test.audio) == test.labels).float().mean().item() > 0.9
+    real = ToyTones(90, 3).audio
+    same = audio_frechet_distance(ToyTones(90, 4).audio, real, net)
+    detuned = audio_frechet_distance(ToyTones(90, 4, detune=1.3).audio, real, net)
+    assert detuned["frechet_distance"] > 5 * same["frechet_distance"]
+    assert detuned["kid_mean"] > same["kid_mean"] and same["feature_net"]["sha256"] == net.checksum

@@ -12,6 +12,15 @@ from evals.cli import main_eval, main_eval_folder
 from evals.generator_adapter import save_png_folder, to_uint8
 from evals.metrics import frechet_distance, p_precision_recall
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
@@ -45,7 +54,7 @@ class Blobs(torch.utils.data.Dataset):
 @pytest.fixture(scope="module")
 def blob_net(tmp_path_factory):
     out = tmp_path_factory.mktemp("blobnet") / "net"
-    return fn.train_feature_net(Blobs(256, 0), str(out), test_dataset=Blobs(64, 1), epochs=2, batch_size=64, name="blobs")
+    return fn.train_feature_net(Blobs(256, 0), str(out), test_dataset=Blobs(64, 1), epochs=2, batch_size=64, name="blobs", width=8)
 
 
 def test_eval_folder_cli_report(blob_net, tmp_path):
