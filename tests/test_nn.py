@@ -37,10 +37,11 @@ from genmod.nn import (
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster, and much faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)  # some tests switch autograd off
 
 
 def _randomize(module, std=0.2, seed=0):
@@ -206,8 +207,10 @@ def test_kv_cached_blocks_equal_uncached_block_causal_forward():
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cached_causal_rope_stack_and_uncommitted_steps():
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd-concat", "no-grad-buffer"])
+def test_kv_cached_causal_rope_stack_and_uncommitted_steps(grad):
     """LatentLM-style: token-causal RoPE blocks fed in uneven chunks equal one causal forward."""
+    torch.set_grad_enabled(grad)
     torch.manual_seed(0)
     dim, heads, length = 32, 4, 7
     blocks = [_randomize(CausalBlock(dim, heads, num_kv_heads=2), std=0.15, seed=s) for s in range(2)]
@@ -217,7 +220,7 @@ def test_kv_cached_causal_rope_stack_and_uncommitted_steps():
     for blk in blocks:
         full = blk(full, rope=(cos, sin))
     caches, outs = make_kv_caches(2), []
-    for lo, hi in [(0, 3), (3, 4), (4, 7)]:
+    for lo, hi in [(0, 3), (3, 4), (4, 5), (5, 7)]:
         h = x[:, lo:hi]
         # a non-committed pass (e.g. a denoising step) must leave the caches untouched
         probe = h
@@ -230,9 +233,11 @@ def test_kv_cached_causal_rope_stack_and_uncommitted_steps():
         outs.append(h)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
     cache = KVCache()
-    cache.extend(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    keys = torch.randn(1, 2, 20, 4)
+    for lo in range(0, 20, 5):  # grows past the initial capacity of 16
+        cache.extend(keys[..., lo : lo + 5, :], keys[..., lo : lo + 5, :])
     cache.crop(3)
-    assert len(cache) == 3
+    assert len(cache) == 3 and torch.equal(cache.key, keys[..., -3:, :])
 
 
 def test_causal_block_stack_is_causal():

@@ -58,13 +58,20 @@ def attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "sdpa",
+    is_causal: bool = False,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` for ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]``.
 
     ``mask``: boolean (True = may attend) or additive, ``[Lq, Lk]``, ``[B, Lq, Lk]`` or ``[B, H, Lq, Lk]``.
-    ``scale`` defaults to ``1 / sqrt(D)``.
+    ``scale`` defaults to ``1 / sqrt(D)``. ``is_causal`` (``Lq == Lk``, no ``mask``) is the token-causal mask.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if is_causal:
+        if mask is not None or q.shape[-2] != k.shape[-2]:
+            raise ValueError("is_causal: needs Lq == Lk and no mask (build a mask with genmod.nn.masks.causal_mask)")
+        if backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True)
+        mask = causal_mask(q.shape[-2], device=q.device)
     if mask is not None:
         mask = _expand_mask(mask)
         if mask.shape[-2:] != (q.shape[-2], k.shape[-2]):
@@ -98,43 +105,74 @@ class KVCache:
     """Keys and values of one attention layer, appended block by block during AR sampling.
 
     ``extend(k, v)`` appends the new block (``[B, H, L_new, D]``, RoPE already applied) and returns
-    the concatenation of everything cached; ``commit=False`` returns it without storing (e.g.
+    everything cached so far; ``commit=False`` returns the same without keeping the new block (e.g.
     denoising steps of a frame that is not final yet). ``crop(max_len)`` keeps the last tokens
     (sliding window); ``repeat_batch`` / ``select_batch`` reshape the batch (CFG doubling).
+
+    Without autograd the cache writes into a buffer whose capacity doubles when full, so a rollout of
+    L tokens copies O(L) instead of O(L^2) elements; with autograd it concatenates (no in-place writes).
     """
 
     def __init__(self):
-        self.key: torch.Tensor | None = None
-        self.value: torch.Tensor | None = None
+        self._key: torch.Tensor | None = None  # [B, H, capacity, D]
+        self._value: torch.Tensor | None = None
+        self._length = 0
 
     def __len__(self) -> int:
-        return 0 if self.key is None else self.key.shape[-2]
+        return self._length
+
+    @property
+    def key(self) -> torch.Tensor | None:
+        return None if self._key is None else self._key[..., : self._length, :]
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return None if self._value is None else self._value[..., : self._length, :]
 
     def extend(self, key: torch.Tensor, value: torch.Tensor, commit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is not None:
-            if key.shape[:2] != self.key.shape[:2] or key.shape[-1] != self.key.shape[-1]:
-                raise ValueError(f"kv_cache: new keys {tuple(key.shape)} do not match cached {tuple(self.key.shape)}")
-            key = torch.cat([self.key, key], dim=-2)
-            value = torch.cat([self.value, value], dim=-2)
+        if self._length and (key.shape[:2] != self._key.shape[:2] or key.shape[-1] != self._key.shape[-1]):
+            raise ValueError(f"kv_cache: new keys {tuple(key.shape)} do not match cached {tuple(self.key.shape)}")
+        new_length = self._length + key.shape[-2]
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            if self._length:
+                key, value = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+            if commit:
+                self._key, self._value, self._length = key, value, new_length
+            return key, value
+        if self._key is None or new_length > self._key.shape[-2] or self._key.dtype != key.dtype:
+            capacity = max(new_length, 2 * (self._key.shape[-2] if self._key is not None else 0), 16)
+            grown_key = key.new_empty(*key.shape[:-2], capacity, key.shape[-1])
+            grown_value = value.new_empty(*value.shape[:-2], capacity, value.shape[-1])
+            if self._length:
+                grown_key[..., : self._length, :] = self.key
+                grown_value[..., : self._length, :] = self.value
+            self._key, self._value = grown_key, grown_value
+        # uncommitted blocks are written past the committed length and overwritten later
+        self._key[..., self._length : new_length, :] = key
+        self._value[..., self._length : new_length, :] = value
         if commit:
-            self.key, self.value = key, value
-        return key, value
+            self._length = new_length
+        return self._key[..., :new_length, :], self._value[..., :new_length, :]
+
+    def _compact(self, key: torch.Tensor | None, value: torch.Tensor | None) -> None:
+        self._key, self._value = key, value
+        self._length = 0 if key is None else key.shape[-2]
 
     def crop(self, max_length: int) -> None:
         """Keep only the last ``max_length`` cached tokens."""
-        if self.key is not None and len(self) > max_length:
-            self.key, self.value = self.key[..., -max_length:, :], self.value[..., -max_length:, :]
+        if self._length > max_length:
+            self._compact(self.key[..., -max_length:, :].clone(), self.value[..., -max_length:, :].clone())
 
     def reset(self) -> None:
-        self.key = self.value = None
+        self._compact(None, None)
 
     def select_batch(self, index: torch.Tensor | slice) -> None:
-        if self.key is not None:
-            self.key, self.value = self.key[index], self.value[index]
+        if self._length:
+            self._compact(self.key[index], self.value[index])
 
     def repeat_batch(self, times: int) -> None:
-        if self.key is not None:
-            self.key, self.value = self.key.repeat(times, 1, 1, 1), self.value.repeat(times, 1, 1, 1)
+        if self._length:
+            self._compact(self.key.repeat(times, 1, 1, 1), self.value.repeat(times, 1, 1, 1))
 
 
 def make_kv_caches(num_layers: int) -> list[KVCache]:
@@ -246,7 +284,11 @@ class Attention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if causal and mask is None:
-            mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        out = attention(q, k, v, mask=mask, scale=scale, backend=self.backend)
+        is_causal = False
+        if causal and mask is None and q.shape[-2] > 1:  # a single newest query sees every key: no mask
+            if q.shape[-2] == k.shape[-2] and self.backend == "sdpa":
+                is_causal = True  # lets SDPA pick its fused causal kernels
+            else:
+                mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        out = attention(q, k, v, mask=mask, scale=scale, backend=self.backend, is_causal=is_causal)
         return self.to_out(out.transpose(1, 2).flatten(2))
