@@ -137,7 +137,7 @@ def main():
     args.hidden, args.depth, args.heads = (384, 12, 6) if big else (64, 2, 4)
     args.batch = 64 if big else 8
     args.steps = args.steps or (30 if big else 5)
-    args.tokens = 256 if big else 64
+    args.tokens = 512 if big else 64
     print(f"device: {torch.cuda.get_device_name() if big else 'cpu'}, torch {torch.__version__}")
     backend_agreement(device)
     transformer_throughput(device, args)
