@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def main(argv: list[str]) -> dict:
@@ -23,7 +24,17 @@ def main(argv: list[str]) -> dict:
     config = parse_config(TokenizerConfig, argv)
     family = TokenizerFamily(config)
     dataset = family.build_dataset()
-    summary = Trainer(config, family, dataset, callbacks=[family.trainer_callback]).train()
+    callbacks = [family.trainer_callback]
+    if config.time_budget_minutes > 0:
+        deadline = time.monotonic() + 60 * config.time_budget_minutes
+
+        def stop_at_deadline(trainer, step, metrics):
+            # lowering max_steps ends the loop after this step; the trainer then checkpoints and exports
+            if time.monotonic() > deadline:
+                trainer.config.max_steps = step
+
+        callbacks.append(stop_at_deadline)
+    summary = Trainer(config, family, dataset, callbacks=callbacks).train()
     if family.discriminator is not None:  # the trainer does not checkpoint family state yet
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in family.discriminator.state_dict().items()},

@@ -94,6 +94,7 @@ class TokenizerConfig(TrainConfig):
     # evaluation at the end of training
     eval_samples: int = 1000
     eval_split: str = "test"
+    time_budget_minutes: float = 0.0  # scripts/train_tokenizer.py stops early (cleanly) past this; 0 = off
 
     def validate(self) -> None:
         super().validate()
@@ -449,6 +450,9 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
         if len(histograms) > 1:
             metrics["usage_per_codebook"] = usages
             metrics["perplexity_per_codebook"] = perplexities
+    # numbers first, so a failing image/WAV writer cannot lose them
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
     shown_x = torch.cat(shown_in)[:num_show]
     shown_y = torch.cat(shown_out)[:num_show]
     from genmod.data.io import save_image_grid, save_wav
@@ -460,6 +464,4 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
         for i in range(len(shown_x)):
             save_wav(os.path.join(out_dir, f"input_{i:02d}.wav"), shown_x[i], sample_rate)
             save_wav(os.path.join(out_dir, f"recon_{i:02d}.wav"), shown_y[i], sample_rate)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
     return metrics

@@ -1,0 +1,137 @@
+"""``genmod tokenize`` backend: encode a dataset once into cached latents / indices, read them back.
+
+Layout of a cache folder::
+
+    index.json                  # tokenizer path + config, shapes, shards, labels, captions
+    shard-00000.safetensors     # "latents" (N, ...) float32 (normalised, as tokenizer.encode)
+                                # "indices" (N, ...) int64 (discrete tokenizers), "labels" (N,) int64
+
+Generators train on :class:`CachedLatentDataset` without re-encoding; its items are dicts
+``{"latents", "indices" (if stored), "label", "caption"}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .models.common import batch_input
+
+INDEX_FILE = "index.json"
+
+
+@torch.no_grad()
+def tokenize_dataset(tokenizer, dataset, out_dir: str, batch_size: int = 64, shard_size: int = 10000,
+                     store: str = "auto", num_samples: Optional[int] = None, tokenizer_path: Optional[str] = None,
+                     device=None) -> str:
+    """Encode ``dataset`` with ``tokenizer`` (eval mode, deterministic) into ``out_dir``.
+
+    ``store``: ``"latents"``, ``"indices"``, ``"both"`` or ``"auto"`` (both for discrete tokenizers,
+    latents otherwise). Returns the path of ``index.json``.
+    """
+    if store not in ("auto", "latents", "indices", "both"):
+        raise ValueError(f"store must be 'auto', 'latents', 'indices' or 'both', got {store!r}")
+    discrete = hasattr(tokenizer, "encode_indices")
+    if store == "auto":
+        store = "both" if discrete else "latents"
+    if store in ("indices", "both") and not discrete:
+        raise ValueError(f"store={store!r}: {type(tokenizer).__name__} is continuous and has no indices")
+    if shard_size <= 0 or batch_size <= 0:
+        raise ValueError("batch_size and shard_size must be positive")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.eval()
+    device = device or next(tokenizer.parameters()).device
+    modality = tokenizer.config.modality
+    total = len(dataset) if num_samples is None else min(num_samples, len(dataset))
+    shards, labels, captions = [], [], []
+    buffer: dict[str, list[torch.Tensor]] = {"latents": [], "indices": [], "labels": []}
+
+    def flush():
+        if not buffer["labels"]:
+            return
+        tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items() if v}
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(out_dir, name))
+        shards.append({"file": name, "count": int(tensors["labels"].shape[0])})
+        for v in buffer.values():
+            v.clear()
+
+    in_shard = 0
+    for start in tqdm(range(0, total, batch_size), desc="tokenize"):
+        items = [dataset[i] for i in range(start, min(start + batch_size, total))]
+        x = torch.stack([batch_input(item, modality) for item in items]).to(device)
+        if store in ("latents", "both"):
+            buffer["latents"].append(tokenizer.encode(x).float().cpu())
+        if store in ("indices", "both"):
+            buffer["indices"].append(tokenizer.encode_indices(x).long().cpu())
+        batch_labels = torch.tensor([int(item.get("label", -1)) for item in items], dtype=torch.int64)
+        buffer["labels"].append(batch_labels)
+        labels.extend(batch_labels.tolist())
+        captions.extend(str(item.get("caption", "")) for item in items)
+        in_shard += len(items)
+        if in_shard >= shard_size:
+            flush()
+            in_shard = 0
+    flush()
+    first = load_file(os.path.join(out_dir, shards[0]["file"]))
+    index = {
+        "num_samples": total,
+        "store": store,
+        "tokenizer_class": type(tokenizer).__name__,
+        "tokenizer_path": tokenizer_path,
+        "tokenizer_config": dict(tokenizer.config),
+        "latent_shape": list(first["latents"].shape[1:]) if "latents" in first else None,
+        "indices_shape": list(first["indices"].shape[1:]) if "indices" in first else None,
+        "shards": shards,
+        "labels": labels,
+        "captions": captions,
+        "class_names": list(getattr(dataset, "class_names", [])),
+    }
+    path = os.path.join(out_dir, INDEX_FILE)
+    with open(path, "w") as f:
+        json.dump(index, f)
+    return path
+
+
+class CachedLatentDataset(Dataset):
+    """Items of a :func:`tokenize_dataset` cache: ``{"latents", "indices", "label", "caption"}``.
+
+    All shards are loaded into memory (latent caches of the built-in datasets are a few MB)."""
+
+    def __init__(self, cache_dir: str):
+        path = os.path.join(cache_dir, INDEX_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {INDEX_FILE} in cache folder {cache_dir!r} (run genmod tokenize first)")
+        with open(path) as f:
+            self.index = json.load(f)
+        tensors: dict[str, list[torch.Tensor]] = {}
+        for shard in self.index["shards"]:
+            shard_path = os.path.join(cache_dir, shard["file"])
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{path}: shard {shard['file']!r} is missing")
+            for key, value in load_file(shard_path).items():
+                tensors.setdefault(key, []).append(value)
+        self.tensors = {k: torch.cat(v) for k, v in tensors.items()}
+        self.num_samples = int(self.index["num_samples"])
+        if self.tensors["labels"].shape[0] != self.num_samples:
+            raise ValueError(f"{path}: num_samples={self.num_samples} but shards hold {self.tensors['labels'].shape[0]}")
+        self.captions = self.index["captions"]
+        self.class_names = self.index.get("class_names", [])
+        self.num_classes = len(self.class_names)
+        self.tokenizer_config = self.index["tokenizer_config"]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"label": self.tensors["labels"][i], "caption": self.captions[i]}
+        if "latents" in self.tensors:
+            item["latents"] = self.tensors["latents"][i]
+        if "indices" in self.tensors:
+            item["indices"] = self.tensors["indices"][i]
+        return item
