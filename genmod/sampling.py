@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if v is not None}
     settings["pipeline"] = type(pipe).__name__
     settings["scheduler"] = dict(getattr(pipe.scheduler, "config", {})) if hasattr(pipe, "scheduler") else None
+    if hasattr(pipe, "sampling_settings"):  # defaults saved with the pipeline (VAR: guidance, top-k/p, temperature)
+        settings["pipeline_defaults"] = pipe.sampling_settings()
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(settings, f, indent=2, default=str)
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("scheduler",)))

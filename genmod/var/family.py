@@ -58,6 +58,9 @@ class VARConfig(TrainConfig):
     top_k: Optional[int] = None
     top_p: Optional[float] = 0.96
     temperature: float = 1.0
+    # scripts/train_var.py: stop cleanly past this many minutes (0 = off); domain metrics on N samples after
+    time_budget_minutes: float = 0.0
+    eval_samples: int = 0
 
     def validate(self) -> None:
         super().validate()

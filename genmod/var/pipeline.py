@@ -188,8 +188,8 @@ class VARPipeline(GenmodPipeline):
             return torch.full((batch_size or 1,), num_classes, dtype=torch.long, device=device)
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
-        if isinstance(class_labels, (list, tuple)) and class_labels and isinstance(class_labels[0], str):
-            class_labels = self.get_label_ids(list(class_labels))
+        if isinstance(class_labels, (list, tuple)):  # names and ids may be mixed
+            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
         upper = num_classes + 1 if allow_null else num_classes
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= upper:
