@@ -144,11 +144,23 @@ def build_inception(state_dict: dict | None = None, features_list=("2048",)) -> 
     return module.eval()
 
 
-def register_inception() -> str:
-    """Register :class:`GenmodInceptionV3` with torch-fidelity (idempotent); returns its name."""
-    if EXTRACTOR_NAME not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, GenmodInceptionV3)
-    return EXTRACTOR_NAME
+def register_inception(weights_path: str | None = None) -> str:
+    """Register the InceptionV3 with resolved weights with torch-fidelity; returns its name.
+
+    The name carries the weights' sha256 prefix, so torch-fidelity's feature caches (keyed by
+    extractor name) never mix features of different weight files.
+    """
+    from evals.inception_convert import file_sha256
+
+    path = resolve_inception_weights(weights_path)
+    name = f"{EXTRACTOR_NAME}-{file_sha256(path)[:10]}"
+    if name not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            GenmodInceptionV3.__init__(self, name, features_list, feature_extractor_weights_path or path, **kwargs)
+
+        cls = type(f"GenmodInceptionV3_{name[-10:]}", (GenmodInceptionV3,), {"__init__": __init__})
+        torch_fidelity.register_feature_extractor(name, cls)
+    return name
 
 
 def inception_features(images_uint8: torch.Tensor, weights_path: str | None = None, batch_size: int = 32) -> torch.Tensor:

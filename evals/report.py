@@ -78,7 +78,7 @@ def inception_space(weights_path: str | None = None) -> FeatureSpace:
                    "sha256": __import__("evals.inception_convert").inception_convert.file_sha256(path)}
     if not logits:
         description["isc"] = "unavailable: these weights have no logits layer (fid-helper conversion)"
-    return FeatureSpace("inception", inception.register_inception(), rgb=True, layer="2048",
+    return FeatureSpace("inception", inception.register_inception(path), rgb=True, layer="2048",
                         description=description, has_logits=logits)
 
 

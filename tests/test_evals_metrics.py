@@ -17,7 +17,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
 def _scipy_fid(a, b):
     """Reference: the usual pytorch-fid formula with scipy's sqrtm."""
     mu1, mu2 = a.mean(0), b.mean(0)

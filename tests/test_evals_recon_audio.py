@@ -20,7 +20,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
 def _ssim_reference(x, y, data_range=2.0):
     """SSIM written from Wang et al. 2004 Eq. 13 with scipy: 11x11 Gaussian (sigma 1.5), valid region."""
     coords = np.arange(11) - 5.0

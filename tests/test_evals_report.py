@@ -21,7 +21,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GENMOD_CACHE", str(tmp_path / "cache"))
