@@ -1,0 +1,150 @@
+"""DiffusionForcingPipeline: context frames in, N new frames out (Chen et al. 2024, Sec. 3.3).
+
+The sampler is ``genmod.diffusion_forcing.sampling.rollout`` (scheduling matrix, stabilised
+context, KV cache, sliding window, history / gradient guidance); the pipeline adds diffusers'
+loading/saving, generators (one or one per sample) and output formats. Without ``context`` the
+first ``num_context_frames`` frames are generated from scratch too (the model is a generator of
+whole clips), and the ``num_frames`` frames after them are returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline  # noqa: F401  (diffusers looks component base names up here)
+from diffusers.utils import BaseOutput
+
+from genmod.diffusion_forcing.sampling import rollout
+from genmod.diffusion_forcing.schedules import SCHEDULES
+from genmod.pipelines.base import GenmodPipeline
+
+OUTPUT_TYPES = ("pt", "np", "frames", "latent")
+
+
+@dataclass
+class DiffusionForcingPipelineOutput(BaseOutput):
+    """``frames``: video ``pt`` (B, T, C, H, W) in [0, 1], ``np`` (B, T, H, W, C) in [0, 1], ``frames``
+    a list of lists of PIL images; sequences ``(B, T * frame_stack, D)`` in data units."""
+
+    frames: object
+
+
+class DiffusionForcingPipeline(GenmodPipeline):
+    """Roll out a ``DiffusionForcingTransformer``.
+
+    Args:
+        transformer: the frame-causal network.
+        path, prediction: the package path and the network's prediction type it was trained with.
+        context_noise: stabilisation level ``t_c`` of clean frames; schedule/slope/num_inference_steps: defaults.
+        frame_stack: time steps per frame for sequences (outputs are unstacked).
+    """
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer, path: str = "cosine", prediction: str = "velocity", context_noise: float = 0.02,
+                 schedule: str = "pyramid", slope: float = 1.0, frame_stack: int = 1, num_inference_steps: int = 20):
+        super().__init__()
+        self.register_modules(transformer=transformer)
+        self.register_to_config(path=path, prediction=prediction, context_noise=float(context_noise), schedule=schedule,
+                                slope=float(slope), frame_stack=int(frame_stack), num_inference_steps=int(num_inference_steps))
+
+    def _to_model_frames(self, context) -> torch.Tensor:
+        """Video context in [-1, 1] ``(B, C_f, C, H, W)``; sequences ``(B, steps, D)`` are stacked into frames."""
+        context = torch.as_tensor(context, dtype=torch.float32)
+        if self.transformer.config.modality == "sequence":
+            k = self.config.frame_stack
+            if context.dim() != 3 or context.shape[1] % k:
+                raise ValueError(f"context: expected (B, steps, D) with steps divisible by frame_stack={k}, got {tuple(context.shape)}")
+            return context.reshape(context.shape[0], context.shape[1] // k, k * context.shape[2])
+        return context
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        context: torch.Tensor | None = None,
+        num_frames: int = 16,
+        num_context_frames: int | None = None,
+        schedule: str | list | torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        slope: float | None = None,
+        chunk_size: int | None = None,
+        window: int | None = None,
+        guidance_scale: float = 1.0,
+        history_guidance: str = "noise",
+        guidance_fn=None,
+        guidance_strength: float = 0.0,
+        context_noise: float | None = None,
+        use_kv_cache: bool = True,
+        class_labels=None,
+        actions: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        generator=None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+    ):
+        """Generate ``num_frames`` frames after ``context`` (``(B, C_f, C, H, W)`` in [-1, 1], or
+        ``(B, steps, D)`` for sequences); without ``context``, ``num_context_frames`` (default 1)
+        frames are generated first. ``schedule``: autoregressive | pyramid | full_sequence |
+        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        schedule = self.config.schedule if schedule is None else schedule
+        if isinstance(schedule, str):
+            schedule = schedule.replace("-", "_")
+            if schedule not in SCHEDULES + ("full",):
+                raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        steps = num_inference_steps or self.config.num_inference_steps
+        device = self._execution_device
+        if isinstance(generator, list):
+            batch_size = batch_size or len(generator)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+            batch_size = batch_size or len(class_labels)
+        options = dict(path=self.config.path, prediction=self.config.prediction, num_inference_steps=steps,
+                       slope=self.config.slope if slope is None else slope, window=window,
+                       context_noise=self.config.context_noise if context_noise is None else context_noise,
+                       kv_cache="reencode" if use_kv_cache else None, class_labels=class_labels,
+                       guidance_scale=guidance_scale, history_guidance=history_guidance, guidance_fn=guidance_fn,
+                       guidance_strength=guidance_strength,
+                       clip_denoised=1.0 if self.transformer.config.modality == "video" else None)
+        if context is None:
+            batch = batch_size or 1
+            self._generator_for(generator, batch)
+            count = 1 if num_context_frames is None else int(num_context_frames)
+            context = torch.zeros((batch, 0, *self.transformer.frame_shape), device=device)
+            if count > 0:  # the opening frames: a clip from nothing (full-sequence over them)
+                context = rollout(self.transformer, context, count, schedule="full_sequence", chunk_size=count,
+                                  actions=actions, generator=generator, **options)
+        else:
+            context = self._to_model_frames(context).to(device)
+            if num_context_frames is not None and num_context_frames != context.shape[1]:
+                context = context[:, -int(num_context_frames):]
+            self._generator_for(generator, context.shape[0])
+        with self.progress_bar(total=1) as bar:
+            out = rollout(self.transformer, context, int(num_frames), schedule=schedule, chunk_size=chunk_size,
+                          actions=actions, generator=generator, **options)
+            bar.update()
+        new = out[:, context.shape[1]:]
+        frames = self._format(new, output_type)
+        self.maybe_free_model_hooks()
+        return DiffusionForcingPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _format(self, frames: torch.Tensor, output_type: str):
+        if self.transformer.config.modality == "sequence":
+            k = self.config.frame_stack
+            seq = frames.reshape(frames.shape[0], frames.shape[1] * k, frames.shape[2] // k)
+            return seq.cpu().numpy() if output_type == "np" else seq
+        if output_type == "latent":
+            return frames
+        video = (frames.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return video
+        array = video.permute(0, 1, 3, 4, 2).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [DiffusionPipeline.numpy_to_pil(clip) for clip in array]
+
+
+__all__ = ["DiffusionForcingPipeline", "DiffusionForcingPipelineOutput"]

@@ -1,0 +1,261 @@
+"""Diffusion Forcing rollouts: scheduling matrices, stabilised clean context, KV cache, sliding window, guidance.
+
+``rollout`` generates ``num_frames`` frames after ``context`` in chunks (Chen et al. 2024, Sec. 3.3,
+Alg. 2). Each chunk of ``h`` frames sees the last ``window - h`` clean frames as history and is
+denoised along a scheduling matrix ``K[m, t]`` (``genmod.diffusion_forcing.schedules``): at step
+``m`` every frame whose level changes takes one deterministic DDIM step (Song et al. 2021, eq. 12,
+eta = 0) from ``t = tau[K[m]]`` to ``tau[K[m + 1]]`` on the package path,
+``x_to = alpha(t_to) x0_hat + sigma(t_to) eps_hat`` (for the linear path this is the Euler step of
+the flow ODE).
+
+* **Stabilisation** (Sec. 3.3, "stabilizing autoregressive generation"): clean frames (context and
+  finished frames) are shown to the model as slightly noisy, ``alpha(t_c) x + sigma(t_c) z`` at level
+  ``t_c = context_noise`` with ``z`` drawn once per frame; the frames themselves are never changed.
+* **KV cache**: the history is clean and fixed during a chunk, so its keys/values are computed once
+  per chunk (``kv_cache="reencode"``, exactly the uncached result) or once per frame and kept
+  (``"incremental"``; identical while the rollout fits in the window, then a Transformer-XL-style
+  recurrence); ``None`` recomputes history and chunk at every step (the reference).
+* **Sliding window**: a chunk never sees more than ``window`` frames (default the training length),
+  so rollouts can be far longer than training clips; temporal positions are rotary (relative).
+* **History guidance** (Song et al. 2025, HG-v): ``pred = u + w (c - u)`` where ``c`` sees the history
+  and ``u`` sees it fully noised (``history_guidance="noise"``, the DFoT choice) or not at all
+  (``"drop"``: attention to history masked; needs a model trained with ``history_drop_prob > 0``).
+  ``w = guidance_scale``; 1 is off (docs/DESIGN.md §1).
+* **Gradient guidance** (DF planning, Sec. 3.4 / App. D): ``guidance_fn(x0_hat [B, n, ...]) -> loss``
+  (lower is better); the x0 prediction of the frames being updated moves by
+  ``-guidance_strength * grad_{x_t} loss`` (the gradient flows through the network), i.e. classifier
+  guidance ``eps' = eps + guidance_strength (alpha / sigma) grad loss``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from genmod.diffusion_forcing.schedules import get_scheduling_matrix, level_times
+from genmod.flow.paths import AffinePath, broadcast_like, get_path
+from samplers import get_time_grid
+
+KV_CACHE_MODES = (None, "reencode", "incremental")
+
+
+def _randn(shape: Sequence[int], generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise; ``generator`` may be a list of one per sample (diffusers convention)."""
+    gen_device = generator[0].device if isinstance(generator, list) else (generator.device if generator is not None else device)
+    noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(gen_device), dtype=dtype)
+    return noise.to(device)
+
+
+def present_clean(path: AffinePath, frames: torch.Tensor, context_noise: float, generator) -> torch.Tensor:
+    """Stabilisation: clean frames as the model sees them, ``alpha(t_c) x + sigma(t_c) z`` (z fresh)."""
+    if context_noise <= 0:
+        return frames
+    z = _randn(frames.shape, generator, frames.device, frames.dtype)
+    t = torch.tensor(float(context_noise), dtype=torch.float64)
+    return float(path.alpha(t)) * frames + float(path.sigma(t)) * z
+
+
+class _Predictor:
+    """Runs the network on ``history + chunk`` (or the chunk with a cached history) and returns
+    predictions of the chunk frames in the model's prediction type."""
+
+    def __init__(self, model, labels, actions, context_noise: float):
+        self.model, self.labels, self.actions, self.context_noise = model, labels, actions, context_noise
+        self.caches = None
+        self.history = None  # (presented frames [B, n, ...], first frame index)
+
+    def set_history(self, presented: torch.Tensor | None, start: int, use_cache: bool, keep_cache: bool = False):
+        """History for the next chunk; ``use_cache`` encodes it once now (``keep_cache``: extend the old cache)."""
+        self.history = (presented, start) if presented is not None and presented.shape[1] else (None, start)
+        if not use_cache:
+            self.caches = None
+            return
+        if not keep_cache or self.caches is None:
+            self.caches = self.model.make_kv_caches()
+            if self.history[0] is not None:
+                self._forward(self.history[0], self._ctx_levels(self.history[0]), start, self.caches, update_cache=True)
+
+    def append_to_cache(self, presented: torch.Tensor, start: int, keep_frames: int):
+        """Incremental cache: add finished frames, then keep only the last ``keep_frames`` frames."""
+        self._forward(presented, self._ctx_levels(presented), start, self.caches, update_cache=True)
+        per = self.model.tokens_per_frame
+        for cache in self.caches:
+            cache.crop(keep_frames * per) if keep_frames > 0 else cache.reset()
+
+    def _ctx_levels(self, frames):
+        return torch.full(frames.shape[:2], 1000.0 * self.context_noise, device=frames.device)
+
+    def _actions(self, start: int, count: int):
+        return None if self.actions is None else self.actions[:, start:start + count]
+
+    def _forward(self, x, timestep, start, caches, update_cache=False, history_cut=None):
+        return self.model(x, timestep, self.labels, actions=self._actions(start, x.shape[1]), frame_offset=start,
+                          kv_caches=caches, update_cache=update_cache, history_cut=history_cut).sample
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, start: int, history: str = "keep") -> torch.Tensor:
+        """Prediction for chunk frames ``x`` ``[B, n, ...]`` at times ``t`` ``[n]`` starting at frame ``start``.
+
+        ``history``: ``keep`` (cached or explicit), ``drop`` (masked out) or a tensor of replacement
+        history frames (fully noised) shown at ``t = 1``.
+        """
+        batch = x.shape[0]
+        levels = (1000.0 * t.float()).to(x.device).expand(batch, -1)
+        hist, hist_start = self.history
+        if isinstance(history, torch.Tensor):
+            full_x = torch.cat([history, x], 1)
+            full_t = torch.cat([torch.full(history.shape[:2], 1000.0, device=x.device), levels], 1)
+            return self._forward(full_x, full_t, hist_start, None)[:, history.shape[1]:]
+        if history == "drop":
+            return self._forward(x, levels, start, None)
+        if self.caches is not None or hist is None:
+            return self._forward(x, levels, start, self.caches)
+        full_x = torch.cat([hist, x], 1)
+        full_t = torch.cat([self._ctx_levels(hist), levels], 1)
+        return self._forward(full_x, full_t, hist_start, None)[:, hist.shape[1]:]
+
+
+def rollout(
+    model,
+    context: torch.Tensor | None,
+    num_frames: int,
+    path: str | AffinePath = "cosine",
+    prediction: Literal["velocity", "x0", "epsilon"] = "velocity",
+    schedule="autoregressive",
+    num_inference_steps: int = 20,
+    slope: float = 1.0,
+    chunk_size: int | None = None,
+    window: int | None = None,
+    time_grid: str = "uniform",
+    context_noise: float = 0.02,
+    kv_cache: str | None = "reencode",
+    class_labels: torch.Tensor | None = None,
+    actions: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    history_guidance: Literal["noise", "drop"] = "noise",
+    guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guidance_strength: float = 0.0,
+    clip_denoised: float | None = None,
+    batch_size: int | None = None,
+    generator=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame]``; returns ``[B, C + num_frames, *frame]``.
+
+    ``schedule``: ``autoregressive``, ``pyramid`` (``slope`` levels of lag per frame), ``full_sequence``,
+    ``trapezoid`` or a user matrix ``[M + 1, chunk]``; ``num_inference_steps`` = number of levels S.
+    ``chunk_size``: frames generated jointly (default ``window - min(max(C, 1), window // 2)``).
+    ``actions``: ``[B, C + num_frames, A]`` for action-conditioned models. ``clip_denoised``: clamp
+    the x0 prediction to ``[-c, c]`` (pixels: 1). Everything random comes from ``generator``.
+    """
+    if kv_cache not in KV_CACHE_MODES:
+        raise ValueError(f"kv_cache: expected one of {KV_CACHE_MODES}, got {kv_cache!r}")
+    if history_guidance not in ("noise", "drop"):
+        raise ValueError(f"history_guidance: expected 'noise' or 'drop', got {history_guidance!r}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames: must be >= 1, got {num_frames}")
+    if not 0 <= context_noise < 1:
+        raise ValueError(f"context_noise: must be in [0, 1), got {context_noise}")
+    path = get_path(path)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    frame_shape = tuple(model.frame_shape)
+    if context is None:
+        context = torch.zeros((batch_size or 1, 0, *frame_shape), device=device, dtype=dtype)
+    context = context.to(device=device, dtype=dtype)
+    if context.dim() != 2 + len(frame_shape) or tuple(context.shape[2:]) != frame_shape:
+        raise ValueError(f"context: expected [B, C, {', '.join(map(str, frame_shape))}], got shape {tuple(context.shape)}")
+    batch, num_context = context.shape[:2]
+    window = int(window or model.config.max_frames)
+    if window < 1:
+        raise ValueError(f"window: must be >= 1, got {window}")
+    if chunk_size is None:
+        chunk_size = max(1, window - min(max(num_context, 1), window // 2))
+    if not 1 <= chunk_size <= window:
+        raise ValueError(f"chunk_size: must be in [1, window={window}], got {chunk_size}")
+    if actions is not None and actions.shape[1] < num_context + num_frames:
+        raise ValueError(f"actions: need {num_context + num_frames} frames of actions, got {actions.shape[1]}")
+    tau = level_times(num_inference_steps, get_time_grid(time_grid, num_inference_steps)).to(device)
+    predictor = _Predictor(model, class_labels, actions, context_noise)
+    do_history_guidance = guidance_scale != 1.0
+
+    frames = [context[:, i] for i in range(num_context)]
+    presented = [f for f in present_clean(path, context, context_noise, generator).unbind(1)] if num_context else []
+    chunks = []
+    done = 0
+    while done < num_frames:
+        h = min(chunk_size, num_frames - done)
+        chunks.append(h)
+        done += h
+    total_steps = sum(get_scheduling_matrix(schedule, num_inference_steps, h, slope).shape[0] - 1 for h in set(chunks))
+    bar = tqdm(total=total_steps if len(set(chunks)) == 1 else None, disable=not progress, desc="rollout", unit="step")
+
+    for chunk_index, h in enumerate(chunks):
+        start = len(frames)
+        keep = window - h
+        hist_start = max(0, start - keep)
+        hist = torch.stack(presented[hist_start:], 1) if start > hist_start else None
+        incremental = kv_cache == "incremental" and chunk_index > 0
+        if incremental:
+            for cache in predictor.caches:
+                cache.crop(keep * model.tokens_per_frame) if keep > 0 else cache.reset()
+        predictor.set_history(hist, hist_start, use_cache=kv_cache is not None, keep_cache=incremental)
+        uncond_history = "drop"
+        if do_history_guidance and history_guidance == "noise" and hist is not None:
+            uncond_history = _randn(hist.shape, generator, device, dtype)
+        matrix = get_scheduling_matrix(schedule, num_inference_steps, h, slope).to(device)
+        x = _randn((batch, h, *frame_shape), generator, device, dtype)
+        shown = [None] * h  # stabilised versions of finished chunk frames
+        for m in range(matrix.shape[0] - 1):
+            cur, nxt = matrix[m], matrix[m + 1]
+            changed = (cur != nxt).nonzero().flatten()
+            if changed.numel() == 0:
+                continue
+            n = int(changed.max()) + 1  # later frames cannot influence these (causal): skip them
+            x_in = torch.stack([shown[i] if cur[i] == 0 else x[:, i] for i in range(n)], 1)
+            t_in = torch.where(cur[:n] == 0, torch.full_like(tau[cur[:n]], context_noise), tau[cur[:n]])
+            x0_hat, eps_hat = _denoise(predictor, path, prediction, x_in, t_in, start, do_history_guidance,
+                                       guidance_scale, uncond_history if hist is not None else "drop",
+                                       guidance_fn, guidance_strength, clip_denoised, changed)
+            for i in changed.tolist():
+                t_to = tau[nxt[i]]
+                x[:, i] = path.alpha(t_to).to(dtype) * x0_hat[:, i] + path.sigma(t_to).to(dtype) * eps_hat[:, i]
+                if nxt[i] == 0:
+                    x[:, i] = x0_hat[:, i]
+                    shown[i] = present_clean(path, x[:, i:i + 1], context_noise, generator)[:, 0]
+            bar.update()
+        for i in range(h):
+            frames.append(x[:, i])
+            presented.append(shown[i])
+        if kv_cache == "incremental":
+            predictor.append_to_cache(torch.stack(shown, 1), start, keep_frames=window)
+    bar.close()
+    return torch.stack(frames, 1)
+
+
+def _denoise(predictor, path, prediction, x_in, t_in, start, do_guidance, guidance_scale, uncond_history,
+             guidance_fn, guidance_strength, clip_denoised, changed):
+    """``(x0_hat, eps_hat)`` for the evaluated chunk frames, with history and gradient guidance."""
+    use_grad = guidance_fn is not None and guidance_strength != 0
+    with torch.enable_grad() if use_grad else torch.no_grad():
+        if use_grad:
+            x_in = x_in.detach().requires_grad_(True)
+        pred = predictor(x_in, t_in, start)
+        if do_guidance:
+            with torch.no_grad():
+                pred_u = predictor(x_in.detach(), t_in, start, history=uncond_history)
+            pred = pred_u + guidance_scale * (pred - pred_u)
+        t_b = t_in[None].expand(x_in.shape[0], -1)
+        x0_hat = path.convert(pred, x_in, t_b, src=prediction, dst="x0")
+        if use_grad:
+            loss = guidance_fn(x0_hat[:, changed]).sum()
+            (grad,) = torch.autograd.grad(loss, x_in)
+            x0_hat = x0_hat.detach() - guidance_strength * grad
+            x_in = x_in.detach()
+    if clip_denoised is not None:
+        x0_hat = x0_hat.clamp(-clip_denoised, clip_denoised)
+    a, s = broadcast_like(path.alpha(t_b), x_in), broadcast_like(path.sigma(t_b), x_in)
+    eps_hat = (x_in - a * x0_hat) / s.clamp(min=1e-8)
+    return x0_hat, eps_hat
