@@ -8,7 +8,6 @@ Also runnable as a script (the subprocess worker of the resume test):
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from diffusers.configuration_utils import register_to_config
 
 from genmod.train import (EMA, CheckpointError, EpochBatchSampler, Family, TrainConfig, Trainer,
                           TrainingDivergedError, find_checkpoint, list_checkpoints, load_weights, parse_config,
-                          read_metrics, unwrap_model)
+                          read_metrics)
 from genmod.train.checkpoint import load_training_state
 from genmod.train.trainer import LRSchedule
 

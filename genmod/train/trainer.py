@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
