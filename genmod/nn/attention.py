@@ -139,8 +139,9 @@ class KVCache:
             if commit:
                 self._key, self._value, self._length = key, value, new_length
             return key, value
-        if self._key is None or new_length > self._key.shape[-2] or self._key.dtype != key.dtype:
-            capacity = max(new_length, 2 * (self._key.shape[-2] if self._key is not None else 0), 16)
+        stale = self._key is None or self._key.dtype != key.dtype or self._key.shape[:2] != key.shape[:2] or self._key.shape[-1] != key.shape[-1]
+        if stale or new_length > self._key.shape[-2]:
+            capacity = max(new_length, 2 * (0 if stale else self._key.shape[-2]), 16)
             grown_key = key.new_empty(*key.shape[:-2], capacity, key.shape[-1])
             grown_value = value.new_empty(*value.shape[:-2], capacity, value.shape[-1])
             if self._length:
