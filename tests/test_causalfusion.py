@@ -266,3 +266,32 @@ def test_pipeline_round_trip_and_cli(tmp_path):
         loaded(class_labels=[0], num_ar_steps=17, num_inference_steps=1)
     with pytest.raises(ValueError, match="step_sizes"):
         model(torch.zeros(1, 3, 8, 8), 500.0, torch.tensor([0]), step_sizes=[5, 5])
+
+
+def test_latent_space_through_a_tokenizer(tmp_path):
+    """With --tokenizer the model works on the tokenizer's latent grid; editing keeps encoded tokens and
+    a zero x0-model fills the rest with zeros; images come back through the tokenizer's decoder."""
+    from tokenizers_vq.models import KLVAE
+
+    torch.manual_seed(0)
+    KLVAE(base_channels=8, ch_mult=(1, 2), latent_channels=4).eval().save_pretrained(tmp_path / "tok")
+    config = CausalFusionConfig(tokenizer=str(tmp_path / "tok"), patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                                num_cond_tokens=2, dataset_size=4, prediction="x0")
+    family = CausalFusionFamily(config)
+    model = family.build_model().eval()
+    assert (model.config.in_channels, model.config.sample_size) == (4, 16)
+    batch = {"image": torch.stack([family.build_dataset()[i]["image"] for i in range(2)]), "label": torch.tensor([0, 1])}
+    assert torch.isfinite(family.loss(model, batch, torch.Generator().manual_seed(0))["loss"])
+    pipe = family.build_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe.edit(batch["image"], "left", class_labels=[0, 1], num_ar_steps=2, num_inference_steps=2,
+                        output_type="latent").images
+    with torch.no_grad():
+        encoded = family.tokenizer.encode(batch["image"])
+    torch.testing.assert_close(latents[..., :8], encoded[..., :8])
+    torch.testing.assert_close(latents[..., 8:], torch.zeros_like(latents[..., 8:]), atol=1e-6, rtol=0)
+    images = pipe.edit(batch["image"], "left", class_labels=[0, 1], num_ar_steps=2, num_inference_steps=2, output_type="pt").images
+    with torch.no_grad():
+        expected = (family.tokenizer.decode(latents) / 2 + 0.5).clamp(0, 1)
+    assert images.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-4)
