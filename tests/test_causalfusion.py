@@ -27,7 +27,7 @@ def tiny_model(num_classes=3, seed=0):
 
 
 def reference_mask(num_cond, step_sizes):
-    """The paper's rules, token by token (Sec. 3.2)."""
+    """The paper's rules, token by token (generalized causal attention)."""
     tokens = [("cond", -1)] * num_cond
     tokens += [("clean", s) for s, n in enumerate(step_sizes[:-1]) for _ in range(n)]
     tokens += [("noisy", s) for s, n in enumerate(step_sizes) for _ in range(n)]

@@ -1,6 +1,6 @@
 """The CausalFusion family: the dual-factorization training objective on the shared trainer.
 
-Deng et al. 2024, "Causal Diffusion Transformers for Generative Modeling", Sec. 3.1 / 3.2:
+Deng et al. 2024, "Causal Diffusion Transformers for Generative Modeling" (arXiv 2412.12095), training recipe of the dual factorization:
 
 * tokens are visited in a random order per sample (random-order AR);
 * the number of AR steps N is drawn with ``P(N = n) ∝ decay^(n-1)`` (``ar_step_decay``, 0.9 in the
@@ -38,7 +38,7 @@ from genmod.train import Family, TrainConfig, register_family, unwrap_model
 def draw_ar_steps(num_tokens: int, generator: torch.Generator, decay: float = 0.9, max_steps: int | None = None) -> list[int]:
     """AR step sizes for one batch: ``N ~ P(n) ∝ decay^(n-1)`` on ``1..max_steps``, then N-1 uniform split points.
 
-    CausalFusion Sec. 3.1 ("the number of AR steps is sampled from an exponentially decaying
+    CausalFusion's AR-step sampler ("the number of AR steps is sampled from an exponentially decaying
     distribution"; ``decay = 1`` makes N uniform). Returns N positive sizes summing to ``num_tokens``.
     """
     max_steps = num_tokens if max_steps is None else min(int(max_steps), num_tokens)
@@ -63,7 +63,7 @@ def _cpu(generator: torch.Generator) -> torch.Generator:
 
 
 def ar_step_weights(step_sizes: list[int], max_weight: float = 2.0, min_weight: float = 1.0) -> torch.Tensor:
-    """Per-token loss weights in AR order: ``w_max - (w_max - w_min) * start_index / L`` (CausalFusion Sec. 3.2)."""
+    """Per-token loss weights in AR order: ``w_max - (w_max - w_min) * start_index / L`` (CausalFusion's AR-step loss weighting)."""
     length = sum(step_sizes)
     starts = torch.repeat_interleave(torch.cumsum(torch.tensor([0, *step_sizes[:-1]]), 0), torch.tensor(step_sizes))
     return max_weight - (max_weight - min_weight) * starts.double() / length

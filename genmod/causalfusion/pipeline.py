@@ -1,6 +1,6 @@
 """CausalFusionPipeline: class-conditional sampling and zero-shot editing with a CausalFusion transformer.
 
-One ``__call__`` covers the whole range of the dual factorization (Deng et al. 2024, Sec. 3):
+One ``__call__`` covers the whole range of the dual factorization (Deng et al. 2024, arXiv 2412.12095):
 ``num_ar_steps = 1`` is plain diffusion over all tokens, ``num_ar_steps = number of tokens`` is pure
 autoregression; ``num_inference_steps`` ODE steps are spent on every AR step (total network calls =
 ``num_ar_steps * num_inference_steps`` per sample for a one-call solver). The clean prefix is held in a
@@ -199,7 +199,7 @@ class CausalFusionPipeline(GenmodPipeline):
 
         ``image``: ``[B, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1]; ``keep_mask``: ``[H, W]`` bool
         (True = keep) or a kind of ``edit_mask`` (``inpaint``, ``outpaint``, ``left``, ...). The kept
-        tokens form the clean prefix of the generalized causal mask (Deng et al. 2024, Sec. 4).
+        tokens form the clean prefix of the generalized causal mask (Deng et al. 2024, zero-shot in-context editing).
         Other keywords as in ``__call__``.
         """
         image = torch.as_tensor(image)

@@ -1,6 +1,6 @@
 """CausalFusion sampling: AR steps over token subsets, an ODE solve per step, a KV cache for the prefix.
 
-Deng et al. 2024, Sec. 3: generation walks the dual factorization. The tokens are visited in an order
+Deng et al. 2024 (arXiv 2412.12095), dual factorization: generation walks the dual factorization. The tokens are visited in an order
 (random per sample by default, as in training, or raster) and split into ``num_ar_steps`` subsets.
 For AR step s the noisy tokens of that subset are denoised jointly from t = 1 to t = 0 with any
 ``samplers`` ODE solver, seeing the condition tokens and the clean tokens of steps < s; the result is
@@ -9,7 +9,7 @@ is pure autoregression (one token per step). With ``use_cache`` the prefix lives
 caches (each clean step is pushed once); without it every network call re-runs the whole
 ``[cond | clean prefix | noisy step]`` sequence under the generalized causal mask (same numbers).
 
-Zero-shot editing (Sec. 4, in-/out-painting): tokens given in ``known_tokens`` / ``known_mask`` form a
+Zero-shot editing (the paper's in-context in-/out-painting): tokens given in ``known_tokens`` / ``known_mask`` form a
 clean prefix block before the first AR step, so the remaining tokens are generated conditioned on them.
 
 Classifier-free guidance ``v_u + w (v_c - v_u)`` (docs/DESIGN.md §1) runs the conditional and the

@@ -1,6 +1,6 @@
 """CausalFusionTransformer: one decoder-only transformer from pure diffusion to pure autoregression.
 
-Deng et al. 2024, "Causal Diffusion Transformers for Generative Modeling" (CausalFusion), Sec. 3:
+Deng et al. 2024, "Causal Diffusion Transformers for Generative Modeling" (CausalFusion, arXiv 2412.12095):
 the data is factorised over token subsets (AR steps) and over noise levels at once. The network is a
 plain pre-LN transformer (not adaLN) with in-context conditioning:
 
@@ -10,7 +10,7 @@ plain pre-LN transformer (not adaLN) with in-context conditioning:
   and one learned position table (initialised 2D sin-cos); **only the noisy tokens** add the
   timestep embedding of ``timestep = 1000 * t`` (package convention, t = 1 noise);
 * QK-LayerNorm in every attention, GELU-tanh MLP, final LayerNorm + zero-initialised Linear;
-* the generalized causal mask of ``genmod.nn.masks`` (Sec. 3.2, Fig. 3): condition tokens see each
+* the generalized causal mask of ``genmod.nn.masks`` (the paper's generalized causal attention): condition tokens see each
   other; clean tokens are block-causal over AR steps; noisy tokens of step s see the clean tokens of
   steps < s and the noisy tokens of step s only.
 
@@ -42,7 +42,7 @@ def causalfusion_sequence_layout(num_cond_tokens: int, clean_step_sizes: Sequenc
                                  noisy_first_step: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kinds and AR-step ids of ``[cond | clean steps 0..K-1 | noisy steps f..f+M-1]``.
 
-    Training (Sec. 3.1): clean sizes = all steps but the last, noisy sizes = all steps, ``f = 0``
+    Training (teacher-forced layout): clean sizes = all steps but the last, noisy sizes = all steps, ``f = 0``
     (then this equals ``genmod.nn.masks.causalfusion_layout``). Uncached sampling of step ``s``:
     clean sizes = steps ``0..s-1``, noisy sizes = ``[size_s]``, ``f = s``.
     """
@@ -258,7 +258,7 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
         return_dict: bool = True,
         dropout_generator: torch.Generator | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Teacher-forced training forward on images ``[B, C, H, W]`` (Sec. 3.1).
+        """Teacher-forced training forward on images ``[B, C, H, W]`` (the dual-factorization training input).
 
         ``sample`` is the noisy image at ``timestep = 1000 * t`` (one per sample), ``clean_sample`` the
         clean one; tokens are visited in ``token_order [B, L]`` (raster when None) and split into AR steps
