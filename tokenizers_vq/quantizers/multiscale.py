@@ -79,8 +79,8 @@ class MultiScaleResidualVQ(QuantizerBase):
         share_quant_resi: int = 4,
         cosine: bool = False,
         usage_decay: float = 0.99,
-        token_chunk: int = DEFAULT_TOKEN_CHUNK,
-        code_chunk: int = DEFAULT_CODE_CHUNK,
+        token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+        code_chunk: int | None = DEFAULT_CODE_CHUNK,
     ):
         super().__init__()
         parsed = []

@@ -6,18 +6,25 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-# 512 x 2048 fp32 = 4 MiB of partial distances per chunk (fastest of a sweep on 2 CPU threads at
-# 16k and 100k codes: the min pass reads the block while it is still in cache)
-DEFAULT_TOKEN_CHUNK = 512
-DEFAULT_CODE_CHUNK = 2048
+# CPU: 512 x 2048 fp32 = 4 MiB of partial distances per chunk (fastest of a sweep on 2 threads at 16k
+# and 100k codes: the min pass reads the block while it is still in cache). GPU: 4096 x 16384 =
+# 256 MiB, few enough chunks that kernel launches do not dominate.
+CPU_CHUNKS = (512, 2048)
+GPU_CHUNKS = (4096, 16384)
+DEFAULT_TOKEN_CHUNK = None  # None: pick by device
+DEFAULT_CODE_CHUNK = None
+
+
+def default_chunks(device: torch.device) -> tuple[int, int]:
+    return CPU_CHUNKS if device.type == "cpu" else GPU_CHUNKS
 
 
 @torch.no_grad()
 def nearest_codes(
     z: torch.Tensor,
     codes: torch.Tensor,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    code_chunk: int = DEFAULT_CODE_CHUNK,
+    token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+    code_chunk: int | None = DEFAULT_CODE_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin_k ||z_i - c_k||^2 for every row of ``z`` (N, d) against ``codes`` (K, d).
 
@@ -27,6 +34,9 @@ def nearest_codes(
     """
     if z.ndim != 2 or codes.ndim != 2 or z.shape[1] != codes.shape[1]:
         raise ValueError(f"nearest_codes: need z (N, d) and codes (K, d), got {tuple(z.shape)} and {tuple(codes.shape)}")
+    auto_tokens, auto_codes = default_chunks(z.device)
+    token_chunk = token_chunk or auto_tokens
+    code_chunk = code_chunk or auto_codes
     if token_chunk < 1 or code_chunk < 1:
         raise ValueError(f"nearest_codes: token_chunk and code_chunk must be >= 1, got {token_chunk}, {code_chunk}")
     z = z.float()
@@ -62,8 +72,8 @@ def kmeans(
     iters: int = 10,
     generator: torch.Generator | None = None,
     cosine: bool = False,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    code_chunk: int = DEFAULT_CODE_CHUNK,
+    token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+    code_chunk: int | None = DEFAULT_CODE_CHUNK,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means (chunked assignment, ``index_add_`` centroid sums). Centroids start at random

@@ -68,7 +68,7 @@ class VectorQuantizer(QuantizerBase):
         softmax_temperature: temperature of the ``softmax_ste`` logits (negative squared distances).
         simvq: codebook C = W(B) with a frozen random base B ~ N(0, 1/d) and one learned linear W
             (Zhu et al. 2024); requires ``codebook_update="loss"``.
-        token_chunk, code_chunk: chunk sizes of the nearest-code search.
+        token_chunk, code_chunk: chunk sizes of the nearest-code search (None: by device).
 
     ``forward(z)`` returns ``QuantizerOutput`` with ``indices`` of shape ``z.shape[:-1]`` (int64).
     """
@@ -89,8 +89,8 @@ class VectorQuantizer(QuantizerBase):
         gradient: str = "ste",
         softmax_temperature: float = 1.0,
         simvq: bool = False,
-        token_chunk: int = DEFAULT_TOKEN_CHUNK,
-        code_chunk: int = DEFAULT_CODE_CHUNK,
+        token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+        code_chunk: int | None = DEFAULT_CODE_CHUNK,
     ):
         super().__init__()
         if dim < 1 or codebook_size < 1:
