@@ -125,9 +125,17 @@ class KVCache:
     def key(self) -> torch.Tensor | None:
         return None if self._key is None else self._key[..., : self._length, :]
 
+    @key.setter
+    def key(self, key: torch.Tensor | None) -> None:  # replace the cached keys (e.g. a batch slice)
+        self._key, self._length = key, 0 if key is None else key.shape[-2]
+
     @property
     def value(self) -> torch.Tensor | None:
         return None if self._value is None else self._value[..., : self._length, :]
+
+    @value.setter
+    def value(self, value: torch.Tensor | None) -> None:
+        self._value = value
 
     def extend(self, key: torch.Tensor, value: torch.Tensor, commit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         if self._length and (key.shape[:2] != self._key.shape[:2] or key.shape[-1] != self._key.shape[-1]):
@@ -161,7 +169,9 @@ class KVCache:
 
     def crop(self, max_length: int) -> None:
         """Keep only the last ``max_length`` cached tokens."""
-        if self._length > max_length:
+        if max_length <= 0:
+            self.reset()
+        elif self._length > max_length:
             self._compact(self.key[..., -max_length:, :].clone(), self.value[..., -max_length:, :].clone())
 
     def reset(self) -> None:
