@@ -125,7 +125,7 @@ def space_metrics(fake: SampleDataset, real: SampleDataset, space: FeatureSpace,
         out["isc"] = None
     temporary = fake_cache is None
     fake_cache = fake_cache or f"tmp-{uuid.uuid4().hex}"
-    kid_subset = min(1000, len(fake), len(real))
+    kid_subset = max(2, min(1000, len(fake) // 2, len(real) // 2))  # below N: the subset spread means something
     try:
         raw = fidelity_metrics(fake, real, metrics=wanted, feature_extractor=space.extractor, cache_name1=fake_cache,
                                cache_name2=real_cache, kid_subset_size=kid_subset)

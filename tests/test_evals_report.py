@@ -75,7 +75,7 @@ def test_eval_folder_cli_report(blob_net, tmp_path):
     assert model["p_precision"] == pytest.approx(expected["p_precision"], abs=1e-5)
     assert model["p_recall"] == pytest.approx(expected["p_recall"], abs=1e-5)
     assert {"kid", "kid_std", "isc", "precision", "recall", "density", "coverage"} <= set(model)
-    assert run["num_fake"] == run["num_real"] == 120 and model["kid_subset_size"] == 120
+    assert run["num_fake"] == run["num_real"] == 120 and model["kid_subset_size"] == 60
     assert run["spaces"]["domain"]["feature_extractor"]["sha256"] == blob_net.checksum
     assert report["versions"]["torch_fidelity"] == "0.4.0"
     markdown = open(tmp_path / "out" / "report.md").read()
