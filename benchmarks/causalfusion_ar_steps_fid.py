@@ -48,6 +48,7 @@ def main(argv=None):
     p.add_argument("--ar-steps", default="1,2,4,8,16")
     p.add_argument("--num-eval", type=int, default=500)
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--solver", default="euler", help="ODE solver of both models (NFE counts assume one call per step)")
     p.add_argument("--pure-ar", action="store_true", help="also run N = number of tokens with one step each")
     p.add_argument("--out", default="runs/causalfusion/ar_steps_fid")
     args = p.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None):
 
     def fidelity(a, b):
         out = fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"),
-                               feature_extractor=extractor)
+                               kid_subset_size=min(len(a), len(b), 1000), feature_extractor=extractor)
         return out["frechet_inception_distance"], out["kernel_inception_distance_mean"]
 
     floor_fid, floor_kid = fidelity(real_b, real_a)
@@ -89,10 +90,12 @@ def main(argv=None):
         settings.append((cf.transformer.num_tokens, 1))
     for ar_steps, steps in settings:
         start = time.time()
-        images = generate(cf, labels, args.guidance, 10_000, num_ar_steps=ar_steps, num_inference_steps=steps)
+        images = generate(cf, labels, args.guidance, 10_000, num_ar_steps=ar_steps, num_inference_steps=steps,
+                          solver=args.solver)
         add_row("causalfusion", ar_steps, steps, images, time.time() - start)
     if args.flow:
         flow = load(args.flow)
+        flow.scheduler = type(flow.scheduler).from_config(flow.scheduler.config, solver=args.solver)
         start = time.time()
         images = generate(flow, labels, args.guidance, 10_000, num_inference_steps=args.nfe)
         add_row("flow", 1, args.nfe, images, time.time() - start)
@@ -106,12 +109,13 @@ def main(argv=None):
     for kind in ("inpaint", "outpaint", "left"):
         keep = cf.edit_mask(kind, originals.shape[-1])
         panels.append(torch.where(keep, originals, torch.zeros_like(originals)))
-        edited = cf.edit(originals, kind, class_labels=edit_labels, num_ar_steps=4, num_inference_steps=4,
+        edited = cf.edit(originals, kind, class_labels=edit_labels, num_ar_steps=4, num_inference_steps=4, solver=args.solver,
                          guidance_scale=args.guidance, generator=[torch.Generator().manual_seed(i) for i in range(8)],
                          output_type="pt").images
         panels.append(edited * 2 - 1)
     save_image(torch.cat(panels) / 2 + 0.5, os.path.join(args.out, "editing.png"), nrow=8, padding=2)
-    grid = generate(cf, torch.arange(64) % num_classes, args.guidance, 0, num_ar_steps=4, num_inference_steps=args.nfe // 4)
+    grid = generate(cf, torch.arange(64) % num_classes, args.guidance, 0, num_ar_steps=4, num_inference_steps=args.nfe // 4,
+                    solver=args.solver)
     save_image(grid / 2 + 0.5, os.path.join(args.out, "samples_ar4.png"), nrow=8, padding=2)
 
     print("\n| model | AR steps N | steps / AR step | NFE | domain-FID | KID | accuracy | FID floor | FID / floor | seconds |")
