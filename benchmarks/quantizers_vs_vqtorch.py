@@ -132,17 +132,19 @@ def mixture_cloud(n: int, seed: int, centres: int = 4096) -> torch.Tensor:
 def train_quality(impl: str, kind: str, size: int, steps: int, tricks: bool) -> dict:
     torch.manual_seed(0)
     train, held_out = mixture_cloud(65536, 1), mixture_cloud(16384, 2)
+    # dead below 1/16 of the uniform share of hits (tokens per step / codebook size)
+    threshold = TOKENS / size / 16 if tricks else 0.0
     if kind == "vq":
         if impl == "ours":
             from tokenizers_vq.quantizers import VectorQuantizer
 
             module = VectorQuantizer(DIM, size, codebook_update="ema", ema_decay=0.99, kmeans_init=tricks,
-                                     dead_code_threshold=0.25 if tricks else 0.0)
+                                     dead_code_threshold=threshold)
         else:
             import vector_quantize_pytorch as vqp
 
             module = vqp.VectorQuantize(dim=DIM, codebook_size=size, decay=0.99, rotation_trick=False,
-                                        kmeans_init=tricks, threshold_ema_dead_code=0.25 if tricks else 0)
+                                        kmeans_init=tricks, threshold_ema_dead_code=threshold)
     else:
         module = build(impl, "fsq", size)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -184,7 +186,7 @@ def module_codebook_size(module, size: int) -> int:
 def run_quality(steps: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    configs = [("vq", 1024, True), ("vq", 1024, False), ("vq", 16384, True), ("fsq", 1024, False), ("fsq", 16384, False)]
+    configs = [("vq", 1024, True), ("vq", 1024, False), ("fsq", 1024, False), ("fsq", 16384, False), ("vq", 16384, True)]
     for kind, size, tricks in configs:
         label = f"{kind} {size}" + (" kmeans+restart" if tricks else (" plain EMA" if kind == "vq" else ""))
         result = {impl: train_quality(impl, kind, size, steps, tricks) for impl in ("ours", "theirs")}
