@@ -226,10 +226,10 @@ def test_feature_net_checksum_is_verified(toy_net, tmp_path):
 
 def test_domain_extractor_fid_equals_our_frechet(toy_net, no_network):
     name = fn.register_feature_net(toy_net)
-    real_u8 = to_uint8(ToyImages(200, 11).images)
-    fake_u8 = to_uint8(ToyImages(200, 12, shift=0.2).images)
+    real_u8 = to_uint8(ToyImages(120, 11).images)
+    fake_u8 = to_uint8(ToyImages(120, 12, shift=0.2).images)
     out = fidelity_metrics(SampleDataset(fake_u8), SampleDataset(real_u8), metrics=("fid", "kid"),
-                           feature_extractor=name, kid_subset_size=100, cache_name2="toy-real-200")
+                           feature_extractor=name, kid_subset_size=60, cache_name2="toy-real-120")
     with torch.no_grad():
         f_real = toy_net.model(real_u8.float() / 127.5 - 1)[0]
         f_fake = toy_net.model(fake_u8.float() / 127.5 - 1)[0]
@@ -242,9 +242,9 @@ def test_domain_extractor_fid_equals_our_frechet(toy_net, no_network):
     assert isc["inception_score_mean"] == pytest.approx(reference, rel=1e-6)
     assert 1.0 < reference <= 4.0  # 4 balanced classes: between 1 (no confidence) and 4
     cached = os.listdir(os.path.join(os.environ["GENMOD_CACHE"], "fidelity_cache"))
-    assert any(c.startswith(f"toy-real-200-{name}") for c in cached)
+    assert any(c.startswith(f"toy-real-120-{name}") for c in cached)
     again = fidelity_metrics(SampleDataset(fake_u8), SampleDataset(real_u8[:10]), metrics=("fid",),
-                             feature_extractor=name, cache_name2="toy-real-200")  # reference comes from cache
+                             feature_extractor=name, cache_name2="toy-real-120")  # reference comes from cache
     assert again["frechet_inception_distance"] == pytest.approx(out["frechet_inception_distance"], rel=1e-9)
 
 

@@ -177,3 +177,26 @@ def test_audio_domain_net_and_frechet(tmp_path, monkeypatch):
     detuned = audio_frechet_distance(ToyTones(90, 4, detune=1.3).audio, real, net)
     assert detuned["frechet_distance"] > 5 * same["frechet_distance"]
     assert detuned["kid_mean"] > same["kid_mean"] and same["feature_net"]["sha256"] == net.checksum
+
+
+def test_rfid_through_registered_extractor_equals_frechet():
+    """rFID with a (random-init) domain network: 0 for perfect reconstructions, our Frechet distance otherwise."""
+    from evals.feature_net import DomainClassifier, FeatureNet, register_feature_net
+    from evals.generator_adapter import to_uint8
+    from evals.metrics import frechet_distance
+
+    torch.manual_seed(0)
+    net = FeatureNet(DomainClassifier("image", in_channels=3, input_size=16, num_classes=4, feature_dim=16, width=4).eval(),
+                     {"dataset": "random16", "sha256": "ab" * 32, "test_accuracy": 0.0}, "<memory>")
+    name = register_feature_net(net)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(80, 3, 16, 16, generator=g) * 2 - 1
+    noisy = (x + 0.3 * torch.randn(80, 3, 16, 16, generator=g)).clamp(-1, 1)
+    perfect = reconstruction_metrics(x, x, lpips_net=None, rfid_extractor=name)
+    assert abs(perfect["rfid"]) < 1e-9
+    out = reconstruction_metrics(x, noisy, lpips_net=None, rfid_extractor=name)
+    with torch.no_grad():
+        f_x = net.model(to_uint8(x).float() / 127.5 - 1)[0]
+        f_n = net.model(to_uint8(noisy).float() / 127.5 - 1)[0]
+    assert out["rfid"] == pytest.approx(frechet_distance(f_n, f_x), rel=1e-4) and out["rfid"] > 1e-6 > abs(perfect["rfid"])
+    assert out["psnr"] < 20 and out["ssim"] < 0.9
