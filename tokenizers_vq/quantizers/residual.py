@@ -82,6 +82,8 @@ class ResidualVQ(QuantizerBase):
         check_last_dim(z, self.dim, "ResidualVQ")
         if z.ndim < 2:
             raise ValueError(f"ResidualVQ: z must be (B, ..., {self.dim}), got shape {tuple(z.shape)}")
+        if num_stages is not None and not 1 <= num_stages <= self.num_stages:
+            raise ValueError(f"ResidualVQ: num_stages must be in [1, {self.num_stages}], got {num_stages}")
         batch = z.shape[0]
         active = torch.full((batch,), num_stages or self.num_stages, dtype=torch.int64, device=z.device)
         if self.training and self.quantizer_dropout > 0:
