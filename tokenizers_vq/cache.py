@@ -51,17 +51,18 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str, batch_size: int = 64, sha
     shards, labels, captions = [], [], []
     buffer: dict[str, list[torch.Tensor]] = {"latents": [], "indices": [], "labels": []}
 
-    def flush():
+    def flush(limit: Optional[int]):
+        """Write the first ``limit`` buffered items (all when None) as one shard; keep the rest."""
         if not buffer["labels"]:
             return
-        tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items() if v}
+        tensors = {k: torch.cat(v) for k, v in buffer.items() if v}
+        count = tensors["labels"].shape[0] if limit is None else limit
         name = f"shard-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(out_dir, name))
-        shards.append({"file": name, "count": int(tensors["labels"].shape[0])})
-        for v in buffer.values():
-            v.clear()
+        save_file({k: v[:count].contiguous() for k, v in tensors.items()}, os.path.join(out_dir, name))
+        shards.append({"file": name, "count": int(count)})
+        for key, value in tensors.items():
+            buffer[key] = [value[count:]] if value.shape[0] > count else []
 
-    in_shard = 0
     for start in tqdm(range(0, total, batch_size), desc="tokenize"):
         items = [dataset[i] for i in range(start, min(start + batch_size, total))]
         x = torch.stack([batch_input(item, modality) for item in items]).to(device)
@@ -73,11 +74,9 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str, batch_size: int = 64, sha
         buffer["labels"].append(batch_labels)
         labels.extend(batch_labels.tolist())
         captions.extend(str(item.get("caption", "")) for item in items)
-        in_shard += len(items)
-        if in_shard >= shard_size:
-            flush()
-            in_shard = 0
-    flush()
+        while sum(len(t) for t in buffer["labels"]) >= shard_size:
+            flush(shard_size)
+    flush(None)
     first = load_file(os.path.join(out_dir, shards[0]["file"]))
     index = {
         "num_samples": total,
