@@ -71,11 +71,12 @@ def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSp
 
 def inception_space(weights_path: str | None = None) -> FeatureSpace:
     from evals import inception
+    from evals.inception_convert import file_sha256
 
     path = inception.resolve_inception_weights(weights_path)
     logits = inception.has_logits(inception.load_state_dict_file(path))
     description = {"kind": "InceptionV3 (TF inception-2015-12-05)", "weights": path,
-                   "sha256": __import__("evals.inception_convert").inception_convert.file_sha256(path)}
+                   "sha256": file_sha256(path)}
     if not logits:
         description["isc"] = "unavailable: these weights have no logits layer (fid-helper conversion)"
     return FeatureSpace("inception", inception.register_inception(path), rgb=True, layer="2048",
