@@ -7,7 +7,8 @@
         --cpu --time_budget_minutes 12 --max_steps 3000 --eval_samples 500 --output_dir runs/var/shapes
 
 Every ``VARConfig`` field is a flag (``genmod train var --help``). ``--time_budget_minutes`` stops the
-run cleanly (checkpoint + pipeline export) once the budget is spent. With ``--eval_samples N`` the
+run cleanly (checkpoint + pipeline export) once that much wall-clock time is spent; the wall and
+process CPU minutes of training are reported. With ``--eval_samples N`` the
 exported pipeline draws N class-cycled samples (per-sample seeds) and ``OUTPUT/eval/metrics.json``
 gets the domain classifier accuracy, domain FID/KID against held-out data and the real-vs-real floor
 at the same N; ``OUTPUT/eval/grid.png`` shows 8 samples per class (one class per row).
@@ -80,8 +81,10 @@ def main(argv: list[str]) -> dict:
                 trainer.config.max_steps = step
 
         callbacks.append(stop_at_deadline)
+    wall, cpu = time.monotonic(), time.process_time()
     summary = Trainer(config, family, callbacks=callbacks).train()
-    result = {"steps": summary.final_step, "last_loss": summary.last_loss, "pipeline": summary.pipeline}
+    result = {"steps": summary.final_step, "last_loss": summary.last_loss, "pipeline": summary.pipeline,
+              "train_wall_minutes": (time.monotonic() - wall) / 60, "train_cpu_minutes": (time.process_time() - cpu) / 60}
     if config.eval_samples > 0 and summary.pipeline:
         pipe = load_pipeline(summary.pipeline)
         pipe.set_progress_bar_config(disable=True)
