@@ -362,10 +362,12 @@ def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _image_metric_fns():
-    """PSNR / SSIM from ``evals`` when it provides them, else the local reference formulas."""
+    """PSNR from ``evals.recon`` when present (same formula), SSIM always local: it is computed on
+    [0, 1] images as in Wang et al.; SSIM's luminance term is not shift invariant, so applying it to
+    [-1, 1] values directly gives different (lower) numbers."""
     try:
-        from evals import image_metrics as im  # the evals engineer's module, when present
-        return getattr(im, "psnr", _psnr), getattr(im, "ssim", _ssim)
+        from evals.recon import psnr
+        return psnr, _ssim
     except ImportError:
         return _psnr, _ssim
 
@@ -382,10 +384,10 @@ def _code_histograms(model, indices: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, batch_size: int = 64,
-                       num_show: int = 8, lpips: bool = True) -> dict:
+                       num_show: int = 8, lpips: bool = True, lpips_net: str = "alex") -> dict:
     """Reconstruction metrics of ``model`` on the first ``num_samples`` items of ``dataset``.
 
-    Images: PSNR, SSIM, LPIPS (when available); audio: multi-resolution STFT distance, multi-scale mel
+    Images: PSNR, SSIM, LPIPS-``lpips_net`` (when its weights are available); audio: multi-resolution STFT distance, multi-scale mel
     distance, SI-SDR. Discrete tokenizers: codebook usage (fraction of codes used over the whole set)
     and perplexity (exp of the entropy of the whole-set code histogram), per codebook and averaged.
     Writes ``metrics.json`` and ``reconstructions.png`` (or ``input_XX.wav`` / ``recon_XX.wav``) into
@@ -402,7 +404,7 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
     lpips_fn = None
     if lpips and modality == "image":
         try:
-            lpips_fn = PerceptualLoss().to(device)
+            lpips_fn = PerceptualLoss(net=lpips_net).to(device)
         except RuntimeError:
             lpips_fn = None
     sums: dict[str, float] = {}
@@ -423,7 +425,7 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
             sums["psnr"] = sums.get("psnr", 0.0) + float(psnr_fn(x, x_hat).sum())
             sums["ssim"] = sums.get("ssim", 0.0) + float(ssim_fn(x, x_hat).sum())
             if lpips_fn is not None:
-                sums["lpips"] = sums.get("lpips", 0.0) + float(lpips_fn(x, x_hat)) * n
+                sums[f"lpips_{lpips_net}"] = sums.get(f"lpips_{lpips_net}", 0.0) + float(lpips_fn(x, x_hat)) * n
         else:
             if mel is None:
                 mel = MultiScaleMelLoss(sample_rate).to(device)

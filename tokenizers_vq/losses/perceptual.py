@@ -20,9 +20,9 @@ def build_lpips(net: str = "vgg") -> nn.Module:
         from evals import lpips as lpips_module
     except ImportError as err:
         raise LPIPSUnavailableError(f"LPIPS perceptual loss needs evals.lpips ({err}); set perceptual_weight=0") from None
-    factory = getattr(lpips_module, "LPIPS", None) or getattr(lpips_module, "load_lpips", None)
+    factory = getattr(lpips_module, "load_lpips", None)  # loads the converted weights (LPIPS() alone is empty)
     if factory is None:
-        raise LPIPSUnavailableError("evals.lpips has no LPIPS / load_lpips entry point; set perceptual_weight=0")
+        raise LPIPSUnavailableError("evals.lpips has no load_lpips entry point; set perceptual_weight=0")
     try:
         model = factory(net=net)
     except (FileNotFoundError, OSError, RuntimeError) as err:
@@ -37,6 +37,7 @@ class PerceptualLoss(nn.Module):
     def __init__(self, net: str = "vgg"):
         super().__init__()
         self.lpips = build_lpips(net)
+        self.net = net
 
     def train(self, mode: bool = True):  # the backbone stays in eval mode
         super().train(mode)
