@@ -134,3 +134,34 @@ class CachedLatentDataset(Dataset):
         if "indices" in self.tensors:
             item["indices"] = self.tensors["indices"][i]
         return item
+
+
+def main(argv: list[str]) -> int:
+    """``genmod tokenize TOKENIZER_DIR --dataset NAME [--split train] [--out DIR] [--store auto]``."""
+    import argparse
+
+    from .family import _resolve_tokenizer_dir, load_dataset
+    from .models import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="genmod tokenize", description="encode a dataset once into cached latents / indices")
+    parser.add_argument("tokenizer_dir")
+    parser.add_argument("--dataset", default=None, help="default: the dataset of the run's train_config.json")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--out", default=None, help="default: TOKENIZER_DIR/../cache-<dataset>-<split>")
+    parser.add_argument("--store", default="auto", choices=["auto", "latents", "indices", "both"])
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--shard_size", type=int, default=10000)
+    parser.add_argument("--num_samples", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model_dir, run_config = _resolve_tokenizer_dir(args.tokenizer_dir)
+    dataset_name = args.dataset or (run_config or {}).get("dataset")
+    if dataset_name is None:
+        parser.error("--dataset is required (no train_config.json next to the tokenizer)")
+    model = load_tokenizer(model_dir).to(args.device)
+    out_dir = args.out or os.path.join(model_dir, "..", f"cache-{dataset_name}-{args.split}")
+    index = tokenize_dataset(model, load_dataset(dataset_name, args.split), out_dir, batch_size=args.batch_size,
+                             shard_size=args.shard_size, store=args.store, num_samples=args.num_samples,
+                             tokenizer_path=os.path.abspath(model_dir))
+    print(f"wrote {index}")
+    return 0

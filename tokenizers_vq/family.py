@@ -467,3 +467,48 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
             save_wav(os.path.join(out_dir, f"input_{i:02d}.wav"), shown_x[i], sample_rate)
             save_wav(os.path.join(out_dir, f"recon_{i:02d}.wav"), shown_y[i], sample_rate)
     return metrics
+
+
+def _resolve_tokenizer_dir(path: str) -> tuple[str, Optional[dict]]:
+    """A tokenizer folder (config.json) or a run folder holding ``final_model/``; plus its run's config."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"TOKENIZER_DIR: {path!r} is not a folder")
+    model_dir = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "final_model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"TOKENIZER_DIR: no config.json in {path!r} or its final_model/")
+    run_config = None
+    for candidate in (os.path.join(model_dir, "..", "train_config.json"), os.path.join(path, "train_config.json")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                run_config = json.load(f)
+            break
+    return model_dir, run_config
+
+
+def main_eval_tokenizer(argv: list[str]) -> int:
+    """``genmod eval-tokenizer TOKENIZER_DIR [--dataset NAME] [--split test] [--num_samples N] [--out DIR]``."""
+    import argparse
+
+    from .models import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="genmod eval-tokenizer", description=evaluate_tokenizer.__doc__.split("\n")[0])
+    parser.add_argument("tokenizer_dir")
+    parser.add_argument("--dataset", default=None, help="default: the dataset of the run's train_config.json")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--out", default=None, help="default: TOKENIZER_DIR/../eval")
+    parser.add_argument("--no-lpips", dest="lpips", action="store_false")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model_dir, run_config = _resolve_tokenizer_dir(args.tokenizer_dir)
+    dataset_name = args.dataset or (run_config or {}).get("dataset")
+    if dataset_name is None:
+        parser.error("--dataset is required (no train_config.json next to the tokenizer)")
+    model = load_tokenizer(model_dir).to(args.device)
+    out_dir = args.out or os.path.join(model_dir, "..", "eval")
+    metrics = evaluate_tokenizer(model, load_dataset(dataset_name, args.split), out_dir, num_samples=args.num_samples,
+                                 batch_size=args.batch_size, lpips=args.lpips)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    return 0
