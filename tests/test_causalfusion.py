@@ -295,3 +295,28 @@ def test_latent_space_through_a_tokenizer(tmp_path):
         expected = (family.tokenizer.decode(latents) / 2 + 0.5).clamp(0, 1)
     assert images.shape == (2, 3, 32, 32)
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_paper_parameterization_ddpm_linear_epsilon():
+    """The paper's setting: DDPM linear betas, epsilon prediction, integer steps. A zero-epsilon model
+    makes DPM-Solver++ exact: x0(x_t) = x_t / alpha(t), so every token ends at noise / alpha(1)."""
+    from genmod.flow.paths import get_path
+
+    config = CausalFusionConfig(path="ddpm_linear", prediction="epsilon", time_sampling="discrete")
+    family = CausalFusionFamily(config)
+    t = family.draw_time((4000,), torch.Generator().manual_seed(0))
+    assert torch.allclose(t * 1000, (t * 1000).round(), atol=1e-3) and t.min() >= 1e-3 and t.max() <= 1.0
+    model = CausalFusionTransformer(in_channels=3, sample_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                                    num_classes=3, num_cond_tokens=2).eval()  # zero output = zero epsilon
+    noise = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(1))
+    alpha_one = get_path("ddpm_linear").alpha(torch.tensor([1.0], dtype=torch.float64)).item()
+    for n in (1, 5):
+        tokens = sample_tokens(model, torch.tensor([0, 1]), 2, num_ar_steps=n, num_inference_steps=4, solver="dpmsolver++2m",
+                               path="ddpm_linear", prediction="epsilon", noise=noise, guidance_scale=2.0)
+        torch.testing.assert_close(tokens, noise / alpha_one, rtol=1e-4, atol=1e-4)
+    batch = {"image": torch.rand(2, 3, 8, 8) * 2 - 1, "label": torch.tensor([0, 1])}
+    family.config.patch_size = 2
+    model.train()
+    out = family.loss(model, batch, torch.Generator().manual_seed(2))
+    # zero epsilon prediction: the loss is the weighted mean of eps^2 (about the mean weight)
+    assert 0.8 < out["loss"].item() < 2.6
