@@ -247,7 +247,7 @@ def test_pipeline_save_load_round_trip_and_settings(tmp_path, tiny):
     with pytest.raises(ValueError, match="num_inference_steps"):
         loaded(class_labels=[0], num_inference_steps=3)
     with pytest.raises(ValueError, match="class_labels"):
-        loaded(class_labels=[3])
+        loaded(class_labels=[4])  # 3 is the null class (unconditional), 4 does not exist
 
 
 def test_family_trains_and_exports_with_the_cli(tmp_path, capsys):

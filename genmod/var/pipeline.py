@@ -180,20 +180,18 @@ class VARPipeline(GenmodPipeline):
             raise ValueError(f"class_labels: unknown class name(s) {missing}; known: {sorted(label2id)}")
         return [label2id[name] for name in labels]
 
-    def _class_labels(self, class_labels, batch_size: int | None, device, allow_null: bool) -> torch.Tensor:
+    def _class_labels(self, class_labels, batch_size: int | None, device) -> torch.Tensor:
+        """Ids ``[B]``; ``None`` (or the id ``num_classes``) is the null class: unconditional samples / edits."""
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
-            if not allow_null:
-                raise ValueError("class_labels: pass class ids or names (one per sample)")
             return torch.full((batch_size or 1,), num_classes, dtype=torch.long, device=device)
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
         if isinstance(class_labels, (list, tuple)):  # names and ids may be mixed
             class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        upper = num_classes + 1 if allow_null else num_classes
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= upper:
-            raise ValueError(f"class_labels: ids must be in [0, {upper}), got {labels.tolist()}")
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() > num_classes:
+            raise ValueError(f"class_labels: ids must be in [0, {num_classes}] ({num_classes} = null class), got {labels.tolist()}")
         if batch_size is not None and batch_size != len(labels):
             if len(labels) != 1:
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
@@ -239,8 +237,8 @@ class VARPipeline(GenmodPipeline):
     ):
         """Generate ``len(class_labels)`` images, or edit ``image`` keeping its tokens where ``keep_mask`` is 1.
 
-        ``class_labels``: ids or names; for editing, ``None`` (or the null id ``num_classes``) is
-        class-free in-/out-painting. ``guidance_scale`` w (1 = off; VAR cfg = w - 1), ramped linearly
+        ``class_labels``: ids or names; ``None`` (``batch_size`` samples) or the null id ``num_classes``
+        is unconditional (for editing: class-free in-/out-painting). ``guidance_scale`` w (1 = off; VAR cfg = w - 1), ramped linearly
         over scales unless ``guidance_schedule="constant"``. Unset sampling options use the saved
         defaults (``self.sampling_settings()``). ``num_inference_steps`` must be None or the number of
         scales (one step per scale). ``generator``: one or a list of one per sample.
@@ -269,7 +267,7 @@ class VARPipeline(GenmodPipeline):
                 image = image.expand(batch_size, -1, -1, -1)
             if image.shape[0] != batch_size:
                 raise ValueError(f"image: {image.shape[0]} images for a batch of {batch_size}")
-        labels = self._class_labels(class_labels, batch_size, device, allow_null=editing)
+        labels = self._class_labels(class_labels, batch_size, device)
         batch = labels.shape[0]
         if editing:
             given = self.encode_scales(image)
