@@ -51,6 +51,7 @@ class LatentLMConfig(TrainConfig):
     # the sigma-VAE (a tokenizers_vq SigmaVAE folder, e.g. runs/tokenizers/sigma_vae_shapes/final_model)
     tokenizer: Optional[str] = None
     latent_stats_batches: int = 8  # batches used for the latent mean/std when the tokenizer has none
+    cache_latents: bool = True  # encode the dataset once before training (in memory) instead of every step
     # conditioning and layout
     condition: Literal["text", "class"] = "text"
     caption_prob: float = 0.5  # share of text items laid out latents-first (captioning)
@@ -144,6 +145,7 @@ class LatentLMFamily(Family):
         self.modality = self.tokenizer.config.modality
         self.path = get_path(config.path)
         self._dataset = None
+        self._raw_dataset = None
         self._info = None
 
     def trainer_callback(self, trainer, step: int, metrics: dict) -> None:
@@ -158,24 +160,48 @@ class LatentLMFamily(Family):
             trainer.config.max_steps = step
 
     # -- data ----------------------------------------------------------------------------------
+    def raw_dataset(self):
+        """The dataset of images / clips (``--dataset``)."""
+        if self._raw_dataset is None:
+            self._raw_dataset = super().build_dataset()
+        return self._raw_dataset
+
     def build_dataset(self):
+        """The training dataset: raw items, or (``--cache_latents``) their normalised latents with captions/labels."""
         if self._dataset is None:
-            self._dataset = super().build_dataset()
+            self._dataset = self._encode_dataset(self.raw_dataset()) if self.config.cache_latents else self.raw_dataset()
         return self._dataset
+
+    @torch.no_grad()
+    def _encode_dataset(self, dataset) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        self._ensure_latent_stats()
+        key = MODALITY_KEYS[self.modality]
+        items = []
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False)
+        for batch in tqdm(loader, desc="encoding latents", leave=False):
+            latents = self.tokenizer.encode(batch[key])
+            for i in range(len(latents)):
+                item = {"latents": latents[i], "label": batch["label"][i]}
+                if "caption" in batch:
+                    item["caption"] = batch["caption"][i]
+                items.append(item)
+        return items
 
     def _ensure_latent_stats(self) -> None:
         """LatentLM normalises latents by a data mean/std computed once; kept in the tokenizer config."""
         cfg = self.tokenizer.config
         if cfg.scaling_factor != 1.0 or cfg.shift_factor != 0.0:
             return
-        loader = torch.utils.data.DataLoader(self.build_dataset(), batch_size=64, shuffle=False)
+        loader = torch.utils.data.DataLoader(self.raw_dataset(), batch_size=64, shuffle=False)
         self.tokenizer.compute_latent_stats(loader, max_batches=self.config.latent_stats_batches)
 
     def data_info(self) -> dict:
         """Latent channels and grid, classes, sample rate of the dataset through the tokenizer."""
         if self._info is None:
             self._ensure_latent_stats()
-            dataset = self.build_dataset()
+            dataset = self.raw_dataset()
             first = dataset[0]
             key = MODALITY_KEYS[self.modality]
             if key not in first:
@@ -196,7 +222,9 @@ class LatentLMFamily(Family):
         return LatentLMTokenizer(num_classes, self.config.max_text_length)
 
     def encode_batch(self, batch: dict, model) -> torch.Tensor:
-        """Normalised latent tokens ``[B, L, D]`` of a batch."""
+        """Normalised latent tokens ``[B, L, D]`` of a batch (cached ``latents`` or encoded inputs)."""
+        if "latents" in batch:
+            return unwrap_model(model).latents_to_tokens(batch["latents"])
         x = batch[MODALITY_KEYS[self.modality]]
         self.tokenizer.to(x.device)
         with torch.no_grad():
