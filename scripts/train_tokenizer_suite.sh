@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reference tokenizer runs (issue 3): FSQ and VQ-4096 (EMA + dead-code restart) on shapes and
-# Fashion-MNIST, a sigma-VAE on shapes, an RVQ audio tokenizer on tones; all in parallel, each
+# Fashion-MNIST, a sigma-VAE on shapes, a residual-FSQ audio tokenizer on tones; all in parallel, each
 # stopped after MINUTES of training, then evaluated. Results: runs/tokenizers/<name>/{final_model,eval}.
 #   MINUTES=8 bash scripts/train_tokenizer_suite.sh [extra flags for every run, e.g. --cpu]
 set -uo pipefail
@@ -19,8 +19,9 @@ run vq_shapes "${img[@]}" "${vq[@]}" --dataset shapes &
 run fsq_fmnist "${img[@]}" --dataset fashion_mnist --quantizer fsq --fsq_levels 7,5,5,5,5 &
 run vq_fmnist "${img[@]}" "${vq[@]}" --dataset fashion_mnist &
 run sigma_vae_shapes "${img[@]}" --dataset shapes --tokenizer sigma_vae --latent_channels 8 &
-run rvq_tones --dataset tones --modality audio --quantizer rvq --num_quantizers 4 --codebook_size 1024 \
-    --latent_channels 64 --codebook_dim 8 --cosine --codebook_update loss --base_channels 32 --batch_size 16 \
-    --lr 1e-4 --adam_betas 0.8,0.99 --audio_segment 8000 --gan_weight 1.0 --gan_start 500 --eval_samples 200 &
+# audio: residual FSQ (an RVQ with loss-updated cosine codebooks collapsed to ~3% usage in 1k steps)
+run rfsq_tones --dataset tones --modality audio --quantizer rfsq --num_quantizers 4 --fsq_levels 8,5,5,5 \
+    --latent_channels 32 --base_channels 32 --batch_size 16 --lr 3e-4 --adam_betas 0.8,0.99 --audio_segment 8000 \
+    --stft_weight 1 --gan_weight 1.0 --gan_start 2000 --eval_samples 200 &
 wait
 for d in "$ROOT"/*/; do echo "== $d"; cat "$d/eval/metrics.json" 2>/dev/null || tail -5 "$d/log.txt"; done
