@@ -288,17 +288,14 @@ def trained_oscillator():
     torch.manual_seed(0)
     model = DiffusionForcingTransformer(modality="sequence", in_channels=STACK, hidden_size=64, depth=2, num_heads=4,
                                         max_frames=TRAIN_FRAMES)
-    steps = 400
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(data), (64,), generator=gen)
+    for _ in range(400):  # large batches: the step cost of this tiny model is mostly overhead
+        idx = torch.randint(0, len(data), (256,), generator=gen)
         loss = family.loss(model, {"sequence": data[idx]}, gen)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        schedule.step()
     return family, model.eval(), rng
 
 
@@ -321,8 +318,18 @@ def test_gradient_guidance_steers_the_x0_prediction(trained_oscillator):
     family, model, rng = trained_oscillator
     truth = _oscillations(16, 2 * STACK, rng)
     context = family.stack_frames(truth)
+    target_loss = lambda x0: ((x0 - 1.0) ** 2).flatten(1).sum(1)  # gradient 2 (x0 - 1)
     run = lambda strength: family.rollout(model, context, 2, torch.Generator().manual_seed(2), schedule="pyramid",
-                                          guidance_fn=lambda x0: ((x0 - 1.0) ** 2).flatten(1).mean(1),
-                                          guidance_strength=strength)[:, 2:]
-    free, guided = run(0.0), run(2.0)
-    assert ((guided - 1.0) ** 2).mean() < 0.5 * ((free - 1.0) ** 2).mean()
+                                          guidance_fn=target_loss, guidance_strength=strength)[:, 2:]
+    free, guided = run(0.0), run(0.25)  # the last step lands halfway between x0_hat and the target
+    assert target_loss(guided).mean() < 0.5 * target_loss(free).mean()
+
+
+def test_gradient_guidance_through_the_network_lowers_the_loss():
+    model = _random_model("sequence", depth=1)
+    context = torch.randn(4, 2, 4, generator=torch.Generator().manual_seed(9))
+    target_loss = lambda x0: ((x0 - 1.0) ** 2).flatten(1).mean(1)
+    run = lambda strength: rollout(model, context, 2, path="linear", prediction="velocity", schedule="full_sequence",
+                                   num_inference_steps=4, guidance_fn=target_loss, guidance_strength=strength,
+                                   guidance_grad="x_t", generator=torch.Generator().manual_seed(3))[:, 2:]
+    assert target_loss(run(1.0)).mean() < target_loss(run(0.0)).mean()

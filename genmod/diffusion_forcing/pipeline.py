@@ -74,6 +74,7 @@ class DiffusionForcingPipeline(GenmodPipeline):
         history_guidance: str = "noise",
         guidance_fn=None,
         guidance_strength: float = 0.0,
+        guidance_grad: str = "x0",
         context_noise: float | None = None,
         use_kv_cache: bool = True,
         class_labels=None,
@@ -107,7 +108,7 @@ class DiffusionForcingPipeline(GenmodPipeline):
                        context_noise=self.config.context_noise if context_noise is None else context_noise,
                        kv_cache="reencode" if use_kv_cache else None, class_labels=class_labels,
                        guidance_scale=guidance_scale, history_guidance=history_guidance, guidance_fn=guidance_fn,
-                       guidance_strength=guidance_strength,
+                       guidance_strength=guidance_strength, guidance_grad=guidance_grad,
                        clip_denoised=1.0 if self.transformer.config.modality == "video" else None)
         if context is None:
             batch = batch_size or 1

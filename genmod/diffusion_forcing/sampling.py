@@ -22,9 +22,11 @@ the flow ODE).
   (``"drop"``: attention to history masked; needs a model trained with ``history_drop_prob > 0``).
   ``w = guidance_scale``; 1 is off (docs/DESIGN.md §1).
 * **Gradient guidance** (DF planning, Sec. 3.4 / App. D): ``guidance_fn(x0_hat [B, n, ...]) -> loss``
-  (lower is better); the x0 prediction of the frames being updated moves by
-  ``-guidance_strength * grad_{x_t} loss`` (the gradient flows through the network), i.e. classifier
-  guidance ``eps' = eps + guidance_strength (alpha / sigma) grad loss``.
+  per sample (lower is better) moves the x0 prediction of the frames being updated by
+  ``-guidance_strength * grad loss`` before the DDIM step (which re-derives eps from it). The gradient is
+  taken at ``x0_hat`` (``guidance_grad="x0"``, reconstruction-guidance style, no backprop through the
+  network) or with respect to ``x_t`` through the network (``"x_t"``, as the DF code does; then it is
+  classifier guidance ``eps' = eps + guidance_strength (alpha / sigma) grad loss``).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def rollout(
     history_guidance: Literal["noise", "drop"] = "noise",
     guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     guidance_strength: float = 0.0,
+    guidance_grad: Literal["x0", "x_t"] = "x0",
     clip_denoised: float | None = None,
     batch_size: int | None = None,
     generator=None,
@@ -152,6 +155,8 @@ def rollout(
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache: expected one of {KV_CACHE_MODES}, got {kv_cache!r}")
+    if guidance_grad not in ("x0", "x_t"):
+        raise ValueError(f"guidance_grad: expected 'x0' or 'x_t', got {guidance_grad!r}")
     if history_guidance not in ("noise", "drop"):
         raise ValueError(f"history_guidance: expected 'noise' or 'drop', got {history_guidance!r}")
     if num_frames < 1:
@@ -218,7 +223,7 @@ def rollout(
             t_in = torch.where(cur[:n] == 0, torch.full_like(tau[cur[:n]], context_noise), tau[cur[:n]])
             x0_hat, eps_hat = _denoise(predictor, path, prediction, x_in, t_in, start, do_history_guidance,
                                        guidance_scale, uncond_history if hist is not None else "drop",
-                                       guidance_fn, guidance_strength, clip_denoised, changed)
+                                       guidance_fn, guidance_strength, guidance_grad, clip_denoised, changed)
             for i in changed.tolist():
                 t_to = tau[nxt[i]]
                 x[:, i] = path.alpha(t_to).to(dtype) * x0_hat[:, i] + path.sigma(t_to).to(dtype) * eps_hat[:, i]
@@ -236,11 +241,12 @@ def rollout(
 
 
 def _denoise(predictor, path, prediction, x_in, t_in, start, do_guidance, guidance_scale, uncond_history,
-             guidance_fn, guidance_strength, clip_denoised, changed):
+             guidance_fn, guidance_strength, guidance_grad, clip_denoised, changed):
     """``(x0_hat, eps_hat)`` for the evaluated chunk frames, with history and gradient guidance."""
     use_grad = guidance_fn is not None and guidance_strength != 0
-    with torch.enable_grad() if use_grad else torch.no_grad():
-        if use_grad:
+    through_network = use_grad and guidance_grad == "x_t"
+    with torch.enable_grad() if through_network else torch.no_grad():
+        if through_network:
             x_in = x_in.detach().requires_grad_(True)
         pred = predictor(x_in, t_in, start)
         if do_guidance:
@@ -249,11 +255,14 @@ def _denoise(predictor, path, prediction, x_in, t_in, start, do_guidance, guidan
             pred = pred_u + guidance_scale * (pred - pred_u)
         t_b = t_in[None].expand(x_in.shape[0], -1)
         x0_hat = path.convert(pred, x_in, t_b, src=prediction, dst="x0")
-        if use_grad:
-            loss = guidance_fn(x0_hat[:, changed]).sum()
-            (grad,) = torch.autograd.grad(loss, x_in)
-            x0_hat = x0_hat.detach() - guidance_strength * grad
-            x_in = x_in.detach()
+        if through_network:  # DF code: d loss / d x_t through the network
+            (grad,) = torch.autograd.grad(guidance_fn(x0_hat[:, changed]).sum(), x_in)
+            x0_hat, x_in = x0_hat.detach() - guidance_strength * grad, x_in.detach()
+    if use_grad and not through_network:  # d loss / d x0_hat at the prediction (no network backprop)
+        with torch.enable_grad():
+            x0_var = x0_hat.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(guidance_fn(x0_var[:, changed]).sum(), x0_var)
+        x0_hat = x0_hat - guidance_strength * grad
     if clip_denoised is not None:
         x0_hat = x0_hat.clamp(-clip_denoised, clip_denoised)
     a, s = broadcast_like(path.alpha(t_b), x_in), broadcast_like(path.sigma(t_b), x_in)
