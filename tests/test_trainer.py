@@ -218,7 +218,7 @@ def test_sigkill_and_resume_reproduce_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(killed / "samples")) == ["step-000003.png", "step-000006.png"]
     assert (straight / "samples" / "step-000006.png").read_bytes() == (killed / "samples" / "step-000006.png").read_bytes()
     state = load_training_state(str(killed / "checkpoints" / "step-00000006"))  # weights_only loads
-    assert set(state) == {"optimizer", "lr_scheduler", "grad_scaler", "rng"}
+    assert set(state) == {"optimizer", "lr_scheduler", "grad_scaler", "rng", "family"}
     trainer_state = json.loads((killed / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert trainer_state["step"] == 6 and trainer_state["samples_seen"] == 6 * 2 * 4
     assert (trainer_state["epoch"], trainer_state["batch_in_epoch"]) == divmod(12, 64 // 4)

@@ -72,6 +72,17 @@ class Family:
         """``num`` previews in [-1, 1]; return None to skip previews."""
         return None
 
+    # -- optional hooks for families with state of their own (e.g. a GAN discriminator) ---------
+    def set_step(self, step: int) -> None:
+        """Told the optimizer step after every step and on resume (e.g. to start a GAN at a step)."""
+
+    def state_dict(self) -> dict:
+        """Family-owned training state (tensors, numbers) saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore what :meth:`state_dict` returned, on resume."""
+
     def build_pipeline(self, model: torch.nn.Module):
         """A ``DiffusionPipeline`` around the trained model for export, or None."""
         return None

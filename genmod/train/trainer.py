@@ -310,6 +310,7 @@ class Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": get_rng_state(),
+                "family": self.family.state_dict(),
             }
             path = write_checkpoint(staging, self.step, model=unwrap_model(self.model),
                                     ema_model=self._ema_weights_model() if self.ema is not None else None,
@@ -355,7 +356,9 @@ class Trainer:
         else:
             set_rng_state(training_state["rng"])
 
+        self.family.load_state_dict(training_state.get("family") or {}, device=self.accelerator.device)
         self.step = state["step"]
+        self.family.set_step(self.step)
         same_layout = (state.get("world_size") == self.world_size and state.get("batch_size") == config.batch_size
                        and state.get("grad_accum_steps") == config.grad_accum_steps)
         if same_layout:
@@ -534,6 +537,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(unwrap_model(self.model))
                 self.last_loss = logs["loss"]
+                self.family.set_step(self.step)
 
                 metrics = {"step": self.step, **logs, "lr": lr, "grad_norm": grad_norm, "epoch": self.epoch}
                 if self.is_main:
