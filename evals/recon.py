@@ -24,13 +24,16 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return window / window.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window_size: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), window_size: int = 11,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
     """Per-image SSIM (Wang et al., IEEE TIP 2004, Eq. 13) with an 11x11 Gaussian window, sigma 1.5.
 
     Local means, variances and covariance come from the Gaussian-weighted window over the 'valid'
     region (no padding, as in the paper's reference code); ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``;
     the SSIM map is averaged over pixels and channels. Returns ``(B,)``.
+
+    SSIM's luminance term is not shift invariant, so images are first mapped from ``value_range``
+    to [0, 1] (data range 1), the range the index was defined and is reported on.
     """
     _check_pair(x, y)
     if min(x.shape[-2:]) < window_size:
@@ -43,12 +46,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window_size:
     def blur(t):
         return F.conv2d(F.conv2d(t, kernel_h, groups=channels), kernel_v, groups=channels)
 
-    x, y = x.double(), y.double()
+    low, high = value_range
+    x, y = (x.double() - low) / (high - low), (y.double() - low) / (high - low)
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x ** 2
     var_y = blur(y * y) - mu_y ** 2
     cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c1, c2 = k1 ** 2, k2 ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(1).float()
 

@@ -39,13 +39,15 @@ def test_ssim_matches_scipy_reference_and_closed_forms():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 24, 20, generator=g) * 2 - 1
     y = (x + 0.3 * torch.randn(2, 3, 24, 20, generator=g)).clamp(-1, 1)
-    ours = ssim(x, y)
+    ours = ssim(x, y)  # [-1, 1] images are scored on [0, 1], data range 1
     for i in range(2):
-        assert ours[i].item() == pytest.approx(_ssim_reference(x[i].double().numpy(), y[i].double().numpy()), abs=1e-6)
+        reference = _ssim_reference((x[i].double().numpy() + 1) / 2, (y[i].double().numpy() + 1) / 2, data_range=1.0)
+        assert ours[i].item() == pytest.approx(reference, abs=1e-6)
     assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
-    # constant images a, b: sigma = 0, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
-    a, b, c1 = 0.2, -0.4, (0.01 * 2) ** 2
-    value = ssim(torch.full((1, 1, 16, 16), a), torch.full((1, 1, 16, 16), b)).item()
+    torch.testing.assert_close(ssim((x + 1) / 2, (y + 1) / 2, value_range=(0, 1)), ours)
+    # constant images a, b (in [0, 1]): sigma = 0, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.6, 0.3, 0.01 ** 2
+    value = ssim(torch.full((1, 1, 16, 16), 2 * a - 1), torch.full((1, 1, 16, 16), 2 * b - 1)).item()
     assert value == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-5)
 
 

@@ -339,39 +339,6 @@ register_family("tokenizer", TokenizerFamily, TokenizerConfig)
 
 
 # ---------------------------------------------------------------------------- evaluation
-def _psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) on [-1, 1] images mapped to [0, 1]."""
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5) on [0, 1] images."""
-    x, y = (x + 1) / 2, (y + 1) / 2
-    coords = torch.arange(11, dtype=x.dtype, device=x.device) - 5
-    g = torch.exp(-coords.pow(2) / (2 * 1.5 ** 2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
-    blur = lambda t: F.conv2d(t, window, groups=x.shape[1])  # noqa: E731
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)
-
-
-def _image_metric_fns():
-    """PSNR from ``evals.recon`` when present (same formula), SSIM always local: it is computed on
-    [0, 1] images as in Wang et al.; SSIM's luminance term is not shift invariant, so applying it to
-    [-1, 1] values directly gives different (lower) numbers."""
-    try:
-        from evals.recon import psnr
-        return psnr, _ssim
-    except ImportError:
-        return _psnr, _ssim
-
-
 def _code_histograms(model, indices: torch.Tensor) -> list[torch.Tensor]:
     """One histogram per codebook (per RVQ stage; one for FSQ / VQ / multi-scale)."""
     size = model.quantize_layer.codebook_size if hasattr(model.quantize_layer, "codebook_size") else model.config.codebook_size
@@ -400,7 +367,8 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
     num_samples = min(num_samples, len(dataset))
     if num_samples <= 0:
         raise ValueError(f"evaluate_tokenizer: dataset is empty or num_samples={num_samples}")
-    psnr_fn, ssim_fn = _image_metric_fns()
+    from evals.recon import psnr as psnr_fn, ssim as ssim_fn
+
     lpips_fn = None
     if lpips and modality == "image":
         try:
