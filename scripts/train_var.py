@@ -12,6 +12,7 @@ process CPU minutes of training are reported. With ``--eval_samples N`` the
 exported pipeline draws N class-cycled samples (per-sample seeds) and ``OUTPUT/eval/metrics.json``
 gets the domain classifier accuracy, domain FID/KID against held-out data and the real-vs-real floor
 at the same N; ``OUTPUT/eval/grid.png`` shows 8 samples per class (one class per row).
+``python scripts/train_var.py --eval-only PIPELINE_DIR N OUT_DIR`` scores an exported pipeline alone.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def evaluate(pipe, dataset_name: str, num: int, out_dir: str, num_classes: int) 
 
     def fidelity(a, b):
         return fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"),
-                                feature_extractor=extractor)
+                                feature_extractor=extractor, kid_subset_size=min(1000, num))
 
     gen, floor = fidelity(fake, real_a), fidelity(real_b, real_a)
     metrics.update(classifier_accuracy=classifier_accuracy(net, fake, labels),
@@ -69,6 +70,15 @@ def main(argv: list[str]) -> dict:
     from genmod.train import Trainer, parse_config
     from genmod.var.family import VARConfig, VARFamily
 
+    if argv and argv[0] == "--eval-only":  # score an exported pipeline: --eval-only PIPELINE_DIR NUM OUT_DIR
+        pipe = load_pipeline(argv[1])
+        pipe.set_progress_bar_config(disable=True)
+        out_dir = argv[3]
+        result = evaluate(pipe, "shapes", int(argv[2]), out_dir, pipe.transformer.config.num_classes)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result, indent=2, default=str))
+        return result
     config = parse_config(VARConfig, argv)
     family = VARFamily(config)
     callbacks = []
