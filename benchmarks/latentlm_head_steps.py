@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     extractor = register_feature_net(net)
 
     def fidelity(a, b):
-        out = fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"),
+        out = fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"), kid_subset_size=min(len(a), len(b)),
                                feature_extractor=extractor)
         return out["frechet_inception_distance"], out["kernel_inception_distance_mean"]
 

@@ -112,8 +112,9 @@ class LatentLMPipeline(GenmodPipeline):
         steps = num_head_steps or num_inference_steps or self.config.num_head_steps
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         temp = self.config.temperature if temperature is None else temperature
+        show_progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         tokens = generate_latents(self.transformer, cond, null, steps, w, temp, generator, use_kv_cache=use_kv_cache,
-                                  progress=True)
+                                  progress=show_progress)
         latents = self.transformer.tokens_to_latents(tokens)
         if output_type == "latent":
             return ImagePipelineOutput(images=latents) if return_dict else (latents,)
