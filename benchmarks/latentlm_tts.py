@@ -39,6 +39,17 @@ class SingleDigits(torch.utils.data.Dataset):
         return self.base[self.index[i]]
 
 
+def single_digit_classifier():
+    """The spoken-digit domain classifier (trained once on the single-digit clips, then loaded from the cache)."""
+    from evals.feature_net import INFO_FILE, default_feature_net_dir, load_feature_net, train_feature_net
+
+    path = default_feature_net_dir("speech_digits_single")
+    if os.path.isfile(os.path.join(path, INFO_FILE)):
+        return load_feature_net(path)
+    return train_feature_net(SingleDigits("train"), path, test_dataset=SingleDigits("test"), name="speech_digits_single",
+                             epochs=4, max_train=4000)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pipeline")
@@ -49,6 +60,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--classifier", action="store_true", help="train/load a spoken-digit classifier and score the clips")
     args = parser.parse_args(argv)
 
+    from evals.feature_net import classifier_accuracy
     from genmod.data.io import save_wav
     from genmod.latentlm.pipeline import LatentLMPipeline
 
@@ -71,10 +83,7 @@ def main(argv=None) -> dict:
         save_wav(os.path.join(args.out, s.replace(" ", "_") + ".wav"), torch.from_numpy(clip), rate)
     result = {"num_clips": len(prompts), "sample_rate": rate, "out": args.out, "pipeline": args.pipeline}
     if args.classifier:
-        from evals.feature_net import classifier_accuracy, get_feature_net
-
-        net = get_feature_net("speech_digits_single", dataset=SingleDigits("train"), test_dataset=SingleDigits("test"),
-                              name="speech_digits_single", epochs=4, max_train=4000)
+        net = single_digit_classifier()
         real = SingleDigits("test")
         real_clips = torch.stack([real[i]["audio"] for i in range(len(real))])
         real_labels = torch.tensor([int(real[i]["label"]) for i in range(len(real))])
