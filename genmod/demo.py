@@ -21,7 +21,7 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genmod demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     p.add_argument("--num-eval", type=int, default=500, help="samples for the evaluation (default 500)")
     p.add_argument("--sample-steps", type=int, default=16, help="ODE steps when sampling (default 16)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2)")
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     config = FlowConfig(
-        output_dir=os.path.join(args.out, "train"), dataset="shapes", max_steps=args.steps, batch_size=64,
-        lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.995, patch_size=4, hidden_size=128,
+        output_dir=os.path.join(args.out, "train"), dataset="shapes", max_steps=args.steps, batch_size=32,
+        lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.995, patch_size=4, hidden_size=96,
         depth=4, num_heads=4, checkpoint_every=500, sample_every=500, log_every=25, cpu=not torch.cuda.is_available(),
         sample_steps=args.sample_steps, guidance_scale=args.guidance, resume="latest" if args.resume else None,
     )
@@ -108,7 +108,8 @@ def evaluate(pipe, args, num_classes: int) -> dict:
     def fidelity(a, b):
         from evals.generator_adapter import SampleDataset, to_uint8
 
-        return fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"), feature_extractor=extractor)
+        return fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"), feature_extractor=extractor,
+                                kid_subset_size=max(2, len(a) // 2))
 
     gen = fidelity(fake, real_a)
     floor = fidelity(real_b, real_a)
