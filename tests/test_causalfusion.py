@@ -13,7 +13,6 @@ from genmod.causalfusion.pipeline import CausalFusionPipeline
 from genmod.nn.embeddings import patchify, unpatchify
 from genmod.nn.masks import CAUSALFUSION_RULES, causalfusion_mask, mask_from_rules
 
-torch.set_num_threads(1)
 
 
 def tiny_model(num_classes=3, seed=0):

@@ -13,13 +13,6 @@ from evals.generator_adapter import (SampleDataset, SamplerModel, generate_sampl
                                      numpy2_compat, save_npz, save_png_folder, to_uint8)
 from evals.metrics import fidelity_metrics, frechet_distance, perceptual_path_length
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

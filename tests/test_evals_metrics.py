@@ -8,13 +8,6 @@ import torch
 from evals.metrics import (density_coverage, fidelity_metrics, frechet_distance, gaussian_statistics,
                            kid_scale, p_precision_recall, weights_only_loads)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _scipy_fid(a, b):

@@ -11,13 +11,6 @@ import torch
 from evals.audio import mel_distance, multi_resolution_stft_distance, si_sdr, stft_distance
 from evals.recon import codebook_usage, psnr, reconstruction_metrics, ssim
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ssim_reference(x, y, data_range=2.0):

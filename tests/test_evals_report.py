@@ -12,13 +12,6 @@ from evals.cli import main_eval, main_eval_folder
 from evals.generator_adapter import save_png_folder, to_uint8
 from evals.metrics import frechet_distance, p_precision_recall
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from intra-op threads; on the shared 2-core CI box they cost several x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

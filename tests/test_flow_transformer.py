@@ -9,13 +9,6 @@ from genmod.nn import AdaLNZeroBlock, FinalLayer
 TINY = dict(in_channels=3, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _perturbed(model, seed=0, std=0.05):

@@ -11,13 +11,6 @@ MIXTURE = three_mode_mixture_2d()
 NUM = 4000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny batched ops: one thread avoids OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_mixture_moments_and_density():

@@ -35,12 +35,9 @@ from genmod.nn import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a shared, loaded CPU."""
-    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    torch.set_num_threads(1)
+def _restore_autograd():
+    grad = torch.is_grad_enabled()
     yield
-    torch.set_num_threads(threads)
     torch.set_grad_enabled(grad)  # some tests switch autograd off
 
 

@@ -18,13 +18,6 @@ from tokenizers_vq.quantizers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tensors here are tiny: one intra-op thread avoids thread hand-off stalls on a loaded 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def brute_force_nearest(z, codes):

@@ -27,13 +27,6 @@ from samplers.time_grids import TIME_GRIDS
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny batched ops: one thread avoids OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # A Gaussian target N(mu, diag(var)): each coordinate is a 1-D problem, so the flow map is the quantile

@@ -9,7 +9,6 @@ from tokenizers_vq.losses import (MultiResolutionSTFTLoss, MultiScaleMelLoss, Pa
                                   feature_matching_loss, gan_factor, hinge_d_loss, hinge_g_loss, lsgan_d_loss,
                                   lsgan_g_loss, mel_filterbank, reconstruction_loss, si_sdr)
 
-torch.set_num_threads(1)  # spare the shared cores; spin-waiting threads cost more than they give here
 
 
 def test_hinge_and_lsgan_values():

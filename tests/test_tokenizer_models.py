@@ -10,7 +10,6 @@ from tokenizers_vq.cache import CachedLatentDataset, tokenize_dataset
 from tokenizers_vq.models import KLVAE, SigmaVAE, VQTokenizer, gaussian_kl, load_tokenizer
 from tokenizers_vq.models.blocks import Decoder1d, Decoder2d, Encoder1d, Encoder2d
 
-torch.set_num_threads(1)  # spare the shared cores; spin-waiting threads cost more than they give here
 TINY = dict(base_channels=8, ch_mult=(1, 2), num_res_blocks=1)
 
 
