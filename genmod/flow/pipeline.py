@@ -52,32 +52,6 @@ class FlowMatchingPipeline(GenmodPipeline):
     def interrupt(self):
         return self._interrupt
 
-    def get_label_ids(self, labels: str | list[str]) -> list[int]:
-        """Map class names (``id2label`` values) to ids."""
-        label2id = {name: int(i) for i, name in self.config.id2label.items()}
-        labels = [labels] if isinstance(labels, str) else labels
-        missing = [name for name in labels if name not in label2id]
-        if missing:
-            raise ValueError(f"labels: unknown class name(s) {missing}; known: {sorted(label2id)}")
-        return [label2id[name] for name in labels]
-
-    def _class_labels(self, class_labels, batch_size, device):
-        num_classes = self.transformer.config.num_classes
-        if class_labels is None:
-            if num_classes:
-                raise ValueError("class_labels: this model is class-conditional; pass class ids or names")
-            return None
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        if isinstance(class_labels, (list, tuple)) and class_labels and isinstance(class_labels[0], str):
-            class_labels = self.get_label_ids(list(class_labels))
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        if not num_classes:
-            raise ValueError("class_labels: this model is unconditional (num_classes=0)")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"class_labels: ids must be in [0, {num_classes}), got {labels.tolist()}")
-        return labels
-
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -108,7 +82,7 @@ class FlowMatchingPipeline(GenmodPipeline):
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
         device = self._execution_device
-        labels = self._class_labels(class_labels, batch_size, device)
+        labels = self.class_label_ids(class_labels, device)
         if labels is not None:
             if batch_size is not None and batch_size != len(labels):
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
@@ -166,13 +140,7 @@ class FlowMatchingPipeline(GenmodPipeline):
                     latents = callback_outputs.pop("latents", latents)
                 progress.update()
 
-        if output_type == "latent":
-            images = latents
-        elif self.vae is not None:
-            decoded = self.vae.decode(latents.to(self.vae.dtype))
-            images = decoded.sample if hasattr(decoded, "sample") else decoded
-        else:
-            images = latents
+        images = latents if output_type == "latent" else self.decode_latents(latents)
         images = self.images_to_output(images, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -49,6 +49,41 @@ class GenmodPipeline(DiffusionPipeline):
             raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {batch_size}")
         return generator
 
+    def get_label_ids(self, labels: str | list[str]) -> list[int]:
+        """Map class names (the ``id2label`` values saved in the pipeline config) to ids."""
+        label2id = {name: int(i) for i, name in self.config.id2label.items()}
+        labels = [labels] if isinstance(labels, str) else labels
+        missing = [name for name in labels if name not in label2id]
+        if missing:
+            raise ValueError(f"class_labels: unknown class name(s) {missing}; known: {sorted(label2id)}")
+        return [label2id[name] for name in labels]
+
+    def class_label_ids(self, class_labels, device) -> torch.Tensor | None:
+        """``class_labels`` (ids or names, one or a list) as an id tensor ``[B]`` checked against the model."""
+        num_classes = self.transformer.config.num_classes
+        if class_labels is None:
+            if num_classes:
+                raise ValueError("class_labels: this model is class-conditional; pass class ids or names")
+            return None
+        if not num_classes:
+            raise ValueError("class_labels: this model is unconditional (num_classes=0)")
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        if isinstance(class_labels, (list, tuple)) and class_labels and isinstance(class_labels[0], str):
+            class_labels = self.get_label_ids(list(class_labels))
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels: ids must be in [0, {num_classes}), got {labels.tolist()}")
+        return labels
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] from the generator's output: the tokenizer ``vae`` decodes latents, if any."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return latents
+        decoded = vae.decode(latents.to(vae.dtype))
+        return decoded.sample if hasattr(decoded, "sample") else decoded
+
     @staticmethod
     def images_to_output(images: torch.Tensor, output_type: str):
         """Map decoder output in [-1, 1] (B, C, H, W) to 'pt' ([0,1] NCHW), 'np' (NHWC float) or 'pil'."""
