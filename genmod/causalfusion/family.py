@@ -32,7 +32,8 @@ from genmod.flow.loss import flow_matching_loss
 from genmod.flow.paths import get_path
 from genmod.flow.time_sampling import get_time_sampler
 from genmod.nn.embeddings import patchify, unpatchify
-from genmod.train import Family, TrainConfig, register_family, unwrap_model
+from genmod.train import TrainConfig, register_family, unwrap_model
+from genmod.train.image_family import ImageFamily
 
 
 def draw_ar_steps(num_tokens: int, generator: torch.Generator, decay: float = 0.9, max_steps: int | None = None) -> list[int]:
@@ -117,7 +118,7 @@ class CausalFusionConfig(TrainConfig):
             raise ConfigError("--prediction: epsilon cannot be converted at t = 1 on the linear path (use velocity or ddpm_linear)")
 
 
-class CausalFusionFamily(Family):
+class CausalFusionFamily(ImageFamily):
     """Class-conditional CausalFusion on images or tokenizer latents."""
 
     name = "causalfusion"
@@ -131,12 +132,6 @@ class CausalFusionFamily(Family):
         else:
             kwargs = {"shift": config.time_shift} if config.time_sampling == "shifted" else {}
             self.draw_time = get_time_sampler(config.time_sampling, **kwargs)
-        self._dataset = None
-        self.tokenizer = None
-        if config.tokenizer:
-            from tokenizers_vq.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(config.tokenizer).eval().requires_grad_(False)
 
     @staticmethod
     def _discrete_time(shape, generator, device=None, dtype=torch.float32):
@@ -145,37 +140,10 @@ class CausalFusionFamily(Family):
         n = torch.randint(0, 1000, shape, generator=generator, device=gen_device)
         return ((n + 1).to(dtype) / 1000).to(device or gen_device)
 
-    # -- data ----------------------------------------------------------------------------------
-    def build_dataset(self):
-        if self._dataset is None:
-            self._dataset = super().build_dataset()
-        return self._dataset
-
-    def _data_shape(self):
-        dataset = self.build_dataset()
-        first = dataset[0]
-        x = first["latents"] if "latents" in first else first["image"]
-        if self.tokenizer is not None and "latents" not in first:
-            with torch.no_grad():
-                x = self.tokenizer.encode(x[None])[0]
-        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"dataset {self.config.dataset!r}: causalfusion needs square (C, H, W) images, got {tuple(x.shape)}")
-        return x.shape[0], x.shape[-1], getattr(dataset, "num_classes", 0), list(getattr(dataset, "class_names", []))
-
-    def _clean_data(self, batch) -> torch.Tensor:
-        if "latents" in batch:
-            return batch["latents"]
-        x = batch["image"]
-        if self.tokenizer is not None:
-            self.tokenizer.to(x.device)
-            with torch.no_grad():
-                x = self.tokenizer.encode(x)
-        return x
-
     # -- model, loss, sampler --------------------------------------------------------------------
     def build_model(self) -> CausalFusionTransformer:
         cfg = self.config
-        channels, size, num_classes, _ = self._data_shape()
+        channels, size, num_classes, _ = self.data_shape()
         return CausalFusionTransformer(
             in_channels=channels, sample_size=size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
             depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
@@ -187,7 +155,7 @@ class CausalFusionFamily(Family):
         """The weighted dual-factorization loss of one batch (module docstring)."""
         cfg = self.config
         inner = unwrap_model(model)
-        x0 = self._clean_data(batch)
+        x0 = self.clean_data(batch)
         batch_size, length, patch = x0.shape[0], inner.num_tokens, inner.config.patch_size
         gen_device = generator.device
         order = torch.argsort(torch.rand((batch_size, length), generator=generator, device=gen_device), dim=1).to(x0.device)
@@ -205,15 +173,10 @@ class CausalFusionFamily(Family):
                                   prediction=cfg.prediction, weight=weight)
         return {"loss": loss, "ar_steps": torch.tensor(float(len(step_sizes)))}
 
-    def decode(self, tokens: torch.Tensor, model) -> torch.Tensor:
+    def tokens_to_images(self, tokens: torch.Tensor, model) -> torch.Tensor:
         """Raster tokens ``[B, L, token_dim]`` -> images (decoded by the tokenizer in latent space)."""
         grid = model.grid_size
-        x = unpatchify(tokens, model.config.patch_size, (grid, grid))
-        if self.tokenizer is not None:
-            self.tokenizer.to(x.device)
-            decoded = self.tokenizer.decode(x)
-            x = decoded.sample if hasattr(decoded, "sample") else decoded
-        return x
+        return self.decode(unpatchify(tokens, model.config.patch_size, (grid, grid)))
 
     @torch.no_grad()
     def sample(self, model, num: int, generator: torch.Generator, labels=None, steps=None, ar_steps=None,
@@ -229,12 +192,12 @@ class CausalFusionFamily(Family):
             prediction=cfg.prediction, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator,
         )
-        return self.decode(tokens, model).clamp(-1, 1)
+        return self.tokens_to_images(tokens, model).clamp(-1, 1)
 
     def build_pipeline(self, model):
         from genmod.causalfusion.pipeline import CausalFusionPipeline
 
-        _, _, _, class_names = self._data_shape()
+        _, _, _, class_names = self.data_shape()
         id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
         return CausalFusionPipeline(
             transformer=model, vae=self.tokenizer, id2label=id2label, path=self.config.path,

@@ -21,7 +21,8 @@ from genmod.flow.loss import flow_matching_loss
 from genmod.flow.paths import get_path
 from genmod.flow.time_sampling import get_time_sampler
 from genmod.flow.transformer import FlowTransformer
-from genmod.train import Family, TrainConfig, register_family, unwrap_model
+from genmod.train import TrainConfig, register_family, unwrap_model
+from genmod.train.image_family import ImageFamily
 from samplers import classifier_free_guidance, get_time_grid, sample_ode
 
 
@@ -54,7 +55,7 @@ class FlowConfig(TrainConfig):
     guidance_scale: float = 2.0
 
 
-class FlowFamily(Family):
+class FlowFamily(ImageFamily):
     """Class-conditional (or unconditional) flow matching on images or tokenizer latents."""
 
     name = "flow"
@@ -65,44 +66,11 @@ class FlowFamily(Family):
         self.path = get_path(config.path)
         kwargs = {"shift": config.time_shift} if config.time_sampling == "shifted" else {}
         self.draw_time = get_time_sampler(config.time_sampling, **kwargs)
-        self._dataset = None
-        self.tokenizer = None
-        if config.tokenizer:
-            from tokenizers_vq.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(config.tokenizer).eval().requires_grad_(False)
-
-    # -- data ----------------------------------------------------------------------------------
-    def build_dataset(self):
-        if self._dataset is None:
-            self._dataset = super().build_dataset()
-        return self._dataset
-
-    def _data_shape(self):
-        dataset = self.build_dataset()
-        first = dataset[0]
-        x = first["latents"] if "latents" in first else first["image"]
-        if self.tokenizer is not None and "latents" not in first:
-            with torch.no_grad():
-                x = self.tokenizer.encode(x[None])[0]
-        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"dataset {self.config.dataset!r}: flow needs square (C, H, W) images, got {tuple(x.shape)}")
-        return x.shape[0], x.shape[-1], getattr(dataset, "num_classes", 0), list(getattr(dataset, "class_names", []))
-
-    def _clean_data(self, batch) -> torch.Tensor:
-        if "latents" in batch:
-            return batch["latents"]
-        x = batch["image"]
-        if self.tokenizer is not None:
-            self.tokenizer.to(x.device)
-            with torch.no_grad():
-                x = self.tokenizer.encode(x)
-        return x
 
     # -- model, loss, sampler --------------------------------------------------------------------
     def build_model(self) -> FlowTransformer:
         cfg = self.config
-        channels, size, num_classes, _ = self._data_shape()
+        channels, size, num_classes, _ = self.data_shape()
         return FlowTransformer(
             in_channels=channels, sample_size=size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
             depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
@@ -110,7 +78,7 @@ class FlowFamily(Family):
         )
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
-        x0 = self._clean_data(batch)
+        x0 = self.clean_data(batch)
         batch_size = x0.shape[0]
         t = self.draw_time((batch_size,), generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -148,11 +116,7 @@ class FlowFamily(Family):
         velocity = self.velocity_fn(model, labels, self.config.guidance_scale if guidance_scale is None else guidance_scale)
         grid = get_time_grid("uniform", steps or self.config.sample_steps)
         x = sample_ode(velocity, noise, grid, method=solver or self.config.sample_solver, path=self.path)
-        if self.tokenizer is not None:
-            self.tokenizer.to(device)
-            decoded = self.tokenizer.decode(x)
-            x = decoded.sample if hasattr(decoded, "sample") else decoded
-        return x.clamp(-1, 1)
+        return self.decode(x).clamp(-1, 1)
 
     def build_pipeline(self, model):
         from genmod.flow.pipeline import FlowMatchingPipeline
@@ -160,7 +124,7 @@ class FlowFamily(Family):
 
         if self.config.path != "linear" or self.config.prediction != "velocity":
             return None  # the diffusers boundary is the linear path with a velocity output
-        _, _, _, class_names = self._data_shape()
+        _, _, _, class_names = self.data_shape()
         scheduler = FlowMatchSolverScheduler(solver=self.config.sample_solver)
         id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
         return FlowMatchingPipeline(transformer=model, scheduler=scheduler, vae=self.tokenizer, id2label=id2label)
