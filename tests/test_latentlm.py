@@ -18,15 +18,6 @@ from genmod.latentlm.text import BOL, BOS, EOL, EOS, LATENT, NULL, PAD, LatentLM
 from genmod.latentlm.transformer import LatentLMTransformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's cores are shared: one thread is several times faster than oversubscribing
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0, **kw) -> LatentLMTransformer:
     torch.manual_seed(seed)
     args = dict(latent_channels=4, latent_grid=(2, 3), hidden_size=32, depth=2, num_heads=4, head_width=32, head_depth=2,
