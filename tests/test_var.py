@@ -19,14 +19,6 @@ SQUARE = (1, 2, 3, 4)
 RECT = ((1, 2), (2, 3), (3, 4), (4, 6))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_tokenizer(scales=SQUARE, vocab=32, channels=4, ch_mult=(1, 2)):
     torch.manual_seed(1)
     tok = VQTokenizer(quantizer="msvq", latent_channels=channels, codebook_size=vocab, base_channels=8, ch_mult=ch_mult,
