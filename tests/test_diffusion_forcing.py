@@ -28,14 +28,6 @@ from genmod.flow.loss import min_snr_weight
 from genmod.flow.paths import get_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_model(modality="video", seed=0, **kw):
     """A small model with random (non-zero) weights everywhere, so every path through it matters."""
     torch.manual_seed(seed)
@@ -278,7 +270,6 @@ def _oscillations(n: int, steps: int, rng) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained_oscillator():
-    torch.set_num_threads(1)
     cfg = DiffusionForcingConfig(dataset="oscillators", num_frames=TRAIN_FRAMES, frame_stack=STACK, prediction="x0",
                                  loss_weighting="fused_snr", context_noise=0.02, sample_steps=10)
     family = DiffusionForcingFamily(cfg)

@@ -21,7 +21,6 @@ class VelocityMLP(torch.nn.Module):
 
 
 def test_trained_velocity_reaches_the_mixture():
-    torch.set_num_threads(1)
     target, path = three_mode_mixture_2d(), LinearPath()
     g = torch.Generator().manual_seed(0)
     model = VelocityMLP()
