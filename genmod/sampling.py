@@ -28,6 +28,7 @@ FAMILY_FLAGS = {
     "top_p": "top_p",
     "temperature": "temperature",
     "head_steps": "num_head_steps",
+    "solver": "solver",
 }
 
 
@@ -138,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--num and --batch-size must be >= 1")
     pipe = load_for_sampling(args.path)
     pipe.to(args.device)
-    if args.solver is not None:
-        if "solver" not in getattr(pipe.scheduler, "config", {}):
-            raise ValueError(f"--solver: the scheduler {type(pipe.scheduler).__name__} has no solver choice")
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, solver=args.solver)
+    if args.solver is not None and "solver" not in inspect.signature(pipe.__call__).parameters:
+        scheduler = getattr(pipe, "scheduler", None)
+        if "solver" not in getattr(scheduler, "config", {}):
+            raise ValueError(f"--solver: {type(pipe).__name__} has no solver choice")
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, solver=args.solver)
+        args.solver = None  # applied through the scheduler
     pipe.set_progress_bar_config(disable=True)
     labels = _labels(pipe, args.class_labels, args.num)
     outputs = []
