@@ -21,6 +21,7 @@ from genmod.flow.loss import flow_matching_loss
 from genmod.flow.paths import get_path
 from genmod.flow.time_sampling import get_time_sampler
 from genmod.flow.transformer import FlowTransformer
+from genmod.flow.unet import FlowUNet
 from genmod.train import TrainConfig, register_family, unwrap_model
 from genmod.train.image_family import ImageFamily
 from samplers import classifier_free_guidance, get_time_grid, sample_ode
@@ -34,7 +35,9 @@ class FlowConfig(TrainConfig):
     lr: float = 3e-4
     batch_size: int = 64
     ema_decay: float = 0.999
-    # network (DiT/SiT sizes)
+    # network: a DiT/SiT transformer, or a small U-Net (learns faster on a CPU budget)
+    backbone: Literal["dit", "unet"] = "dit"
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     patch_size: int = 4
     hidden_size: int = 192
     depth: int = 6
@@ -68,9 +71,13 @@ class FlowFamily(ImageFamily):
         self.draw_time = get_time_sampler(config.time_sampling, **kwargs)
 
     # -- model, loss, sampler --------------------------------------------------------------------
-    def build_model(self) -> FlowTransformer:
+    def build_model(self) -> FlowTransformer | FlowUNet:
         cfg = self.config
         channels, size, num_classes, _ = self.data_shape()
+        if cfg.backbone == "unet":
+            return FlowUNet(in_channels=channels, sample_size=size, block_out_channels=tuple(cfg.unet_channels),
+                            num_classes=num_classes if cfg.conditional else 0,
+                            class_dropout_prob=cfg.class_dropout_prob)
         return FlowTransformer(
             in_channels=channels, sample_size=size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
             depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
