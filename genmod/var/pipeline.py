@@ -171,15 +171,6 @@ class VARPipeline(GenmodPipeline):
         """The saved sampling defaults (printed by ``genmod sample``)."""
         return {k: self.config[k] for k in ("guidance_scale", "guidance_schedule", "top_k", "top_p", "temperature")}
 
-    def get_label_ids(self, labels: str | list[str]) -> list[int]:
-        """Map class names (``id2label`` values) to ids."""
-        label2id = {name: int(i) for i, name in self.config.id2label.items()}
-        labels = [labels] if isinstance(labels, str) else labels
-        missing = [name for name in labels if name not in label2id]
-        if missing:
-            raise ValueError(f"class_labels: unknown class name(s) {missing}; known: {sorted(label2id)}")
-        return [label2id[name] for name in labels]
-
     def _class_labels(self, class_labels, batch_size: int | None, device) -> torch.Tensor:
         """Ids ``[B]``; ``None`` (or the id ``num_classes``) is the null class: unconditional samples / edits."""
         num_classes = self.transformer.config.num_classes
