@@ -93,7 +93,9 @@ def evaluate(pipe, args, num_classes: int) -> dict:
     n = args.num_eval
     labels = torch.arange(n) % num_classes
     images = []
-    for start in range(0, n, 100):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, n, 100), desc="sampling for evaluation", unit="batch of 100"):
         batch = labels[start:start + 100].tolist()
         out = pipe(class_labels=batch, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
                    generator=[torch.Generator().manual_seed(10_000 + start + i) for i in range(len(batch))],
