@@ -17,7 +17,7 @@ from torch import nn
 
 from genmod.nn.attention import check_backend
 from genmod.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
-from genmod.nn.layers import AdaLNZeroBlock, FinalLayer, xavier_init_
+from genmod.nn.layers import AdaLNZeroBlock, FinalLayer, dit_init_
 
 
 class FlowTransformer(ModelMixin, ConfigMixin):
@@ -80,21 +80,7 @@ class FlowTransformer(ModelMixin, ConfigMixin):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """DiT initialisation: xavier linears, patch conv as a linear, N(0, 0.02) embeddings, zero adaLN and output."""
-        xavier_init_(self)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[1].weight)
-            nn.init.zeros_(block.adaLN_modulation[1].bias)
-        for layer in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        dit_init_(self)
 
     @property
     def null_class_id(self) -> int:

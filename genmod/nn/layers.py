@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmod.nn.attention import Attention, KVCache
-from genmod.nn.embeddings import TimestepEmbedder
+from genmod.nn.embeddings import PatchEmbed, TimestepEmbedder
 from genmod.nn.norms import RMSNorm, make_norm
 
 __all__ = [
@@ -126,6 +126,26 @@ def xavier_init_(module: nn.Module) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+
+def dit_init_(model: nn.Module) -> None:
+    """DiT's initialisation (Peebles & Xie 2023, Sec. 3.2) of a model with ``x_embedder``, ``t_embedder``,
+    optional ``y_embedder``, adaLN-Zero ``blocks`` and a ``final_layer``: xavier linears, the patch conv
+    as a linear, N(0, 0.02) embeddings, zero adaLN modulation and output (every block starts as identity)."""
+    xavier_init_(model)
+    if isinstance(model.x_embedder, PatchEmbed):
+        w = model.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(model.x_embedder.proj.bias)
+    if getattr(model, "y_embedder", None) is not None:
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[1].weight)
+        nn.init.zeros_(block.adaLN_modulation[1].bias)
+    for layer in (model.final_layer.adaLN_modulation[1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 class AdaLNZeroBlock(nn.Module):
     """DiT block with adaLN-Zero (Peebles & Xie 2023, Sec. 3.2, Fig. 3).
