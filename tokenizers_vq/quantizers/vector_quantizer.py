@@ -60,9 +60,13 @@ class VectorQuantizer(QuantizerBase):
             ``"ema"`` (codebook is a buffer updated by exponential moving averages, VQ-VAE App. A.1).
         ema_decay, ema_eps: EMA decay and Laplace-smoothing epsilon.
         kmeans_init, kmeans_iters: initialise the codebook by Lloyd's k-means on the first training batch.
-        dead_code_threshold: codes whose EMA hit count per batch falls below this are replaced by random
-            encoder outputs of the current batch (EnCodec uses 2; keep it below tokens_per_batch / K).
-            0 turns restarts off.
+            The EMA statistics then start from zero with bias correction, so the first batch's hits
+            set them and clusters k-means left empty (always the case when K exceeds the batch) are
+            dead from the first step (see ``_update_statistics``).
+        dead_code_threshold: codes whose EMA hit count per batch falls below this are replaced by
+            encoder outputs of the current batch, drawn without replacement with probability
+            proportional to their squared quantisation error (EnCodec's restarts seeded like
+            k-means++; EnCodec uses 2; keep it below tokens_per_batch / K). 0 turns restarts off.
         cosine: l2-normalise inputs and codes (lookup by cosine similarity; z_q is the unit code).
         gradient: ``"ste"``, ``"rotation"`` or ``"softmax_ste"`` (IBQ); never chosen implicitly.
         softmax_temperature: temperature of the ``softmax_ste`` logits (negative squared distances).
@@ -143,6 +147,14 @@ class VectorQuantizer(QuantizerBase):
             self.register_buffer("ema_embed_sum", init.clone())
         self.register_buffer("cluster_size_ema", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # EMA of a constant 1 (Adam's / Sonnet's zero-debiasing weight 1 - decay^t since the k-means
+        # start); 1 = fully warmed, i.e. the plain EMA of VQ-VAE App. A.1
+        self.register_buffer("ema_weight", torch.ones(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before ema_weight existed hold fully warmed EMAs
+        state_dict.setdefault(prefix + "ema_weight", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ codebook access
     def effective_codebook(self) -> torch.Tensor:
@@ -174,7 +186,7 @@ class VectorQuantizer(QuantizerBase):
                 self._kmeans_initialise(e.detach(), generator)
 
             codes = self.effective_codebook()
-            indices, _ = nearest_codes(e.detach(), codes.detach(), self.token_chunk, self.code_chunk)
+            indices, sq_err = nearest_codes(e.detach(), codes.detach(), self.token_chunk, self.code_chunk)
             q = F.embedding(indices, codes)  # gradient reaches the codebook (or W) through the gather
 
             if e.shape[0] == 0:
@@ -201,10 +213,12 @@ class VectorQuantizer(QuantizerBase):
                 0, indices, torch.ones_like(indices, dtype=torch.float32))
             stats = code_histogram_stats(counts)
             # dead codes: below the EMA threshold (counted before this step's restarts), else unused now
-            stats["dead_codes"] = (self._dead_mask().sum() if self.dead_code_threshold > 0
-                                   else stats["unused_codes"])
+            # (right after k-means the EMA holds no batch yet, ema_weight = 0: count this batch's unused)
+            stats["dead_codes"] = (torch.where(self.ema_weight > 0, self._dead_mask().sum(), stats["unused_codes"])
+                                   if self.dead_code_threshold > 0 else stats["unused_codes"])
             if self.training:
-                stats["restarted_codes"] = self._update_statistics(e.detach(), indices, counts, generator)
+                stats["restarted_codes"] = self._update_statistics(e.detach(), indices, counts, generator,
+                                                                   sq_err)
         return QuantizerOutput(out.reshape(*lead_shape, self.dim).to(in_dtype), indices.reshape(lead_shape), loss, stats)
 
     def _softmax_straight_through(self, e, codes, indices, q):
@@ -223,7 +237,8 @@ class VectorQuantizer(QuantizerBase):
 
     @torch.no_grad()
     def _kmeans_initialise(self, e: torch.Tensor, generator) -> None:
-        """k-means on the first training batch (rank 0's, broadcast to all processes)."""
+        """k-means on the first training batch (rank 0's, broadcast to all processes). The EMA
+        statistics are then set from this same batch's hits in ``_update_statistics``."""
         if e.shape[0] == 0:  # nothing local; rank 0's centroids arrive by broadcast
             centroids = torch.zeros(self.codebook_size, e.shape[1], device=e.device)
         else:
@@ -231,50 +246,82 @@ class VectorQuantizer(QuantizerBase):
                                   self.token_chunk, self.code_chunk)
         broadcast_from_rank0_(centroids)
         self.codebook.data.copy_(centroids)
+        # zero-started, bias-corrected EMAs (see _update_statistics): no pretend hits
         if self.codebook_update == "ema":
-            self.ema_embed_sum.copy_(centroids)
-        self.cluster_size_ema.fill_(1.0)
+            self.ema_embed_sum.zero_()
+        self.cluster_size_ema.zero_()
+        self.ema_weight.zero_()
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _update_statistics(self, e, indices, counts, generator) -> int:
-        """EMA hit counts (all processes summed), the EMA codebook update and dead-code restarts."""
+    def _update_statistics(self, e, indices, counts, generator, sq_err) -> int:
+        """EMA hit counts (all processes summed), the EMA codebook update and dead-code restarts.
+
+        After k-means init the EMAs are zero-started and bias-corrected (Adam, Kingma & Ba 2015 §3;
+        the zero-debiased EMAs of Sonnet's VectorQuantizerEMA): with w_t = d w_{t-1} + (1 - d),
+        w_0 = 0, the stored (debiased) statistics follow x <- x + (1 - d) / w_t (x_batch - x), i.e.
+        every batch since the start is weighted d^(t-s) and nothing else. Before, the EMAs started
+        at one pretend hit per code at its centroid. That start is in the wrong unit whenever the
+        batch holds far more or far fewer tokens than codes: at 16k codes (0.25 hits per code and
+        step) a code k-means left empty needed log(threshold) / log(d) steps (~400 at d = 0.99)
+        to count as dead, so restarts came too late, and the one-batch k-means centroids kept a
+        d^t share of every code for hundreds of steps. Without k-means (w = 1) this is exactly the
+        plain EMA of VQ-VAE App. A.1."""
         counts = all_reduce_sum_(counts.clone())
         decay = self.ema_decay
-        self.cluster_size_ema.mul_(decay).add_(counts, alpha=1.0 - decay)
+        self.ema_weight.mul_(decay).add_(1.0 - decay)
+        rate = (1.0 - decay) / self.ema_weight  # a 0-d tensor: no device sync
+        self.cluster_size_ema.lerp_(counts, rate)
         if self.codebook_update == "ema":
             # VQ-VAE App. A.1: m_k <- d m_k + (1-d) sum_{i: k_i=k} e_i ; c_k = m_k / N~_k with
             # Laplace smoothing N~_k = (N_k + eps) / (n + K eps) * n
             sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, e)
             all_reduce_sum_(sums)
-            self.ema_embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+            self.ema_embed_sum.lerp_(sums, rate)
             n = self.cluster_size_ema.sum()
             smoothed = (self.cluster_size_ema + self.ema_eps) / (n + self.codebook_size * self.ema_eps) * n
             new_codes = self.ema_embed_sum / smoothed.unsqueeze(1)
+            # a code never hit since the zero start has no average yet: it keeps its value
+            new_codes = torch.where((self.cluster_size_ema == 0).unsqueeze(1), self.codebook, new_codes)
             self.codebook.copy_(F.normalize(new_codes, dim=1) if self.cosine else new_codes)
-        return self._restart_dead_codes(e, generator) if self.dead_code_threshold > 0 else 0
+        return self._restart_dead_codes(e, sq_err, generator) if self.dead_code_threshold > 0 else 0
 
     @torch.no_grad()
-    def _restart_dead_codes(self, e, generator) -> int:
-        """Replace codes with EMA usage below the threshold by random current encoder outputs
-        (EnCodec / SoundStream). The dead mask is identical on every process (all-reduced counts) and
-        the replacements are rank 0's, broadcast."""
+    def _restart_dead_codes(self, e, sq_err, generator) -> int:
+        """Replace codes with EMA usage below the threshold by current encoder outputs (EnCodec /
+        SoundStream restarts). The outputs are drawn without replacement with probability
+        proportional to their squared distance to the nearest code (k-means++ D^2 seeding, Arthur &
+        Vassilvitskii 2007): new codes go where the codebook is worst, never onto a point a code
+        already sits on, and never two onto one point (uniform draws with replacement put several
+        restarted codes on the same output; all but one of them stay dead). When there are more
+        dead codes than such outputs, a random subset is restarted now and the rest on later steps.
+        The dead mask is identical on every process (all-reduced counts); which codes restart and
+        their replacements are rank 0's, broadcast."""
         dead = self._dead_mask()
         num_dead = int(dead.sum())
         if num_dead == 0:
             return 0
-        if e.shape[0] == 0:  # rank 0's replacements arrive by broadcast
-            replacement = torch.zeros(num_dead, e.shape[1], device=e.device)
-        else:
+        replacement = torch.zeros(num_dead, e.shape[1], device=e.device)
+        take = torch.zeros(num_dead, device=e.device)
+        if e.shape[0] > 0:  # else rank 0's choice arrives by broadcast
             gen_device = generator.device if generator is not None else "cpu"
-            pick = torch.randint(0, e.shape[0], (num_dead,), generator=generator, device=gen_device)
-            replacement = e[pick.to(e.device)].clone()
+            weights = sq_err.float().clamp_min(0.0).to(gen_device)
+            num_new = min(num_dead, int((weights > 0).sum()))
+            if num_new > 0:
+                pick = torch.multinomial(weights, num_new, replacement=False, generator=generator)
+                slots = torch.randperm(num_dead, generator=generator, device=gen_device)[:num_new].to(e.device)
+                replacement[slots] = e[pick.to(e.device)]
+                take[slots] = 1.0
         broadcast_from_rank0_(replacement)
-        self.codebook.data[dead] = replacement.to(self.codebook.dtype)
-        self.cluster_size_ema[dead] = self.dead_code_threshold
+        broadcast_from_rank0_(take)
+        restart = torch.zeros_like(dead)
+        restart[dead.nonzero().squeeze(1)[take.bool()]] = True
+        replacement = replacement[take.bool()]
+        self.codebook.data[restart] = replacement.to(self.codebook.dtype)
+        self.cluster_size_ema[restart] = self.dead_code_threshold
         if self.codebook_update == "ema":
-            self.ema_embed_sum[dead] = replacement * self.dead_code_threshold
-        return num_dead
+            self.ema_embed_sum[restart] = replacement * self.dead_code_threshold
+        return int(restart.sum())
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
