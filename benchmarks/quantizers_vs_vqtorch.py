@@ -8,7 +8,9 @@ quantizer step needed. Ratios are theirs / ours measured in the same run.
 
 Quality: both VQs (EMA 0.99, k-means init, dead-code restart; and plain EMA 0.99) and both FSQs
 (with 32 -> len(levels) -> 32 projections trained by Adam) fitted encoder-free to the same fixed
-Gaussian-mixture cloud for the same steps; reconstruction MSE and codebook usage on held-out points.
+Gaussian-mixture cloud for the same steps; reconstruction MSE and codebook usage on 65536 held-out
+points (4 per code at 16k codes, so a uniform code distribution would leave only e^-4 ~ 2% unhit; with
+16384 points usage could never exceed 1 - e^-1 ~ 63% at 16k codes).
 
 Needs the bench extra: pip install -e ".[bench]".  Run: python benchmarks/quantizers_vs_vqtorch.py
 """
@@ -26,6 +28,7 @@ import time
 import torch
 
 TOKENS, DIM = 4096, 32
+HELD_OUT = 65536
 FSQ_LEVELS = {1024: [8, 5, 5, 5], 16384: [8, 8, 8, 6, 5], 102400: [8, 8, 8, 8, 5, 5]}
 
 
@@ -131,7 +134,7 @@ def mixture_cloud(n: int, seed: int, centres: int = 4096) -> torch.Tensor:
 
 def train_quality(impl: str, kind: str, size: int, steps: int, tricks: bool) -> dict:
     torch.manual_seed(0)
-    train, held_out = mixture_cloud(65536, 1), mixture_cloud(16384, 2)
+    train, held_out = mixture_cloud(65536, 1), mixture_cloud(HELD_OUT, 2)
     # dead below 1/16 of the uniform share of hits (tokens per step / codebook size)
     threshold = TOKENS / size / 16 if tricks else 0.0
     if kind == "vq":
@@ -162,9 +165,13 @@ def train_quality(impl: str, kind: str, size: int, steps: int, tricks: bool) -> 
             opt.step()
     elapsed = time.perf_counter() - start
     module.eval()
-    with torch.no_grad():
-        out = module(held_out.unsqueeze(0))
-        z_q, indices = (out.z_q, out.indices) if impl == "ours" else (out[0], out[1])
+    z_q, indices = [], []
+    with torch.no_grad():  # chunked: a 65536 x 16384 distance matrix would need 4 GiB
+        for chunk in held_out.split(TOKENS):
+            out = module(chunk.unsqueeze(0))
+            z_q.append(out.z_q if impl == "ours" else out[0])
+            indices.append(out.indices if impl == "ours" else out[1])
+    z_q, indices = torch.cat(z_q, dim=1), torch.cat(indices, dim=1)
     counts = torch.bincount(indices.reshape(-1).long(), minlength=size if kind == "vq" else 1).float()
     probs = counts / counts.sum()
     return {
@@ -183,11 +190,29 @@ def module_codebook_size(module, size: int) -> int:
     return out
 
 
-def run_quality(steps: int, threads: int) -> list[dict]:
+def quality_configs(sizes) -> list[tuple[str, int, bool]]:
+    """VQ with k-means init + dead-code restart at every size; plain EMA VQ at the smallest; FSQ where
+    FSQ_LEVELS has a level set for the size."""
+    configs = [("vq", size, True) for size in sizes]
+    configs.append(("vq", min(sizes), False))
+    configs += [("fsq", size, False) for size in sizes if size in FSQ_LEVELS]
+    return configs
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| config | ours MSE | theirs MSE | ours usage | theirs usage | ours ppl | theirs ppl |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        o, t = row["ours"], row["theirs"]
+        lines.append(f"| {row['config']} | {o['mse']:.4f} | {t['mse']:.4f} | {o['usage']*100:.1f}% | "
+                     f"{t['usage']*100:.1f}% | {o['perplexity']:.0f} | {t['perplexity']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_quality(steps: int, threads: int, sizes=(1024, 4096, 16384)) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    configs = [("vq", 1024, True), ("vq", 1024, False), ("fsq", 1024, False), ("fsq", 16384, False), ("vq", 16384, True)]
-    for kind, size, tricks in configs:
+    for kind, size, tricks in quality_configs(sizes):
         label = f"{kind} {size}" + (" kmeans+restart" if tricks else (" plain EMA" if kind == "vq" else ""))
         result = {impl: train_quality(impl, kind, size, steps, tricks) for impl in ("ours", "theirs")}
         rows.append({"config": label, **result})
@@ -204,7 +229,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (peak = getrusage ru_maxrss) or cuda (peak = max_memory_allocated)")
     parser.add_argument("--part", choices=("speed", "quality", "all"), default="all")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 16384, 102400])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="codebook sizes (default: 1024 16384 102400 for speed, 1024 4096 16384 for quality)")
     parser.add_argument("--kinds", nargs="+", default=["vq", "vq-rotation", "fsq"])
     parser.add_argument("--steps", type=int, default=200, help="training steps of the quality comparison")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -217,10 +243,14 @@ def main() -> None:
     if args.part in ("speed", "all"):
         print(f"forward+backward on {args.device}, {TOKENS} tokens x {DIM} dims, {args.threads} threads "
               f"(min over repeats; fresh process per row; theirs/ours ratios)")
-        results["speed"] = run_speed(args.sizes, args.threads, args.kinds, args.device)
+        results["speed"] = run_speed(args.sizes or [1024, 16384, 102400], args.threads, args.kinds, args.device)
     if args.part in ("quality", "all"):
-        print(f"\nquality: encoder-free fit of a fixed 32-d Gaussian mixture, {args.steps} steps of {TOKENS} points")
-        results["quality"] = run_quality(args.steps, args.threads)
+        print(f"\nquality: encoder-free fit of a fixed 32-d Gaussian mixture, {args.steps} steps of {TOKENS} points, "
+              f"{HELD_OUT} held-out points")
+        results["quality"] = run_quality(args.steps, args.threads, args.sizes or [1024, 4096, 16384])
+        results["quality_settings"] = {"steps": args.steps, "tokens_per_step": TOKENS, "held_out": HELD_OUT,
+                                       "threads": args.threads, "dead_code_threshold": "tokens / size / 16"}
+        print("\n" + markdown_table(results["quality"]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
