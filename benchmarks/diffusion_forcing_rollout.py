@@ -8,7 +8,12 @@
 compare every frame with the exact continuation ``MovingShapesDataset.ground_truth``: per-frame MSE
 and PSNR against the horizon, for several stabilisation levels ``t_c`` (0 = no context noising).
 Baselines in the same run: repeating the last context frame, and the real-vs-real floor of two
-different clips. Writes ``OUT/stability.png`` (curves), ``OUT/rollout.gif`` (model vs truth) and JSON.
+different clips. MSE against the exact continuation punishes any drift of position, so frame
+*quality* is measured too, independent of the trajectory: a domain classifier trained on real
+``moving_shapes`` frames (``evals.feature_net``; its test accuracy is reported) gives, per block of
+``window`` generated frames, its accuracy on the clip's shape class and the domain-FID of the frames
+against as many real frames, next to the same numbers for the true continuation (the floor).
+Writes ``OUT/stability.png`` (curves), ``OUT/rollout.gif`` (model vs truth) and JSON.
 (2) Speed: frames per second of autoregressive rollout without a cache (history recomputed at every
 denoising step), with the per-chunk re-encoded cache and with the incremental cache; ratios are
 against the uncached run measured in the same process. Prints markdown tables.
@@ -62,6 +67,7 @@ def stability(family, model, args, device) -> dict:
         results["curves"][f"t_c={level:g}"] = {"mse": mse.mean(0).tolist(), "psnr": psnr.mean(0).tolist(),
                                                "seconds": time.time() - t0}
         rollouts[level] = out
+    results["frame_quality"] = frame_quality(rollouts, truth, dataset, idx, args, window)
     last = truth[:, args.context - 1:args.context]
     copy_mse = ((last - truth) ** 2).flatten(2).mean(-1)
     results["curves"]["copy-last-frame"] = {"mse": copy_mse.mean(0).tolist(),
@@ -83,6 +89,73 @@ def stability(family, model, args, device) -> dict:
         save_image(pairs[:4].flatten(0, 1).cpu(), os.path.join(args.out, "rollout_strip.png"), nrow=total,
                    normalize=True, value_range=(-1, 1))
     return results
+
+
+class _Frames(torch.utils.data.Dataset):
+    """Single frames of ``moving_shapes`` clips, labelled with the clip's shape class."""
+
+    def __init__(self, clips):
+        self.clips, self.frames = clips, clips.num_frames
+        self.num_classes, self.class_names = clips.num_classes, clips.class_names
+
+    def __len__(self):
+        return len(self.clips) * self.frames
+
+    def __getitem__(self, i):
+        item = self.clips[i // self.frames]
+        return {"image": item["video"][i % self.frames], "label": item["label"]}
+
+
+def frame_quality(rollouts, truth, dataset, idx, args, window) -> dict:
+    """Per block of ``window`` generated frames: the frame classifier's accuracy on the clip's class
+    and the domain-FID against real frames of other clips, for each rollout and for the truth."""
+    from evals.metrics import frechet_distance
+
+    size = dataset.image_size
+    net = _frame_net(size)
+    labels = torch.tensor([int(dataset[i]["label"]) for i in idx])
+    real_pool = _frames("test", 500, size)
+    model = net.model
+
+    def feats_logits(frames):
+        with torch.no_grad():
+            outs = [model(frames[s:s + 512].float().cpu()) for s in range(0, len(frames), 512)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    c, total = args.context, truth.shape[1]
+    blocks = [(s, min(s + window, total)) for s in range(c, total, window)]
+    report = {"feature_net": net.describe(), "blocks": [f"{a + 1}-{b}" for a, b in blocks], "rows": {}}
+    sources = {f"t_c={k:g}": v for k, v in rollouts.items()}
+    sources["true continuation"] = truth
+    for name_, video in sources.items():
+        acc, fid = [], []
+        for k, (a, b) in enumerate(blocks):
+            frames = video[:, a:b].cpu()
+            f, logits = feats_logits(frames.flatten(0, 1))
+            acc.append((logits.argmax(1).view(len(idx), -1) == labels[:, None]).float().mean().item())
+            n = f.shape[0]
+            real = torch.stack([real_pool[(k * n + j * 7919) % len(real_pool)]["image"] for j in range(n)])
+            fid.append(frechet_distance(f, feats_logits(real)[0]))
+        report["rows"][name_] = {"accuracy": acc, "domain_fid": fid}
+    return report
+
+
+def _frames(split, num_clips, size):
+    from genmod.data import get_dataset
+
+    return _Frames(get_dataset("moving_shapes", split=split, num_samples=num_clips, num_frames=8, image_size=size))
+
+
+def _frame_net(size):
+    """The frame classifier: trained once on real frames (a few CPU minutes), then cached."""
+    from evals.feature_net import INFO_FILE, default_feature_net_dir, load_feature_net, train_feature_net
+
+    name = f"moving_shapes_frames_{size}px"
+    path = default_feature_net_dir(name)
+    if os.path.isfile(os.path.join(path, INFO_FILE)):
+        return load_feature_net(path)
+    return train_feature_net(_frames("train", 2000, size), path, test_dataset=_frames("test", 250, size), name=name,
+                             max_train=16000, epochs=4)
 
 
 def _plot(results, path):
@@ -171,6 +244,14 @@ def main():
             mse = curve["mse"]
             mean = sum(mse[c:]) / len(mse[c:])
             print(f"| {name} | " + " | ".join(f"{mse[m]:.4f}" for m in marks) + f" | {mean:.4f} |")
+        quality = res["frame_quality"]
+        print(f"\n(1b) frame quality per block of generated frames: frame classifier accuracy on the clip's class / "
+              f"domain-FID vs real frames (classifier test accuracy {quality['feature_net']['test_accuracy']:.3f})")
+        print("| rollout | " + " | ".join(f"frames {b}" for b in quality["blocks"]) + " |")
+        print("|---|" + "---|" * len(quality["blocks"]))
+        for name, row in quality["rows"].items():
+            print(f"| {name} | " + " | ".join(f"{a:.2f} / {f:.1f}" for a, f in zip(row["accuracy"], row["domain_fid"]))
+                  + " |")
     rows = speed(model, args, device)
     report["speed"] = rows
     print(f"\n(2) autoregressive rollout speed: batch {args.fps_batch}, {args.fps_frames} frames, {args.steps} steps/frame, "
