@@ -8,6 +8,7 @@ Also runnable as a script (the subprocess worker of the resume test):
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -246,6 +247,24 @@ def test_checkpoints_prune_and_corrupt_latest_is_a_clear_error(tmp_path):
         find_checkpoint(tmp_path, "latest")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    """A finished cosine run resumed with a larger --max_steps (and another lr / weight decay) trains on
+    with the new schedule: lr = lr' * 0.5 (1 + cos(pi p)) at the new progress, not the old one's 0."""
+    run_toy(toy_config(tmp_path, max_steps=4, checkpoint_every=4, lr_schedule="cosine", lr=1e-2))
+    assert read_metrics(tmp_path)[-1]["step"] == 4
+    config = toy_config(tmp_path, max_steps=8, log_every=1, lr_schedule="cosine", lr=2e-2, weight_decay=0.1,
+                        resume="latest")
+    family = ToyFamily(config)
+    trainer = Trainer(config, family, Points())
+    trainer.train()
+    group = trainer.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.1 and group["initial_lr"] == 2e-2
+    logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path)}
+    # the lr logged at step s is the one step s used: factor of (s - 1) / 8 of the new cosine
+    for step in (5, 6, 7, 8):
+        assert logged[step] == pytest.approx(2e-2 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 8)), rel=1e-6)
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):

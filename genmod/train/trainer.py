@@ -347,6 +347,7 @@ class Trainer:
         training_state = load_training_state(path)
         self.optimizer.load_state_dict(training_state["optimizer"])
         self.lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+        self._apply_optimizer_config()
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and training_state.get("grad_scaler") is not None:
             scaler.load_state_dict(training_state["grad_scaler"])
@@ -374,6 +375,23 @@ class Trainer:
             self._truncate_metrics(self.step)
             logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch,
                         self.batch_in_epoch)
+
+    def _apply_optimizer_config(self) -> None:
+        """After a resume, the optimizer and schedule follow *this* run's config, not the checkpoint's.
+
+        ``LambdaLR.load_state_dict`` restores the saved ``LRSchedule`` (its ``total_steps``) and base
+        lr, and ``Optimizer.load_state_dict`` the saved lr / betas / eps / weight decay, so without
+        this a run resumed with a larger ``--max_steps`` would keep the old cosine, already at 0. With
+        the options unchanged every value is recomputed to the same float (exact resume holds)."""
+        config = self.config
+        schedule = LRSchedule(config.lr_schedule, config.warmup_steps, config.max_steps)
+        self.lr_scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        self.lr_scheduler.base_lrs = [config.lr] * len(self.optimizer.param_groups)
+        factor = schedule(self.lr_scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=config.lr, lr=config.lr * factor, betas=tuple(config.adam_betas),
+                         eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _warn_config_changes(self, path: str) -> None:
         """Log the fields that differ from the checkpoint's config (legitimate for max_steps, lr, ...)."""
