@@ -114,29 +114,30 @@ def frame_quality(rollouts, truth, dataset, idx, args, window) -> dict:
     size = dataset.image_size
     net = _frame_net(size)
     labels = torch.tensor([int(dataset[i]["label"]) for i in idx])
-    real_pool = _frames("test", 500, size)
-    model = net.model
 
-    def feats_logits(frames):
+    def features_logits(frames):
         with torch.no_grad():
-            outs = [model(frames[s:s + 512].float().cpu()) for s in range(0, len(frames), 512)]
+            outs = [net.model(frames[s:s + 512].float().cpu()) for s in range(0, len(frames), 512)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
+    # real frames of other (test) clips, featurised once; each block gets its own draw (disjoint while they last)
+    real_pool = _frames("test", 500, size)
+    real_features = features_logits(torch.stack([real_pool[i]["image"] for i in range(len(real_pool))]))[0]
+    real_order = torch.randperm(len(real_features), generator=torch.Generator().manual_seed(args.seed))
     c, total = args.context, truth.shape[1]
     blocks = [(s, min(s + window, total)) for s in range(c, total, window)]
     report = {"feature_net": net.describe(), "blocks": [f"{a + 1}-{b}" for a, b in blocks], "rows": {}}
     sources = {f"t_c={k:g}": v for k, v in rollouts.items()}
     sources["true continuation"] = truth
-    for name_, video in sources.items():
+    for source, video in sources.items():
         acc, fid = [], []
         for k, (a, b) in enumerate(blocks):
-            frames = video[:, a:b].cpu()
-            f, logits = feats_logits(frames.flatten(0, 1))
+            features, logits = features_logits(video[:, a:b].cpu().flatten(0, 1))
             acc.append((logits.argmax(1).view(len(idx), -1) == labels[:, None]).float().mean().item())
-            n = f.shape[0]
-            real = torch.stack([real_pool[(k * n + j * 7919) % len(real_pool)]["image"] for j in range(n)])
-            fid.append(frechet_distance(f, feats_logits(real)[0]))
-        report["rows"][name_] = {"accuracy": acc, "domain_fid": fid}
+            n = len(features)
+            real = real_features[real_order[(torch.arange(n) + k * n) % len(real_order)]]
+            fid.append(frechet_distance(features, real))
+        report["rows"][source] = {"accuracy": acc, "domain_fid": fid}
     return report
 
 
