@@ -92,3 +92,16 @@ def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as info:
         parse_config(FlowLikeConfig, ["--help"])
     assert info.value.code == 0 and "--class_dropout" in capsys.readouterr().out
+
+
+def test_optional_bool_takes_flag_forms_and_keeps_none_as_auto():
+    """``Optional[bool]`` fields: --flag, --no-flag, --flag none; the msvq tokenizer resolves none to cosine codes."""
+    from tokenizers_vq.family import TokenizerConfig, resolved_cosine
+
+    assert parse_config(TokenizerConfig, []).cosine is None
+    assert parse_config(TokenizerConfig, ["--cosine"]).cosine is True
+    assert parse_config(TokenizerConfig, ["--no-cosine"]).cosine is False
+    assert parse_config(TokenizerConfig, ["--cosine", "none"]).cosine is None
+    assert resolved_cosine(parse_config(TokenizerConfig, ["--quantizer", "msvq"])) is True
+    assert resolved_cosine(parse_config(TokenizerConfig, ["--quantizer", "msvq", "--no-cosine"])) is False
+    assert resolved_cosine(parse_config(TokenizerConfig, ["--quantizer", "vq"])) is False

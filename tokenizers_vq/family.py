@@ -64,7 +64,8 @@ class TokenizerConfig(TrainConfig):
     codebook_size: int = 4096
     fsq_levels: tuple[int, ...] = (7, 5, 5, 5, 5)  # FSQ paper Table 1 for ~2^12
     codebook_dim: Optional[int] = None
-    cosine: bool = False
+    # l2-normalised codes; none = on for msvq (VAR's quantizer collapses to a few codes without), off otherwise
+    cosine: Optional[bool] = None
     codebook_update: Literal["ema", "loss"] = "ema"
     codebook_ema_decay: float = 0.99
     kmeans_init: bool = False
@@ -108,6 +109,11 @@ class TokenizerConfig(TrainConfig):
             raise ConfigError("gan_weight / perceptual_weight must be >= 0")
 
 
+def resolved_cosine(config: TokenizerConfig) -> bool:
+    """``--cosine`` as given, else on for the multi-scale quantizer only."""
+    return config.quantizer == "msvq" if config.cosine is None else config.cosine
+
+
 def build_tokenizer(config: TokenizerConfig, in_channels: int):
     """The model a :class:`TokenizerConfig` describes."""
     common = dict(modality=config.modality, in_channels=in_channels, base_channels=config.base_channels,
@@ -115,7 +121,7 @@ def build_tokenizer(config: TokenizerConfig, in_channels: int):
                   strides=tuple(config.strides), latent_channels=config.latent_channels)
     if config.tokenizer == "vq":
         return VQTokenizer(quantizer=config.quantizer, codebook_size=config.codebook_size,
-                           fsq_levels=tuple(config.fsq_levels), codebook_dim=config.codebook_dim, cosine=config.cosine,
+                           fsq_levels=tuple(config.fsq_levels), codebook_dim=config.codebook_dim, cosine=resolved_cosine(config),
                            codebook_update=config.codebook_update, ema_decay=config.codebook_ema_decay,
                            kmeans_init=config.kmeans_init, dead_code_threshold=config.dead_code_threshold,
                            gradient=config.gradient, commitment_beta=config.commitment_beta,

@@ -109,6 +109,11 @@ def _is_optional(tp) -> tuple[bool, Any]:
     return False, tp
 
 
+def _is_flag(tp) -> bool:
+    """``bool`` and ``Optional[bool]`` fields take the bare ``--flag`` / ``--no-flag`` forms."""
+    return tp is bool or _is_optional(tp) == (True, bool)
+
+
 def _type_name(tp) -> str:
     optional, inner = _is_optional(tp)
     if optional:
@@ -240,7 +245,7 @@ def config_help(cls) -> str:
         default = getattr(defaults, name)
         if isinstance(default, (tuple, list)):
             default = ",".join(str(v) for v in default)
-        flag = f"--{name}" + ("/--no-" + name if tp is bool else "")
+        flag = f"--{name}" + ("/--no-" + name if _is_flag(tp) else "")
         lines.append(f"  {flag:<34} {_type_name(tp):<40} default: {default}")
     return "\n".join(lines)
 
@@ -275,7 +280,7 @@ def parse_config(cls, argv: list[str] | None = None):
             config_file = inline
             i += 1
             continue
-        negated = key.startswith("no-") and key[3:] in flags and types_by_name[flags[key[3:]]] is bool
+        negated = key.startswith("no-") and key[3:] in flags and _is_flag(types_by_name[flags[key[3:]]])
         name = flags.get(key[3:] if negated else key)
         if name is None:
             known = sorted(set(flags) | {"config"})
@@ -287,7 +292,7 @@ def parse_config(cls, argv: list[str] | None = None):
             if has_eq:
                 raise ConfigError(f"--{key}: takes no value")
             values[name] = False
-        elif tp is bool and not has_eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+        elif _is_flag(tp) and not has_eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
             values[name] = True  # a bare --flag
         else:
             if not has_eq:
