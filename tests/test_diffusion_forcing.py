@@ -12,6 +12,7 @@ import torch
 from genmod.data.oscillators import OscillatorParams, damped_oscillation
 from genmod.diffusion_forcing import (
     DiffusionForcingTransformer,
+    DiffusionForcingUNet,
     autoregressive_matrix,
     full_sequence_matrix,
     fused_snr,
@@ -29,12 +30,20 @@ from genmod.flow.paths import get_path
 
 
 def _random_model(modality="video", seed=0, **kw):
-    """A small model with random (non-zero) weights everywhere, so every path through it matters."""
+    """A small model with random (non-zero) weights everywhere, so every path through it matters.
+
+    ``modality="unet"``: the conv backbone on video frames (temporal attention at both levels)."""
     torch.manual_seed(seed)
-    args = dict(modality=modality, in_channels=3 if modality == "video" else 4, sample_size=8, patch_size=4,
-                hidden_size=32, depth=2, num_heads=2, max_frames=6)
-    args.update(kw)
-    model = DiffusionForcingTransformer(**args)
+    if modality == "unet":
+        args = dict(in_channels=3, sample_size=8, block_out_channels=(8, 16), temporal_attention_levels=(0, 1),
+                    attention_head_dim=8, norm_num_groups=4, max_frames=6)
+        args.update(kw)
+        model = DiffusionForcingUNet(**args)
+    else:
+        args = dict(modality=modality, in_channels=3 if modality == "video" else 4, sample_size=8, patch_size=4,
+                    hidden_size=32, depth=2, num_heads=2, max_frames=6)
+        args.update(kw)
+        model = DiffusionForcingTransformer(**args)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -80,7 +89,7 @@ def test_per_frame_noise_levels_are_independent_in_training():
 # causality and the KV cache
 
 
-@pytest.mark.parametrize("modality", ["video", "sequence"])
+@pytest.mark.parametrize("modality", ["video", "sequence", "unet"])
 def test_future_frames_never_change_past_outputs(modality):
     model = _random_model(modality)
     gen = torch.Generator().manual_seed(1)
@@ -100,8 +109,9 @@ def test_future_frames_never_change_past_outputs(modality):
     assert torch.equal(out[:, :2], out3[:, :2]) and (out[:, 2] - out3[:, 2]).abs().max() > 1e-3
 
 
-def test_kv_cache_forward_equals_full_forward_and_history_cut_drops_history():
-    model = _random_model("video")
+@pytest.mark.parametrize("backbone", ["video", "unet"])
+def test_kv_cache_forward_equals_full_forward_and_history_cut_drops_history(backbone):
+    model = _random_model(backbone)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, *model.frame_shape, generator=gen)
     t = 1000 * torch.rand(2, 5, generator=gen)
@@ -117,10 +127,12 @@ def test_kv_cache_forward_equals_full_forward_and_history_cut_drops_history():
     torch.testing.assert_close(cut[:, :3], full[:, :3], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backbone", ["video", "unet"])
 @pytest.mark.parametrize("schedule,chunk,frames", [("autoregressive", 1, 4), ("autoregressive", 1, 9), ("pyramid", 3, 7)])
-def test_cached_rollout_equals_uncached(schedule, chunk, frames):
+def test_cached_rollout_equals_uncached(schedule, chunk, frames, backbone):
     """AR schedule with the KV cache == the uncached computation; 9 frames slide past the 6-frame window."""
-    model = _random_model("video")
+    # the U-Net has one level here (speed); the two-level one is checked against its cache in the test above
+    model = _random_model(backbone, **(dict(block_out_channels=(8,), temporal_attention_levels=(0,)) if backbone == "unet" else {}))
     context = torch.rand(2, 2, *model.frame_shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
     outs = {}
     for mode in (None, "reencode", "incremental"):
@@ -253,6 +265,57 @@ def test_pipeline_round_trip_and_cli_gif(tmp_path):
                         "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
     gif = Image.open(out)
     assert gif.n_frames == 7
+
+
+def test_unet_backbone_config_errors_and_save_load_round_trip(tmp_path):
+    from genmod.diffusion_forcing.pipeline import DiffusionForcingPipeline
+    from genmod.pipelines import load_pipeline
+
+    with pytest.raises(ValueError, match="modality"):
+        DiffusionForcingUNet(modality="sequence")
+    for bad, match in ((dict(temporal_attention_levels=(2,)), "temporal_attention_levels"),
+                       (dict(attention_head_dim=6), "attention_head_dim"), (dict(sample_size=7), "sample_size")):
+        with pytest.raises(ValueError, match=match):
+            _random_model("unet", **bad)
+    model = _random_model("unet", num_classes=3)
+    assert len(model.make_kv_caches()) == 7  # one per temporal layer: 1 + 1 down, 1 middle, 2 + 2 up
+    with pytest.raises(ValueError, match="kv_caches"):
+        model(torch.zeros(1, 2, 3, 8, 8), torch.zeros(1, 2), kv_caches=model.make_kv_caches()[:2])
+    x = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    t, labels = torch.full((2, 4), 500.0), torch.tensor([0, 2])
+    model.save_pretrained(tmp_path / "unet")
+    loaded = DiffusionForcingUNet.from_pretrained(tmp_path / "unet").eval()
+    assert torch.equal(loaded(x, t, labels).sample, model(x, t, labels).sample)
+    # the pipeline saves and loads the U-Net under the same component name as the transformer
+    pipe = DiffusionForcingPipeline(transformer=model, schedule="autoregressive", num_inference_steps=2, prediction="x0")
+    pipe.set_progress_bar_config(disable=True)
+    first = pipe(x[:, :2], num_frames=3, class_labels=labels, generator=torch.Generator().manual_seed(1)).frames
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = load_pipeline(tmp_path / "pipe")
+    assert isinstance(again.transformer, DiffusionForcingUNet)
+    again.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(again(x[:, :2], num_frames=3, class_labels=labels,
+                                     generator=torch.Generator().manual_seed(1)).frames, first)
+
+
+def test_train_cli_with_unet_backbone(tmp_path):
+    """``genmod train diffusion-forcing --backbone unet`` trains, checkpoints, and reloads as a U-Net."""
+    from genmod.cli import main
+    from genmod.train import ConfigError, load_family_from_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", "diffusion-forcing", "--backbone", "unet", "--dataset", "moving_shapes", "--dataset_size", "8",
+                 "--num_frames", "4", "--image_size", "8", "--unet_channels", "8,16", "--unet_temporal_levels", "1",
+                 "--unet_head_dim", "8", "--prediction", "x0", "--max_steps", "2", "--batch_size", "2", "--cpu",
+                 "--no-tensorboard", "--sample_every", "2", "--num_preview", "2", "--preview_frames", "3",
+                 "--sample_steps", "2", "--output_dir", str(out)]) == 0
+    family, model = load_family_from_checkpoint(str(out))
+    assert isinstance(model, DiffusionForcingUNet) and tuple(model.config.block_out_channels) == (8, 16)
+    from genmod.pipelines import load_pipeline
+
+    assert isinstance(load_pipeline(out / "pipeline").transformer, DiffusionForcingUNet)
+    with pytest.raises(ConfigError, match="backbone"):
+        DiffusionForcingConfig(dataset="oscillators", backbone="unet").validate()
 
 
 # ---------------------------------------------------------------------------------------------

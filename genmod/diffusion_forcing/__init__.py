@@ -1,6 +1,7 @@
-"""Diffusion Forcing (Chen et al. 2024): per-frame noise levels in a frame-causal transformer.
+"""Diffusion Forcing (Chen et al. 2024): per-frame noise levels in a frame-causal network.
 
-``DiffusionForcingTransformer`` (model), ``rollout`` (scheduling-matrix sampler with stabilised
+``DiffusionForcingTransformer`` and ``DiffusionForcingUNet`` (models: a causal DiT, a per-frame conv
+U-Net with causal temporal attention), ``rollout`` (scheduling-matrix sampler with stabilised
 context, KV cache, sliding window, history and gradient guidance), scheduling matrices, the fused-SNR
 weight, and (imported lazily) ``DiffusionForcingFamily`` / ``DiffusionForcingPipeline``.
 """
@@ -20,6 +21,7 @@ from genmod.diffusion_forcing.schedules import (
     validate_scheduling_matrix,
 )
 from genmod.diffusion_forcing.transformer import DiffusionForcingTransformer
+from genmod.diffusion_forcing.unet import DiffusionForcingUNet
 
 _LAZY = {
     "DiffusionForcingFamily": "genmod.diffusion_forcing.family",
@@ -29,7 +31,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "DiffusionForcingTransformer", "rollout", "present_clean", "fused_snr", "fused_snr_weight", "SCHEDULES",
+    "DiffusionForcingTransformer", "DiffusionForcingUNet", "rollout", "present_clean", "fused_snr", "fused_snr_weight", "SCHEDULES",
     "autoregressive_matrix", "full_sequence_matrix", "get_scheduling_matrix", "level_times", "pyramid_matrix",
     "trapezoid_matrix", "validate_scheduling_matrix", *_LAZY,
 ]

@@ -1,4 +1,4 @@
-"""The Diffusion Forcing family: independent per-frame noise levels in a frame-causal transformer.
+"""The Diffusion Forcing family: independent per-frame noise levels in a frame-causal network.
 
 Training (Chen et al. 2024, Sec. 3.2, Alg. 1): every frame ``t`` of every clip draws its own time
 ``k_t ~ U[0, 1]`` (``noise_level="random_all"``; ``"full_sequence"`` shares one level per clip, the
@@ -8,6 +8,10 @@ velocity, x0 or epsilon for all frames at once; the MSE is weighted per frame by
 SNR (``genmod.diffusion_forcing.loss``). Optional labels are dropped for CFG with
 ``class_dropout_prob``; ``history_drop_prob`` hides a random prefix of frames from the rest (to train
 the "drop" kind of history guidance). All randomness comes from the trainer's generator.
+
+Network (``backbone``): ``transformer`` (``DiffusionForcingTransformer``, video or sequences) or ``unet``
+(``DiffusionForcingUNet``, video only: a per-frame conv U-Net with causal temporal attention, which
+learns appearance much faster on a CPU budget).
 
 Data: ``moving_shapes`` clips ``[T, 3, S, S]`` (pixels) or ``oscillators`` series ``[T * k, D]``
 grouped into ``T`` frames of ``k = frame_stack`` steps (DF's frame stacking).
@@ -24,6 +28,7 @@ import torch
 from genmod.diffusion_forcing.loss import fused_snr_weight
 from genmod.diffusion_forcing.sampling import rollout
 from genmod.diffusion_forcing.transformer import DiffusionForcingTransformer
+from genmod.diffusion_forcing.unet import DiffusionForcingUNet
 from genmod.flow.loss import flow_matching_loss, min_snr_weight
 from genmod.flow.paths import get_path
 from genmod.flow.time_sampling import get_time_sampler
@@ -46,7 +51,12 @@ class DiffusionForcingConfig(TrainConfig):
     num_frames: int = 8
     image_size: int = 16
     frame_stack: int = 1
-    # network
+    # network: a frame-causal DiT, or (video) a conv U-Net with causal temporal attention
+    backbone: Literal["transformer", "unet"] = "transformer"
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_layers_per_block: int = 1
+    unet_temporal_levels: tuple[int, ...] = (1, 2)  # U-Net levels (0 = full resolution) with temporal attention
+    unet_head_dim: int = 32
     patch_size: int = 4
     hidden_size: int = 128
     depth: int = 4
@@ -82,6 +92,8 @@ class DiffusionForcingConfig(TrainConfig):
             raise ConfigError(f"--context_noise: must be in [0, 1), got {self.context_noise}")
         if not 0 <= self.history_drop_prob < 1:
             raise ConfigError(f"--history_drop_prob: must be in [0, 1), got {self.history_drop_prob}")
+        if self.backbone == "unet" and self.dataset in SEQUENCE_DATASETS:
+            raise ConfigError(f"--backbone unet: models video frames only; use --backbone transformer for {self.dataset}")
         if not 0 <= self.preview_context < self.num_frames:
             raise ConfigError(f"--preview_context: must be in [0, num_frames), got {self.preview_context}")
 
@@ -141,10 +153,19 @@ class DiffusionForcingFamily(Family):
         return frames.reshape(frames.shape[0], frames.shape[1] * k, frames.shape[2] // k)
 
     # -- model, loss, sampler --------------------------------------------------------------------
-    def build_model(self) -> DiffusionForcingTransformer:
+    def build_model(self) -> DiffusionForcingTransformer | DiffusionForcingUNet:
         cfg = self.config
         dataset = self.build_dataset()
         num_classes = getattr(dataset, "num_classes", 0) if cfg.conditional else 0
+        if cfg.backbone == "unet":
+            if self.is_sequence:
+                raise ValueError(f"backbone: 'unet' models video frames only, not the {cfg.dataset} sequences")
+            first = dataset[0]["video"]
+            return DiffusionForcingUNet(
+                in_channels=first.shape[1], sample_size=first.shape[-1], block_out_channels=tuple(cfg.unet_channels),
+                layers_per_block=cfg.unet_layers_per_block, temporal_attention_levels=tuple(cfg.unet_temporal_levels),
+                attention_head_dim=cfg.unet_head_dim, max_frames=cfg.num_frames, num_classes=num_classes,
+                class_dropout_prob=cfg.class_dropout_prob)
         common = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                       max_frames=cfg.num_frames, num_classes=num_classes, class_dropout_prob=cfg.class_dropout_prob)
         if self.is_sequence:

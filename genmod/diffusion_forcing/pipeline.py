@@ -31,10 +31,11 @@ class DiffusionForcingPipelineOutput(BaseOutput):
 
 
 class DiffusionForcingPipeline(GenmodPipeline):
-    """Roll out a ``DiffusionForcingTransformer``.
+    """Roll out a ``DiffusionForcingTransformer`` or a ``DiffusionForcingUNet``.
 
     Args:
-        transformer: the frame-causal network.
+        transformer: the frame-causal network (either class; the component keeps this name for both
+            so that saved pipelines load the same way).
         path, prediction: the package path and the network's prediction type it was trained with.
         context_noise: stabilisation level ``t_c`` of clean frames; schedule/slope/num_inference_steps: defaults.
         frame_stack: time steps per frame for sequences (outputs are unstacked).
