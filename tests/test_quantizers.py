@@ -265,6 +265,66 @@ def test_restart_draws_distinct_badly_served_outputs():
     assert (vq.cluster_size_ema[1:][~moved] < 1.0).all()  # the other 8 stay dead for the next batch
 
 
+@pytest.mark.parametrize("restart_count, expected_reset, steps_alive", [(None, 2.0, 3), (0.25, 0.25, 0)])
+def test_restarted_code_gets_a_grace_period(restart_count, expected_reset, steps_alive):
+    """A restarted code starts from the uniform share tokens / K (32 / 16 = 2 hits per step), so with
+    decay 0.5 and threshold 0.25 it survives 2 * 0.5^t >= 0.25, i.e. 3 steps without a hit, before it
+    is dead again. The old reset (EnCodec / vector-quantize-pytorch: the threshold itself, here
+    ``restart_count=0.25``) left it dead after a single step without a hit, so with more codes than
+    tokens per step most restarts were undone at once."""
+    # loss-updated codebook: without an optimizer step code 0 stays exactly at the origin
+    vq = VectorQuantizer(4, 16, codebook_update="loss", ema_decay=0.5, dead_code_threshold=0.25,
+                         restart_count=restart_count).train()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.randn(16, 4) * 0.1 + 100.0)
+        vq.codebook[0] = 0.0
+    vq.cluster_size_ema.zero_()
+    data = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    out = vq(data, generator=torch.Generator().manual_seed(0))
+    assert out.stats["restarted_codes"] == 15
+    assert torch.allclose(vq.cluster_size_ema[1:], torch.full((15,), expected_reset))
+    # batches sitting exactly on code 0: no other code is hit and no output can seed a restart
+    zeros = torch.zeros(32, 4)
+    for step in range(1, 5):
+        vq(zeros)
+        assert torch.allclose(vq.cluster_size_ema[1:], torch.full((15,), expected_reset * 0.5 ** step))
+        assert bool(vq._dead_mask()[1:].any()) == (step > steps_alive)
+    with pytest.raises(ValueError, match="restart_count"):
+        VectorQuantizer(4, 16, codebook_update="ema", dead_code_threshold=1.0, restart_count=0.5)
+
+
+def test_restart_grace_period_stops_churn_with_more_codes_than_tokens():
+    """1024 codes, 32 tokens per step (the ratio of 16k codes at 512 tokens): with the old reset at
+    the threshold nearly every token of every batch re-seeds a code, to the end (30.4 of 32 per step
+    over the last 100 steps: codes never settle); restarted from tokens / K they settle (0.47 per
+    step) at the same held-out usage (100%) and a slightly lower distortion (0.108 vs 0.110)."""
+
+    def cloud(n, seed, centres=64, dim=4):
+        g0 = torch.Generator().manual_seed(0)
+        means = torch.randn(centres, dim, generator=g0) * 2
+        scales = 0.2 + 0.8 * torch.rand(centres, 1, generator=g0)
+        g = torch.Generator().manual_seed(seed)
+        which = torch.randint(0, centres, (n,), generator=g)
+        return means[which] + scales[which] * torch.randn(n, dim, generator=g)
+
+    train, held_out = cloud(50000, 1), cloud(1024 * 40, 2)
+    codes, batch = 1024, 32
+    threshold = batch / codes / 8
+    results = {}
+    for name, restart_count in (("old", threshold), ("new", None)):
+        vq = VectorQuantizer(4, codes, codebook_update="ema", ema_decay=0.99, kmeans_init=True,
+                             dead_code_threshold=threshold, restart_count=restart_count).train()
+        g = torch.Generator().manual_seed(0)
+        restarts = [vq(train[torch.randint(0, len(train), (batch,), generator=g)], generator=g).stats["restarted_codes"]
+                    for _ in range(300)]
+        out = vq.eval()(held_out)
+        results[name] = (sum(restarts[-100:]) / 100, out.stats["usage"].item(), ((out.z_q - held_out) ** 2).mean().item())
+    (old_churn, old_usage, old_mse), (new_churn, new_usage, new_mse) = results["old"], results["new"]
+    assert old_churn > 20 and new_churn < 2
+    assert new_usage > 0.98 and old_usage > 0.98
+    assert new_mse < old_mse * 1.05
+
+
 def test_ema_weight_defaults_to_warm_for_old_checkpoints():
     vq = VectorQuantizer(4, 8, codebook_update="ema", kmeans_init=True)
     vq.train()(torch.randn(64, 4), generator=torch.Generator().manual_seed(0))

@@ -67,6 +67,13 @@ class VectorQuantizer(QuantizerBase):
             encoder outputs of the current batch, drawn without replacement with probability
             proportional to their squared quantisation error (EnCodec's restarts seeded like
             k-means++; EnCodec uses 2; keep it below tokens_per_batch / K). 0 turns restarts off.
+        restart_count: EMA hit count a restarted code starts from. None (default): the uniform share
+            of the step's tokens, tokens / K, and never below ``dead_code_threshold``. A code restarted
+            at the threshold itself (EnCodec's and vector-quantize-pytorch's reset) is dead again after
+            one step without a hit, which is the common case once K exceeds the tokens per step: the
+            restarts then churn every step and the codes never settle. From tokens / K an unhit code
+            stays alive for log(restart_count / threshold) / -log(decay) steps (~208 at threshold =
+            share / 8, decay 0.99), time to collect the hits its share promises.
         cosine: l2-normalise inputs and codes (lookup by cosine similarity; z_q is the unit code).
         gradient: ``"ste"``, ``"rotation"`` or ``"softmax_ste"`` (IBQ); never chosen implicitly.
         softmax_temperature: temperature of the ``softmax_ste`` logits (negative squared distances).
@@ -89,6 +96,7 @@ class VectorQuantizer(QuantizerBase):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
+        restart_count: float | None = None,
         cosine: bool = False,
         gradient: str = "ste",
         softmax_temperature: float = 1.0,
@@ -120,6 +128,10 @@ class VectorQuantizer(QuantizerBase):
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
+        if restart_count is not None and restart_count < dead_code_threshold:
+            raise ValueError(f"VectorQuantizer: restart_count ({restart_count}) must be >= dead_code_threshold "
+                             f"({dead_code_threshold}), or a restarted code is dead at once")
+        self.restart_count = restart_count
         self.cosine = cosine
         self.gradient = gradient
         self.softmax_temperature = softmax_temperature
@@ -284,10 +296,15 @@ class VectorQuantizer(QuantizerBase):
             # a code never hit since the zero start has no average yet: it keeps its value
             new_codes = torch.where((self.cluster_size_ema == 0).unsqueeze(1), self.codebook, new_codes)
             self.codebook.copy_(F.normalize(new_codes, dim=1) if self.cosine else new_codes)
-        return self._restart_dead_codes(e, sq_err, generator) if self.dead_code_threshold > 0 else 0
+        if self.dead_code_threshold <= 0:
+            return 0
+        reset = self.restart_count
+        if reset is None:  # uniform share of this step's tokens (all processes), at least the threshold
+            reset = max(float(counts.sum()) / self.codebook_size, self.dead_code_threshold)
+        return self._restart_dead_codes(e, sq_err, generator, reset)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, e, sq_err, generator) -> int:
+    def _restart_dead_codes(self, e, sq_err, generator, reset: float) -> int:
         """Replace codes with EMA usage below the threshold by current encoder outputs (EnCodec /
         SoundStream restarts). The outputs are drawn without replacement with probability
         proportional to their squared distance to the nearest code (k-means++ D^2 seeding, Arthur &
@@ -296,7 +313,8 @@ class VectorQuantizer(QuantizerBase):
         restarted codes on the same output; all but one of them stay dead). When there are more
         dead codes than such outputs, a random subset is restarted now and the rest on later steps.
         The dead mask is identical on every process (all-reduced counts); which codes restart and
-        their replacements are rank 0's, broadcast."""
+        their replacements are rank 0's, broadcast. A restarted code's EMA count becomes ``reset``
+        (see ``restart_count``)."""
         dead = self._dead_mask()
         num_dead = int(dead.sum())
         if num_dead == 0:
@@ -318,9 +336,9 @@ class VectorQuantizer(QuantizerBase):
         restart[dead.nonzero().squeeze(1)[take.bool()]] = True
         replacement = replacement[take.bool()]
         self.codebook.data[restart] = replacement.to(self.codebook.dtype)
-        self.cluster_size_ema[restart] = self.dead_code_threshold
+        self.cluster_size_ema[restart] = reset
         if self.codebook_update == "ema":
-            self.ema_embed_sum[restart] = replacement * self.dead_code_threshold
+            self.ema_embed_sum[restart] = replacement * reset
         return int(restart.sum())
 
     def extra_repr(self) -> str:
