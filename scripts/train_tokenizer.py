@@ -18,7 +18,7 @@ import time
 
 def main(argv: list[str]) -> dict:
     from genmod.train import Trainer, parse_config
-    from tokenizers_vq.family import TokenizerConfig, TokenizerFamily, evaluate_tokenizer, load_dataset
+    from tokenizers_vq.family import TokenizerConfig, TokenizerFamily, evaluate_tokenizer, load_eval_dataset
     from tokenizers_vq.models import load_tokenizer
 
     config = parse_config(TokenizerConfig, argv)
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> dict:
         save_file({k: v.contiguous() for k, v in family.discriminator.state_dict().items()},
                   os.path.join(config.output_dir, "discriminator.safetensors"))
     model = load_tokenizer(summary.final_model)
-    eval_set = load_dataset(config.dataset, config.eval_split)
+    eval_set = load_eval_dataset(config.dataset, config.eval_split, config.modality)
     metrics = evaluate_tokenizer(model, eval_set, os.path.join(config.output_dir, "eval"),
                                  num_samples=config.eval_samples)
     metrics["steps"] = summary.final_step

@@ -58,6 +58,8 @@ class TokenizerConfig(TrainConfig):
     num_res_blocks: int = 1
     attention: bool = False
     strides: tuple[int, ...] = (2, 4, 5, 8)
+    full_rate_blocks: bool = True  # audio: residual units at the sample rate (False: a cheaper patchify level)
+    istft_levels: int = 0  # audio: the decoder's last N upsampling levels become a Vocos inverse-STFT head
     latent_channels: int = 8
     # quantizer (tokenizer == "vq")
     quantizer: Literal["vq", "simvq", "fsq", "rvq", "rfsq", "msvq"] = "fsq"
@@ -92,6 +94,7 @@ class TokenizerConfig(TrainConfig):
     stft_weight: float = 0.0
     feature_matching_weight: float = 2.0
     audio_segment: int = 8000  # training crop in samples (a multiple of prod(strides))
+    audio_crop_tries: int = 1  # random crops drawn per clip; the most energetic is kept (1 = plain random crop)
     # evaluation at the end of training
     eval_samples: int = 1000
     eval_split: str = "test"
@@ -105,6 +108,8 @@ class TokenizerConfig(TrainConfig):
             hop = math.prod(self.strides)
             if self.audio_segment % hop:
                 raise ConfigError(f"audio_segment={self.audio_segment} must be a multiple of prod(strides)={hop}")
+        if self.audio_crop_tries < 1:
+            raise ConfigError(f"--audio_crop_tries: must be >= 1, got {self.audio_crop_tries}")
         if self.gan_weight < 0 or self.perceptual_weight < 0:
             raise ConfigError("gan_weight / perceptual_weight must be >= 0")
 
@@ -119,6 +124,9 @@ def build_tokenizer(config: TokenizerConfig, in_channels: int):
     common = dict(modality=config.modality, in_channels=in_channels, base_channels=config.base_channels,
                   ch_mult=tuple(config.ch_mult), num_res_blocks=config.num_res_blocks, attention=config.attention,
                   strides=tuple(config.strides), latent_channels=config.latent_channels)
+    if config.modality == "audio":
+        common["full_rate_blocks"] = config.full_rate_blocks
+        common["istft_levels"] = config.istft_levels
     if config.tokenizer == "vq":
         return VQTokenizer(quantizer=config.quantizer, codebook_size=config.codebook_size,
                            fsq_levels=tuple(config.fsq_levels), codebook_dim=config.codebook_dim, cosine=resolved_cosine(config),
@@ -132,9 +140,10 @@ def build_tokenizer(config: TokenizerConfig, in_channels: int):
     return KLVAE(kl_weight=config.kl_weight, **common)
 
 
-def load_dataset(name: str, split: str, num_samples: Optional[int] = None):
+def load_dataset(name: str, split: str, num_samples: Optional[int] = None, **kwargs):
     """``genmod.data.get_dataset`` (falls back to the built-in classes while that registry is missing)."""
-    kwargs = {"num_samples": num_samples} if num_samples is not None else {}
+    if num_samples is not None:
+        kwargs["num_samples"] = num_samples
     try:
         from genmod.data import get_dataset
     except ImportError:
@@ -196,14 +205,24 @@ class TokenizerFamily(Family):
         return build_tokenizer(self.config, self.in_channels)
 
     def crop_audio(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Random (or, without a generator, leading) crop of ``audio_segment`` samples."""
+        """Crop ``audio_segment`` samples from each clip of ``(B, C, T)``: without a generator the
+        leading segment; with one, an independent random start per clip. With ``audio_crop_tries = k > 1``
+        each clip draws k starts and keeps the crop with the most energy, so short utterances padded
+        with silence (spoken digits) are not mostly trained on silence."""
         segment = self.config.audio_segment
         if x.shape[-1] < segment:
             return F.pad(x, (0, segment - x.shape[-1]))
         if generator is None:
             return x[..., :segment]
-        start = int(torch.randint(0, x.shape[-1] - segment + 1, (1,), generator=generator, device=generator.device))
-        return x[..., start:start + segment]
+        tries = max(1, int(self.config.audio_crop_tries))
+        starts = torch.randint(0, x.shape[-1] - segment + 1, (x.shape[0], tries), generator=generator,
+                               device=generator.device).cpu()
+        crops = []
+        for clip, candidates in zip(x, starts.tolist()):
+            options = [clip[..., s:s + segment] for s in candidates]
+            energies = [float(o.float().pow(2).sum()) for o in options]
+            crops.append(options[max(range(tries), key=energies.__getitem__)])
+        return torch.stack(crops)
 
     # ------------------------------------------------------------------ trainer hooks
     def set_step(self, step: int) -> None:
@@ -355,16 +374,136 @@ def _code_histograms(model, indices: torch.Tensor) -> list[torch.Tensor]:
     return [torch.bincount(indices.flatten(), minlength=int(size))]
 
 
+def _usage_metrics(histograms: list[torch.Tensor]) -> dict:
+    """Usage (fraction of codes hit) and perplexity (exp of the whole-set code entropy), per codebook and averaged."""
+    usages, perplexities = [], []
+    for h in histograms:
+        p = h.double() / h.sum().clamp_min(1)
+        usages.append(float((h > 0).double().mean()))
+        perplexities.append(float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())))
+    metrics = {"codebook_usage": sum(usages) / len(usages), "perplexity": sum(perplexities) / len(perplexities),
+               "codebook_size": int(histograms[0].numel())}
+    if len(histograms) > 1:
+        metrics["usage_per_codebook"] = usages
+        metrics["perplexity_per_codebook"] = perplexities
+    return metrics
+
+
+def token_rate(model, sample_rate: int) -> dict:
+    """Frames per second and, for discrete tokenizers, bits per frame (``sum_stages log2 codebook_size``)
+    and the bitrate ``frames/s * bits/frame`` of an audio tokenizer."""
+    frames = sample_rate / model.downsample_factor
+    out = {"frames_per_second": frames}
+    config = model.config
+    if "quantizer" in config:
+        if config.quantizer in ("rvq", "rfsq"):
+            sizes = [stage.codebook_size for stage in model.quantize_layer.stages]
+        else:
+            sizes = [int(getattr(model.quantize_layer, "codebook_size", config.codebook_size))]
+        out["bits_per_frame"] = float(sum(math.log2(n) for n in sizes))
+        out["bitrate_bps"] = frames * out["bits_per_frame"]
+    else:
+        out["latent_channels"] = int(config.latent_channels)
+        out["floats_per_second"] = frames * int(config.latent_channels)
+    return out
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+@torch.no_grad()
+def evaluate_audio_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, batch_size: int = 64,
+                             num_show: int = 8, baselines: bool = True) -> dict:
+    """Audio reconstruction metrics (see :func:`evaluate_tokenizer`) on clips at their own lengths (cut
+    to a multiple of the hop; clips of different lengths are run one at a time).
+
+    Per clip, averaged: SI-SDR (dB), multi-resolution STFT distance and 80-band log-mel distance
+    (``evals.audio``), and DAC's multi-scale mel distance (the training loss). With ``baselines`` the same
+    numbers for silence and resampled mu-law codecs (``evals.audio.DEFAULT_BASELINES``) on the same
+    clips, so the tokenizer's numbers can be read against known bitrates. Writes ``metrics.json``,
+    ``input_XX.wav`` / ``recon_XX.wav`` and ``mel_spectrograms.png`` (inputs vs reconstructions)."""
+    from evals.audio import audio_baselines, reconstruction_scores, save_mel_comparison
+    from genmod.data.io import save_wav
+
+    device = next(model.parameters()).device
+    hop = model.downsample_factor
+    sample_rate = int(getattr(dataset, "sample_rate", 16000))
+    multiscale_mel = MultiScaleMelLoss(sample_rate).to(device)
+    scores: dict[str, list] = {}
+    base_scores: dict[str, dict[str, list]] = {}
+    base_bitrates: dict[str, int] = {}
+    histograms = None
+    shown_in, shown_out = [], []
+
+    def add(store, values):
+        for key, vals in values.items():
+            store.setdefault(key, []).extend(vals)
+
+    clips = []
+    for i in range(num_samples):
+        x = batch_input(dataset[i], "audio")
+        length = max(hop, x.shape[-1] // hop * hop)
+        clips.append(F.pad(x, (0, max(0, length - x.shape[-1])))[..., :length])
+    groups, current = [], []
+    for clip in clips:  # runs of equal-length clips, at most batch_size each
+        if current and (clip.shape[-1] != current[0].shape[-1] or len(current) == batch_size):
+            groups.append(current)
+            current = []
+        current.append(clip)
+    groups.append(current)
+    for group in tqdm(groups, desc="eval tokenizer", leave=False):
+        x = torch.stack(group).to(device)
+        out = model(x)
+        x_hat = out.sample.clamp(-1, 1)
+        add(scores, reconstruction_scores(x_hat.cpu(), x.cpu(), sample_rate))
+        scores.setdefault("multiscale_mel_distance", []).extend(
+            float(multiscale_mel(x[i:i + 1], x_hat[i:i + 1])) for i in range(len(x)))
+        if baselines:
+            for name, (y, bitrate) in audio_baselines(x.cpu(), sample_rate).items():
+                base_bitrates[name] = bitrate
+                add(base_scores.setdefault(name, {}), reconstruction_scores(y, x.cpu(), sample_rate))
+        if out.indices is not None:
+            hists = _code_histograms(model, out.indices)
+            histograms = hists if histograms is None else [a + b for a, b in zip(histograms, hists)]
+        for i in range(len(x)):
+            if len(shown_in) < num_show:
+                shown_in.append(x[i].cpu())
+                shown_out.append(x_hat[i].cpu())
+    metrics = {key: _mean(vals) for key, vals in scores.items()}
+    metrics["num_samples"] = num_samples
+    metrics["seconds"] = sum(c.shape[-1] for c in clips) / sample_rate
+    metrics["sample_rate"] = sample_rate
+    metrics.update(token_rate(model, sample_rate))
+    if histograms is not None:
+        metrics.update(_usage_metrics(histograms))
+    if baselines:
+        metrics["baselines"] = {name: {"bitrate_bps": base_bitrates[name], **{k: _mean(v) for k, v in vals.items()}}
+                                for name, vals in base_scores.items()}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for i in range(len(shown_in)):
+        save_wav(os.path.join(out_dir, f"input_{i:02d}.wav"), shown_in[i], sample_rate)
+        save_wav(os.path.join(out_dir, f"recon_{i:02d}.wav"), shown_out[i], sample_rate)
+    count = min(4, len(shown_in))
+    save_mel_comparison(os.path.join(out_dir, "mel_spectrograms.png"),
+                        [("input", shown_in[:count]), ("reconstruction", shown_out[:count])], sample_rate)
+    return metrics
+
+
 @torch.no_grad()
 def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, batch_size: int = 64,
-                       num_show: int = 8, lpips: bool = True, lpips_net: str = "alex") -> dict:
+                       num_show: int = 8, lpips: bool = True, lpips_net: str = "alex", baselines: bool = True) -> dict:
     """Reconstruction metrics of ``model`` on the first ``num_samples`` items of ``dataset``.
 
-    Images: PSNR, SSIM, LPIPS-``lpips_net`` (when its weights are available); audio: multi-resolution STFT distance, multi-scale mel
-    distance, SI-SDR. Discrete tokenizers: codebook usage (fraction of codes used over the whole set)
-    and perplexity (exp of the entropy of the whole-set code histogram), per codebook and averaged.
-    Writes ``metrics.json`` and ``reconstructions.png`` (or ``input_XX.wav`` / ``recon_XX.wav``) into
-    ``out_dir`` and returns the metrics.
+    Images: PSNR, SSIM, LPIPS-``lpips_net`` (when its weights are available); audio
+    (:func:`evaluate_audio_tokenizer`): SI-SDR, multi-resolution STFT distance, mel distances, frames/s
+    and bitrate, and the same numbers for reference codecs (``baselines``). Discrete tokenizers: codebook
+    usage (fraction of codes used over the whole set) and perplexity (exp of the entropy of the
+    whole-set code histogram), per codebook (RVQ stage) and averaged.
+    Writes ``metrics.json`` and ``reconstructions.png`` (or ``input_XX.wav`` / ``recon_XX.wav`` and
+    ``mel_spectrograms.png``) into ``out_dir`` and returns the metrics.
     """
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
@@ -373,10 +512,12 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
     num_samples = min(num_samples, len(dataset))
     if num_samples <= 0:
         raise ValueError(f"evaluate_tokenizer: dataset is empty or num_samples={num_samples}")
+    if modality == "audio":
+        return evaluate_audio_tokenizer(model, dataset, out_dir, num_samples, batch_size, num_show, baselines)
     from evals.recon import psnr as psnr_fn, ssim as ssim_fn
 
     lpips_fn = None
-    if lpips and modality == "image":
+    if lpips:
         try:
             lpips_fn = PerceptualLoss(net=lpips_net).to(device)
         except RuntimeError:
@@ -384,28 +525,16 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
     sums: dict[str, float] = {}
     histograms = None
     shown_in, shown_out = [], []
-    hop = getattr(model, "downsample_factor", 1)
-    stft, mel = MultiResolutionSTFTLoss(), None
-    sample_rate = int(getattr(dataset, "sample_rate", 16000))
     for start in tqdm(range(0, num_samples, batch_size), desc="eval tokenizer", leave=False):
         items = [dataset[i] for i in range(start, min(start + batch_size, num_samples))]
         x = torch.stack([batch_input(item, modality) for item in items]).to(device)
-        if modality == "audio":
-            x = x[..., : x.shape[-1] // hop * hop]
         out = model(x)
         x_hat = out.sample.clamp(-1, 1)
         n = x.shape[0]
-        if modality == "image":
-            sums["psnr"] = sums.get("psnr", 0.0) + float(psnr_fn(x, x_hat).sum())
-            sums["ssim"] = sums.get("ssim", 0.0) + float(ssim_fn(x, x_hat).sum())
-            if lpips_fn is not None:
-                sums[f"lpips_{lpips_net}"] = sums.get(f"lpips_{lpips_net}", 0.0) + float(lpips_fn(x, x_hat)) * n
-        else:
-            if mel is None:
-                mel = MultiScaleMelLoss(sample_rate).to(device)
-            sums["mr_stft_distance"] = sums.get("mr_stft_distance", 0.0) + float(stft(x, x_hat)) * n
-            sums["mel_distance"] = sums.get("mel_distance", 0.0) + float(mel(x, x_hat)) * n
-            sums["si_sdr"] = sums.get("si_sdr", 0.0) + float(si_sdr(x, x_hat).mean(-1).sum())
+        sums["psnr"] = sums.get("psnr", 0.0) + float(psnr_fn(x, x_hat).sum())
+        sums["ssim"] = sums.get("ssim", 0.0) + float(ssim_fn(x, x_hat).sum())
+        if lpips_fn is not None:
+            sums[f"lpips_{lpips_net}"] = sums.get(f"lpips_{lpips_net}", 0.0) + float(lpips_fn(x, x_hat)) * n
         if out.indices is not None:
             hists = _code_histograms(model, out.indices)
             histograms = hists if histograms is None else [a + b for a, b in zip(histograms, hists)]
@@ -415,32 +544,28 @@ def evaluate_tokenizer(model, dataset, out_dir: str, num_samples: int = 1000, ba
     metrics = {k: v / num_samples for k, v in sums.items()}
     metrics["num_samples"] = num_samples
     if histograms is not None:
-        usages, perplexities = [], []
-        for h in histograms:
-            p = h.double() / h.sum().clamp_min(1)
-            usages.append(float((h > 0).double().mean()))
-            perplexities.append(float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())))
-        metrics["codebook_usage"] = sum(usages) / len(usages)
-        metrics["perplexity"] = sum(perplexities) / len(perplexities)
-        metrics["codebook_size"] = int(histograms[0].numel())
-        if len(histograms) > 1:
-            metrics["usage_per_codebook"] = usages
-            metrics["perplexity_per_codebook"] = perplexities
-    # numbers first, so a failing image/WAV writer cannot lose them
+        metrics.update(_usage_metrics(histograms))
+    # numbers first, so a failing image writer cannot lose them
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     shown_x = torch.cat(shown_in)[:num_show]
     shown_y = torch.cat(shown_out)[:num_show]
-    from genmod.data.io import save_image_grid, save_wav
+    from genmod.data.io import save_image_grid
 
-    if modality == "image":
-        grid = torch.cat([shown_x, shown_y], dim=-1)  # input | reconstruction, side by side
-        save_image_grid(grid, os.path.join(out_dir, "reconstructions.png"), nrow=max(1, int(math.sqrt(len(grid)))))
-    else:
-        for i in range(len(shown_x)):
-            save_wav(os.path.join(out_dir, f"input_{i:02d}.wav"), shown_x[i], sample_rate)
-            save_wav(os.path.join(out_dir, f"recon_{i:02d}.wav"), shown_y[i], sample_rate)
+    grid = torch.cat([shown_x, shown_y], dim=-1)  # input | reconstruction, side by side
+    save_image_grid(grid, os.path.join(out_dir, "reconstructions.png"), nrow=max(1, int(math.sqrt(len(grid)))))
     return metrics
+
+
+def load_eval_dataset(name: str, split: str, modality: str, duration: Optional[float] = None):
+    """The evaluation set: for audio, clips at their own lengths (``duration=None``) when the dataset
+    takes a ``duration`` (speech digits, audio folders) instead of zero-padded to a fixed length."""
+    if modality == "audio":
+        try:
+            return load_dataset(name, split, duration=duration)
+        except TypeError:  # a dataset without a duration argument (tones): its own fixed length
+            pass
+    return load_dataset(name, split)
 
 
 def _resolve_tokenizer_dir(path: str) -> tuple[str, Optional[dict]]:
@@ -473,6 +598,10 @@ def main_eval_tokenizer(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", default=None, help="default: TOKENIZER_DIR/../eval")
     parser.add_argument("--no-lpips", dest="lpips", action="store_false")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="audio: skip the silence / mu-law reference codecs")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="audio: pad/crop clips to this many seconds (default: each clip at its own length)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     model_dir, run_config = _resolve_tokenizer_dir(args.tokenizer_dir)
@@ -481,8 +610,9 @@ def main_eval_tokenizer(argv: list[str]) -> int:
         parser.error("--dataset is required (no train_config.json next to the tokenizer)")
     model = load_tokenizer(model_dir).to(args.device)
     out_dir = args.out or os.path.join(model_dir, "..", "eval")
-    metrics = evaluate_tokenizer(model, load_dataset(dataset_name, args.split), out_dir, num_samples=args.num_samples,
-                                 batch_size=args.batch_size, lpips=args.lpips)
+    dataset = load_eval_dataset(dataset_name, args.split, model.config.modality, args.duration)
+    metrics = evaluate_tokenizer(model, dataset, out_dir, num_samples=args.num_samples,
+                                 batch_size=args.batch_size, lpips=args.lpips, baselines=args.baselines)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return 0

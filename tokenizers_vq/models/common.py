@@ -32,14 +32,16 @@ class TokenizerOutput(BaseOutput):
 
 
 def build_encoder_decoder(modality: str, in_channels: int, enc_out: int, dec_in: int, base_channels: int,
-                          ch_mult: Sequence[int], num_res_blocks: int, attention: bool, strides: Sequence[int]):
-    """Image (2D, ``ch_mult``) or waveform (1D, ``strides``) encoder and decoder."""
+                          ch_mult: Sequence[int], num_res_blocks: int, attention: bool, strides: Sequence[int],
+                          full_rate_blocks: bool = True, istft_levels: int = 0):
+    """Image (2D, ``ch_mult``) or waveform (1D, ``strides``; ``full_rate_blocks``: see ``Encoder1d``,
+    ``istft_levels``: see ``Decoder1d``) encoder and decoder."""
     if modality == "image":
         return (Encoder2d(in_channels, enc_out, base_channels, ch_mult, num_res_blocks, attention),
                 Decoder2d(dec_in, in_channels, base_channels, ch_mult, num_res_blocks, attention))
     if modality == "audio":
-        return (Encoder1d(in_channels, enc_out, base_channels, strides, attention),
-                Decoder1d(dec_in, in_channels, base_channels, strides, attention))
+        return (Encoder1d(in_channels, enc_out, base_channels, strides, attention, full_rate_blocks),
+                Decoder1d(dec_in, in_channels, base_channels, strides, attention, full_rate_blocks, istft_levels))
     raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
 
 

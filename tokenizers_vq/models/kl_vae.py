@@ -27,11 +27,13 @@ class KLVAE(ModelMixin, ConfigMixin, LatentNormMixin):
     def __init__(self, modality: str = "image", in_channels: int = 3, base_channels: int = 64,
                  ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False,
                  strides: Sequence[int] = (2, 4, 5, 8), latent_channels: int = 8, kl_weight: float = 1e-6,
-                 scaling_factor: float = 1.0, shift_factor: float = 0.0):
+                 scaling_factor: float = 1.0, shift_factor: float = 0.0, full_rate_blocks: bool = True,
+                 istft_levels: int = 0):
         super().__init__()
         self.encoder, self.decoder = build_encoder_decoder(modality, in_channels, 2 * latent_channels,
                                                            latent_channels, base_channels, ch_mult,
-                                                           num_res_blocks, attention, strides)
+                                                           num_res_blocks, attention, strides, full_rate_blocks,
+                                                           istft_levels)
         self.downsample_factor = downsample_factor(modality, ch_mult, strides)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

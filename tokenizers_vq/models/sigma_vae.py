@@ -24,10 +24,12 @@ class SigmaVAE(ModelMixin, ConfigMixin, LatentNormMixin):
     def __init__(self, modality: str = "image", in_channels: int = 3, base_channels: int = 64,
                  ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False,
                  strides: Sequence[int] = (2, 4, 5, 8), latent_channels: int = 8, sigma_std: float = 0.75,
-                 mean_l2_weight: float = 1e-2, scaling_factor: float = 1.0, shift_factor: float = 0.0):
+                 mean_l2_weight: float = 1e-2, scaling_factor: float = 1.0, shift_factor: float = 0.0,
+                 full_rate_blocks: bool = True, istft_levels: int = 0):
         super().__init__()
         self.encoder, self.decoder = build_encoder_decoder(modality, in_channels, latent_channels, latent_channels,
-                                                           base_channels, ch_mult, num_res_blocks, attention, strides)
+                                                           base_channels, ch_mult, num_res_blocks, attention, strides,
+                                                           full_rate_blocks, istft_levels)
         self.downsample_factor = downsample_factor(modality, ch_mult, strides)
 
     @property

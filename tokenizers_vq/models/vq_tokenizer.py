@@ -30,11 +30,13 @@ class VQTokenizer(ModelMixin, ConfigMixin, LatentNormMixin):
                  ema_decay: float = 0.99, kmeans_init: bool = False, dead_code_threshold: float = 0.0,
                  gradient: str = "ste", commitment_beta: float = 0.25, num_quantizers: int = 1,
                  quantizer_dropout: float = 0.0, scales: Sequence[int] = (1, 2, 3, 4, 6, 8),
-                 scaling_factor: float = 1.0, shift_factor: float = 0.0):
+                 scaling_factor: float = 1.0, shift_factor: float = 0.0, full_rate_blocks: bool = True,
+                 istft_levels: int = 0):
         super().__init__()
         dim = quantizer_dim(quantizer, latent_channels, fsq_levels)
         self.encoder, self.decoder = build_encoder_decoder(modality, in_channels, dim, dim, base_channels, ch_mult,
-                                                           num_res_blocks, attention, strides)
+                                                           num_res_blocks, attention, strides, full_rate_blocks,
+                                                           istft_levels)
         self.quantize_layer = build_quantizer(
             quantizer, dim, codebook_size=codebook_size, fsq_levels=fsq_levels, codebook_dim=codebook_dim,
             cosine=cosine, codebook_update=codebook_update, ema_decay=ema_decay, kmeans_init=kmeans_init,
