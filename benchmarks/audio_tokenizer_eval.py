@@ -11,6 +11,11 @@ For each ``NAME=RUN_DIR`` (a run folder with ``final_model/`` or a tokenizer fol
 ``genmod eval-tokenizer RUN_DIR``), keeps the first ``--wavs`` input / reconstruction pairs as WAVs
 (``NAME_recon_XX.wav``, ``input_XX.wav``) and one PNG of log-mel spectrograms (inputs and every
 tokenizer's reconstructions), and writes ``metrics.json`` and ``table.md`` into ``--out``.
+
+``--classifier`` adds an intelligibility proxy: the accuracy of the spoken-digit classifier of
+``benchmarks/latentlm_tts.py`` (trained once on the single-digit training clips, then cached) on the
+reconstructions of the held-out single-digit clips, next to its accuracy on the originals and on the
+reference codecs' versions.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 
@@ -25,10 +31,39 @@ def _fmt(value, digits=2):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(results: dict) -> str:
+def digit_accuracies(models: dict, sample_rate: int = 16000, batch_size: int = 32) -> dict:
+    """Spoken-digit classifier accuracy on the held-out single-digit clips (2 s, zero-padded): originals,
+    each tokenizer's reconstructions and each reference codec's output."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from latentlm_tts import SingleDigits, single_digit_classifier
+
+    from evals.audio import audio_baselines
+    from evals.feature_net import classifier_accuracy
+
+    with torch.enable_grad():  # trains the classifier on the first call
+        net = single_digit_classifier()
+    real = SingleDigits("test")
+    clips = torch.stack([real[i]["audio"] for i in range(len(real))])
+    labels = torch.tensor([int(real[i]["label"]) for i in range(len(real))])
+    out = {"num_clips": len(real), "feature_net": net.describe(), "original": classifier_accuracy(net, clips, labels)}
+    for name, model in models.items():
+        hop = model.downsample_factor
+        x = torch.nn.functional.pad(clips, (0, -clips.shape[-1] % hop))
+        recon = torch.cat([model(x[s:s + batch_size]).sample.clamp(-1, 1) for s in range(0, len(x), batch_size)])
+        out[name] = classifier_accuracy(net, recon[..., :clips.shape[-1]], labels)
+    for name, (y, _) in audio_baselines(clips, sample_rate).items():
+        out[name] = classifier_accuracy(net, y, labels)
+    return out
+
+
+def markdown_table(results: dict, accuracy: dict | None = None) -> str:
     """One row per tokenizer and per reference codec (from the first tokenizer's baselines)."""
-    lines = ["| system | bitrate | SI-SDR (dB) | MR-STFT distance | mel distance | code usage / perplexity per stage |",
-             "|---|---|---|---|---|---|"]
+    acc = (lambda name: f" {accuracy[name]:.3f} |" if name in accuracy else " |") if accuracy else (lambda name: "")
+    lines = ["| system | bitrate | SI-SDR (dB) | MR-STFT distance | mel distance | code usage / perplexity per stage |"
+             + (" digit-classifier accuracy |" if accuracy else ""),
+             "|---|---|---|---|---|---|" + ("---|" if accuracy else "")]
     baselines = {}
     for name, m in results.items():
         if "bitrate_bps" in m:
@@ -41,11 +76,13 @@ def markdown_table(results: dict) -> str:
         elif "codebook_usage" in m:
             usage = f"{m['codebook_usage']:.2f}/{m['perplexity']:.0f}"
         lines.append(f"| **{name}** | {rate} | {_fmt(m['si_sdr'])} | {_fmt(m['mr_stft_distance'])} | "
-                     f"{_fmt(m['mel_distance'])} | {usage} |")
+                     f"{_fmt(m['mel_distance'])} | {usage} |" + acc(name))
         baselines = baselines or m.get("baselines", {})
     for name, b in baselines.items():
         lines.append(f"| {name} | {b['bitrate_bps'] / 1000:g} kbit/s | {_fmt(b['si_sdr'])} | {_fmt(b['mr_stft_distance'])} | "
-                     f"{_fmt(b['mel_distance'])} | |")
+                     f"{_fmt(b['mel_distance'])} | |" + acc(name))
+    if accuracy:
+        lines.append(f"| original clips | | | | | | {accuracy['original']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -57,6 +94,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--wavs", type=int, default=4, help="input / reconstruction pairs kept as WAVs")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--classifier", action="store_true",
+                        help="also score single-digit reconstructions with a spoken-digit classifier")
     args = parser.parse_args(argv)
 
     import torch
@@ -68,7 +107,7 @@ def main(argv=None) -> dict:
 
     torch.set_grad_enabled(False)
     os.makedirs(args.out, exist_ok=True)
-    results, recon_columns, inputs = {}, [], []
+    results, recon_columns, inputs, models = {}, [], [], {}
     for spec in args.tokenizer:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -88,14 +127,16 @@ def main(argv=None) -> dict:
         metrics["model_dir"] = model_dir
         metrics["parameters"] = sum(p.numel() for p in model.parameters())
         results[name] = metrics
+        models[name] = model
         recon_columns.append((name, clips))
         print(f"{name}: SI-SDR {_fmt(metrics['si_sdr'])} dB, MR-STFT {_fmt(metrics['mr_stft_distance'])}, "
               f"mel {_fmt(metrics['mel_distance'])}")
     sample_rate = results[next(iter(results))]["sample_rate"]
     save_mel_comparison(os.path.join(args.out, "mel_spectrograms.png"), [("input", inputs)] + recon_columns, sample_rate)
+    accuracy = digit_accuracies(models, sample_rate) if args.classifier else None
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = markdown_table(results)
+        json.dump({"tokenizers": results, "digit_classifier_accuracy": accuracy}, f, indent=2)
+    table = markdown_table(results, accuracy)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)
