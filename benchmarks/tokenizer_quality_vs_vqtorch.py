@@ -42,6 +42,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,15 +116,15 @@ class TheirFSQ(nn.Module):
 # ----------------------------------------------------------------------------- data
 def load_images(dataset: str, split: str) -> torch.Tensor:
     """The whole split as one float tensor in [-1, 1] (cached under runs/ after the first read)."""
-    path = os.path.join(RUN_ROOT, f"_{dataset}_{split}.pt")
+    path = os.path.join(RUN_ROOT, f"_{dataset}_{split}.safetensors")
     if os.path.isfile(path):
-        return torch.load(path)
+        return load_file(path)["images"]
     from genmod.data import get_dataset
 
     data = get_dataset(dataset, split=split)
     images = torch.stack([data[i]["image"] for i in range(len(data))]).float()
     os.makedirs(RUN_ROOT, exist_ok=True)
-    torch.save(images, path)
+    save_file({"images": images.contiguous()}, path)
     return images
 
 
@@ -237,8 +238,8 @@ def train_one(name: str, args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "result.json"), "w") as fh:
         json.dump(result, fh, indent=2)
-    torch.save(recon, os.path.join(out_dir, "recon_show.pt"))
-    torch.save(model.state_dict(), os.path.join(out_dir, "model_state.pt"))
+    save_file({"recon": recon.contiguous()}, os.path.join(out_dir, "recon_show.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, "model.safetensors"))
     print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=2))
     return result
 
@@ -288,9 +289,9 @@ def report(args) -> None:
     test = load_images(args.dataset, "test")[:NUM_SHOW]
     rows, names = [test], []
     for name in results:
-        path = os.path.join(RUN_ROOT, name, "recon_show.pt")
+        path = os.path.join(RUN_ROOT, name, "recon_show.safetensors")
         if os.path.isfile(path):
-            rows.append(torch.load(path))
+            rows.append(load_file(path)["recon"])
             names.append(name)
     save_image_grid(torch.cat(rows), os.path.join(RESULT_DIR, "reconstructions.png"), nrow=NUM_SHOW)
     with open(os.path.join(RESULT_DIR, "reconstructions_rows.txt"), "w") as fh:
