@@ -431,6 +431,13 @@ def test_speech_digits_generation_and_dataset(tmp_path):
         assert item["caption"] == rec["text"]
         assert int(item["label"]) == (rec["digits"][0] if len(rec["digits"]) == 1 else -1)
         assert item["audio"].abs().max() > 0.05
+    # drop_longer keeps exactly the clips that fit, so no kept clip loses the end of its caption
+    cut = sorted(rec["num_samples"] for rec in meta["items"])[1] / 16000
+    kept = D.SpeechDigitsDataset(root=tmp_path / "a", duration=cut, drop_longer=True)
+    assert [r["file"] for r in kept.items] == [r["file"] for r in meta["items"] if r["num_samples"] <= cut * 16000]
+    assert len(kept) == 2 and kept[0]["audio"].shape == (1, round(cut * 16000))
+    with pytest.raises(ValueError, match="drop_longer=True needs a duration"):
+        D.SpeechDigitsDataset(root=tmp_path / "a", duration=None, drop_longer=True)
 
 
 def test_speech_digits_missing_corpus_and_espeak(tmp_path, monkeypatch):

@@ -275,6 +275,9 @@ def test_config_errors_name_the_flag():
         LatentLMConfig().validate()
     with pytest.raises(ValueError, match="--caption_prob"):
         LatentLMConfig(tokenizer="x", caption_prob=2.0).validate()
+    with pytest.raises(ValueError, match="--audio_duration"):
+        LatentLMConfig(tokenizer="x", dataset="shapes", audio_duration=1.0).validate()
+    LatentLMConfig(tokenizer="x", dataset="speech_digits", audio_duration=1.28).validate()
     with pytest.raises(ValueError, match="prediction"):
         LatentLMTransformer(prediction="v")
     model = tiny_model()

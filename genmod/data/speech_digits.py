@@ -140,14 +140,16 @@ class SpeechDigitsDataset(Dataset):
 
     ``label`` is the digit for single-digit clips and -1 for sequences (``single_digits_only=True``
     keeps only the former); ``caption`` is the spoken text. Clips are zero-padded / cropped to
-    ``duration`` seconds (``None`` keeps each length). ``root`` defaults to
+    ``duration`` seconds (``None`` keeps each length); ``drop_longer=True`` drops the clips longer than
+    ``duration`` instead of cropping them, so every kept clip still says all of its caption (what
+    text-to-speech training needs). ``root`` defaults to
     ``$GENMOD_DATA_DIR/speech_digits`` or ``~/.cache/genmod/speech_digits``; ``generate=True``
     creates a missing corpus there (``num``/``seed``). ``num_samples`` keeps the first clips.
     """
 
     def __init__(self, split: str = "train", root: str | os.PathLike | None = None, duration: float | None = 2.0,
                  single_digits_only: bool = False, generate: bool = False, num: int = 2000, seed: int = 0,
-                 num_samples: int | None = None):
+                 num_samples: int | None = None, drop_longer: bool = False):
         if split not in ("train", "test"):
             raise ValueError(f"split={split!r} must be 'train' or 'test'")
         if duration is not None and duration <= 0:
@@ -167,6 +169,10 @@ class SpeechDigitsDataset(Dataset):
             raise ValueError(f"{meta_path}: not a speech-digits metadata file ({type(err).__name__}: {err})") from None
         if single_digits_only:
             items = [r for r in items if r["label"] >= 0]
+        if drop_longer:
+            if duration is None:
+                raise ValueError("drop_longer=True needs a duration")
+            items = [r for r in items if r["num_samples"] <= duration * self.sample_rate]
         if num_samples is not None:
             if num_samples <= 0:
                 raise ValueError(f"num_samples={num_samples} must be positive")

@@ -52,6 +52,8 @@ class LatentLMConfig(TrainConfig):
     tokenizer: Optional[str] = None
     latent_stats_batches: int = 8  # batches used for the latent mean/std when the tokenizer has none
     cache_latents: bool = True  # encode the dataset once before training (in memory) instead of every step
+    # speech_digits only: clip length in seconds; longer clips are dropped (not cropped) so speech matches text
+    audio_duration: Optional[float] = None
     # conditioning and layout
     condition: Literal["text", "class"] = "text"
     caption_prob: float = 0.5  # share of text items laid out latents-first (captioning)
@@ -92,6 +94,9 @@ class LatentLMConfig(TrainConfig):
             raise ConfigError(f"--diffusion_batch_mul: must be >= 1, got {self.diffusion_batch_mul}")
         if self.num_head_steps < 1:
             raise ConfigError(f"--num_head_steps: must be >= 1, got {self.num_head_steps}")
+        if self.audio_duration is not None and (self.dataset != "speech_digits" or self.audio_duration <= 0):
+            raise ConfigError(f"--audio_duration: a positive number of seconds for --dataset speech_digits, "
+                              f"got {self.audio_duration} for {self.dataset!r}")
 
 
 def item_segments(tokenizer: LatentLMTokenizer, condition: str, caption: Optional[str] = None,
@@ -163,7 +168,14 @@ class LatentLMFamily(Family):
     def raw_dataset(self):
         """The dataset of images / clips (``--dataset``)."""
         if self._raw_dataset is None:
-            self._raw_dataset = super().build_dataset()
+            if self.config.audio_duration is not None:
+                from genmod.data import get_dataset
+
+                kwargs = {} if self.config.dataset_size is None else {"num_samples": self.config.dataset_size}
+                self._raw_dataset = get_dataset(self.config.dataset, split=self.config.dataset_split,
+                                                duration=self.config.audio_duration, drop_longer=True, **kwargs)
+            else:
+                self._raw_dataset = super().build_dataset()
         return self._raw_dataset
 
     def build_dataset(self):
