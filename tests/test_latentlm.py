@@ -101,6 +101,26 @@ def test_kv_cached_generation_equals_uncached(guidance):
     assert text_cached == text_recomputed and len(text_cached[0]) == 8
 
 
+def test_latent_patches_round_trip_and_generate():
+    """With ``latent_patch_size=2`` token k holds the k-th 2x2 latent patch (raster order), all channels."""
+    model = tiny_model(latent_grid=(4, 6), latent_patch_size=2)
+    assert model.num_latent_tokens == 6 and model.token_dim == 16
+    z = torch.randn(2, 4, 4, 6)
+    tokens = model.latents_to_tokens(z)
+    assert tokens.shape == (2, 6, 16)
+    assert torch.equal(tokens[1, 4].reshape(4, 2, 2), z[1, :, 2:4, 2:4])  # patch row 1, column 1
+    assert torch.equal(model.tokens_to_latents(tokens), z)
+    prompts = [[BOS, 40, BOL], [BOS, 41, 42, BOL]]
+    cached = generate_latents(model, prompts, [[BOS, BOL]] * 2, 3, 2.0, 1.0, torch.Generator().manual_seed(0))
+    recomputed = generate_latents(model, prompts, [[BOS, BOL]] * 2, 3, 2.0, 1.0, torch.Generator().manual_seed(0),
+                                  use_kv_cache=False)
+    assert cached.shape == (2, 6, 16) and torch.allclose(cached, recomputed, atol=1e-4)
+    with pytest.raises(ValueError, match="latent_patch_size"):
+        tiny_model(latent_grid=(3, 4), latent_patch_size=2)
+    with pytest.raises(ValueError, match="latent_patch_size"):
+        tiny_model(latent_grid=(8,), latent_patch_size=2, modality="audio")
+
+
 def _gaussian_head(path, mean, std, prediction):
     """The exact head output for data x0 ~ N(mean, diag(std^2)): E[x0 | x_t] converted to ``prediction``."""
 

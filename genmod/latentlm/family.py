@@ -65,6 +65,7 @@ class LatentLMConfig(TrainConfig):
     num_heads: int = 4
     num_kv_heads: Optional[int] = None
     mlp_ratio: float = 4.0
+    latent_patch_size: int = 1  # images: one token = a p x p patch of latent vectors (shorter sequences)
     # diffusion head
     head_width: int = 256
     head_depth: int = 3
@@ -248,7 +249,7 @@ class LatentLMFamily(Family):
         cfg, info = self.config, self.data_info()
         num_classes = info["num_classes"] if cfg.condition == "class" else 0
         return LatentLMTransformer(
-            latent_channels=info["latent_channels"], latent_grid=info["latent_grid"],
+            latent_channels=info["latent_channels"], latent_grid=info["latent_grid"], latent_patch_size=cfg.latent_patch_size,
             vocab_size=LatentLMTokenizer(num_classes).vocab_size, num_classes=num_classes,
             hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             mlp_ratio=cfg.mlp_ratio, head_width=cfg.head_width, head_depth=cfg.head_depth,

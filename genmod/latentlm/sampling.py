@@ -44,7 +44,7 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
     path = get_path(cfg.path)
     batch = hidden.shape[0] // 2 if do_cfg else hidden.shape[0]
     if noise is None:
-        noise = randn_per_sample((cfg.latent_channels,), generator, batch, hidden.device)
+        noise = randn_per_sample((model.token_dim,), generator, batch, hidden.device)
     x = temperature * noise.to(hidden.dtype)
 
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def generate_latents(model, prompts: list[list[int]], null_prompts: Optional[lis
     ``<bos> <null> <bol>`` for classes); guidance is off when absent or ``guidance_scale == 1``.
     """
     device = next(model.parameters()).device
-    dim, num_latents = model.config.latent_channels, model.num_latent_tokens
+    dim, num_latents = model.token_dim, model.num_latent_tokens
     do_cfg = null_prompts is not None and guidance_scale != 1.0
     if do_cfg and len(null_prompts) != len(prompts):
         raise ValueError(f"null_prompts: expected {len(prompts)}, got {len(null_prompts)}")
@@ -121,7 +121,7 @@ def generate_text(model, segments: list[list], latents: Optional[torch.Tensor] =
     """Continue each sequence (segments: id lists and ``LATENT`` spans filled from ``latents [B, L, D]``)
     with discrete tokens until ``<eos>`` or ``max_new_tokens``; ``temperature=0`` is greedy."""
     device = next(model.parameters()).device
-    packed = pack_sequences(segments, latents, model.config.latent_channels, left_pad=True, device=device)
+    packed = pack_sequences(segments, latents, model.token_dim, left_pad=True, device=device)
     tokens, seq_latents, is_latent = packed.tokens, packed.latents, packed.is_latent
     key_mask, positions = packed.valid, packed.positions
     padded = not bool(key_mask.all())

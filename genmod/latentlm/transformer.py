@@ -51,8 +51,9 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
 
     Args:
         latent_channels: size D of one latent vector (the sigma-VAE's latent channels).
-        latent_grid: the latent layout of one item, ``[h, w]`` (image) or ``[frames]`` (audio);
-            ``prod(latent_grid)`` latent tokens per span.
+        latent_grid: the latent layout of one item, ``[h, w]`` (image) or ``[frames]`` (audio).
+        latent_patch_size: images only; one token holds a ``p x p`` patch of latent vectors
+            (``D p^2`` numbers, as DiT/MAR patchify), so a span has ``h w / p^2`` tokens.
         vocab_size: discrete vocabulary (``LatentLMTokenizer(num_classes).vocab_size``).
         num_classes: class tokens in the vocabulary (0 for text-only models).
         hidden_size, depth, num_heads, num_kv_heads, mlp_ratio: the decoder (LatentLM-B: 768, 24, 12, -, 4).
@@ -70,6 +71,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         self,
         latent_channels: int = 8,
         latent_grid: tuple = (8, 8),
+        latent_patch_size: int = 1,
         vocab_size: int = 262,
         num_classes: int = 0,
         hidden_size: int = 256,
@@ -94,9 +96,12 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"modality: expected 'image' or 'audio', got {modality!r}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"num_heads: hidden_size {hidden_size} / num_heads {num_heads} must be an even integer")
+        if latent_patch_size < 1 or (latent_patch_size > 1 and (modality != "image" or any(int(s) % latent_patch_size for s in latent_grid))):
+            raise ValueError(f"latent_patch_size: {latent_patch_size} must be 1, or divide the image latent grid {list(latent_grid)}")
         check_backend(attention_backend)
+        token_dim = latent_channels * latent_patch_size ** len(latent_grid)
         self.token_embed = nn.Embedding(vocab_size, hidden_size)
-        self.latent_embed = nn.Linear(latent_channels, hidden_size)
+        self.latent_embed = nn.Linear(token_dim, hidden_size)
         self.blocks = nn.ModuleList(
             CausalBlock(hidden_size, num_heads, mlp_ratio, num_kv_heads=num_kv_heads, attention_backend=attention_backend)
             for _ in range(depth)
@@ -105,7 +110,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
         # ConditionLayer: RMSNorm + Linear from the decoder state to the head's condition c_i
         self.condition = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.diffusion_head = DiffusionHead(latent_channels, hidden_size, width=head_width, depth=head_depth,
+        self.diffusion_head = DiffusionHead(token_dim, hidden_size, width=head_width, depth=head_depth,
                                             mlp="swiglu", mlp_ratio=head_mlp_ratio, norm="rmsnorm")
         self._init_weights()
 
@@ -121,8 +126,13 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
     def num_latent_tokens(self) -> int:
         n = 1
         for s in self.config.latent_grid:
-            n *= int(s)
+            n *= int(s) // self.config.latent_patch_size
         return n
+
+    @property
+    def token_dim(self) -> int:
+        """Numbers in one latent token: ``latent_channels * latent_patch_size ** 2`` (images)."""
+        return self.config.latent_channels * self.config.latent_patch_size ** len(self.config.latent_grid)
 
     @property
     def head_dim(self) -> int:
@@ -130,15 +140,25 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
 
     # -- latents <-> tokens ------------------------------------------------------------------------
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(B, D, h, w)`` (image, raster order) or ``(B, D, T)`` (audio, time order) -> ``(B, L, D)``."""
+        """``(B, D, h, w)`` (image, patches in raster order) or ``(B, D, T)`` (audio, time order) -> ``(B, L, token_dim)``."""
         expected = (self.config.latent_channels, *self.config.latent_grid)
         if tuple(latents.shape[1:]) != tuple(expected):
             raise ValueError(f"latents: expected shape (B, {', '.join(map(str, expected))}), got {tuple(latents.shape)}")
-        return latents.flatten(2).transpose(1, 2)
+        p = self.config.latent_patch_size
+        if p == 1:
+            return latents.flatten(2).transpose(1, 2)
+        b, d, h, w = latents.shape
+        patches = latents.reshape(b, d, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h/p, w/p, D, p, p]
+        return patches.reshape(b, (h // p) * (w // p), d * p * p)
 
     def tokens_to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`latents_to_tokens`."""
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], self.config.latent_channels, *self.config.latent_grid)
+        d, grid, p = self.config.latent_channels, self.config.latent_grid, self.config.latent_patch_size
+        if p == 1:
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], d, *grid)
+        h, w = (int(s) for s in grid)
+        patches = tokens.reshape(tokens.shape[0], h // p, w // p, d, p, p).permute(0, 3, 1, 4, 2, 5)
+        return patches.reshape(tokens.shape[0], d, h, w)
 
     # -- decoder -------------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, latents: Optional[torch.Tensor], is_latent: Optional[torch.Tensor]) -> torch.Tensor:
