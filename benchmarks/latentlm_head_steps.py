@@ -9,7 +9,8 @@ captions of held-out shapes (text-to-image) and reports the shapes domain classi
 against the prompt's shape, domain FID / KID against held-out real images, and the real-vs-real floor
 at the same N (``evals.feature_net``). Captioning: the same model captions ``--num`` held-out real
 images greedily; a caption counts as right when it names the true shape (and, separately, the exact
-caption). Prints a markdown table and writes JSON.
+caption). With ``--grid-dir`` it also draws ``prompt_grid.png``: one row per shape, one column per colour,
+for the prompt "a large <colour> <shape> in the center". Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def main(argv=None) -> dict:
             save_image_grid(fake[:64], os.path.join(args.grid_dir, f"t2i_head_steps_{steps}.png"), nrow=8, scale=3)
             with open(os.path.join(args.grid_dir, f"t2i_head_steps_{steps}_prompts.txt"), "w") as f:
                 f.write("\n".join(prompts[:64]))
+    if args.grid_dir:  # shape x colour grid of fixed prompts at the pipeline's default head steps
+        from genmod.data.shapes import COLOUR_NAMES
+
+        grid_prompts = [f"a large {c} {shape} in the center" for shape in class_names for c in COLOUR_NAMES]
+        grid = pipe(prompt=grid_prompts, guidance_scale=args.guidance, output_type="pt",
+                    generator=[torch.Generator().manual_seed(20_000 + i) for i in range(len(grid_prompts))]).images
+        save_image_grid(grid * 2 - 1, os.path.join(args.grid_dir, "prompt_grid.png"), nrow=len(COLOUR_NAMES), scale=3)
     # captioning held-out real images (greedy)
     captions = []
     real = torch.stack([it["image"] for it in items[:n]])
