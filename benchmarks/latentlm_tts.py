@@ -9,6 +9,7 @@ sequences, writes them as WAVs under ``--out``, and with ``--classifier`` trains
 the feature-net cache as ``speech_digits_single``) a spoken-digit classifier on the corpus's
 single-digit clips and reports its accuracy on real held-out clips, on the same clips passed through the
 pipeline's sigma-VAE (the ceiling the tokenizer allows) and on the generated ones against their prompt.
+``spectrograms.png`` shows, for each digit (row k = "zero".."nine"), a real held-out clip and the first generated one.
 Prints a markdown table and writes ``--out/tts.json``.
 """
 
@@ -82,13 +83,22 @@ def main(argv=None) -> dict:
                    generator=[torch.Generator().manual_seed(100 + i) for i in range(len(sequences))])
     for s, clip in zip(sequences, seq_out.audios):
         save_wav(os.path.join(args.out, s.replace(" ", "_") + ".wav"), torch.from_numpy(clip), rate)
+    # log-mel spectrograms, row k = digit k: a real held-out clip next to the first generated one
+    from evals.audio import save_mel_comparison
+
+    real = SingleDigits("test")
+    first_real = {}
+    for i in range(len(real)):
+        first_real.setdefault(int(real.base.items[real.index[i]]["label"]), i)
+    n = clips.shape[-1]
+    real_rows = [real[first_real[d]]["audio"][..., :n] for d in range(10)]
+    save_mel_comparison(os.path.join(args.out, "spectrograms.png"),
+                        [("real", real_rows), ("generated", [clips[d * args.per_digit] for d in range(10)])], rate)
     result = {"num_clips": len(prompts), "sample_rate": rate, "out": args.out, "pipeline": args.pipeline}
     if args.classifier:
         net = single_digit_classifier()
-        real = SingleDigits("test")
         real_clips = torch.stack([real[i]["audio"] for i in range(len(real))])
         real_labels = torch.tensor([int(real[i]["label"]) for i in range(len(real))])
-        n = clips.shape[-1]
         real_clips = torch.nn.functional.pad(real_clips, (0, max(0, n - real_clips.shape[-1])))[..., :n]
         with torch.no_grad():  # the ceiling: what the sigma-VAE itself keeps of the held-out clips
             recon = torch.cat([pipe.vae.decode(pipe.vae.encode(real_clips[i:i + 32])) for i in range(0, len(real_clips), 32)])
