@@ -38,6 +38,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--steps", default="5,10,25,50")
     parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="scale of the head's initial noise (default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--json", default=None)
     parser.add_argument("--grid-dir", default=None, help="write one PNG grid per step count here")
@@ -75,7 +76,8 @@ def main(argv=None) -> dict:
         images, start_time = [], time.perf_counter()
         for start in range(0, n, args.batch_size):
             chunk = prompts[start:start + args.batch_size]
-            out = pipe(prompt=chunk, num_head_steps=steps, guidance_scale=args.guidance, output_type="pt",
+            out = pipe(prompt=chunk, num_head_steps=steps, guidance_scale=args.guidance, temperature=args.temperature,
+                       output_type="pt",
                        generator=[torch.Generator().manual_seed(10_000 + start + i) for i in range(len(chunk))]).images
             images.append(out * 2 - 1)
         seconds = time.perf_counter() - start_time
@@ -91,7 +93,7 @@ def main(argv=None) -> dict:
         from genmod.data.shapes import COLOUR_NAMES
 
         grid_prompts = [f"a large {c} {shape} in the center" for shape in class_names for c in COLOUR_NAMES]
-        grid = pipe(prompt=grid_prompts, guidance_scale=args.guidance, output_type="pt",
+        grid = pipe(prompt=grid_prompts, guidance_scale=args.guidance, temperature=args.temperature, output_type="pt",
                     generator=[torch.Generator().manual_seed(20_000 + i) for i in range(len(grid_prompts))]).images
         save_image_grid(grid * 2 - 1, os.path.join(args.grid_dir, "prompt_grid.png"), nrow=len(COLOUR_NAMES), scale=3)
     # captioning held-out real images (greedy)
@@ -105,8 +107,9 @@ def main(argv=None) -> dict:
               "caption_shape_accuracy": shape_right, "caption_exact_match": exact,
               "caption_examples": [{"truth": p, "caption": c} for p, c in zip(prompts[:12], captions[:12])],
               "guidance_scale": args.guidance if args.guidance is not None else pipe.config.guidance_scale,
+              "temperature": args.temperature if args.temperature is not None else pipe.config.temperature,
               "feature_net": net.describe(), "pipeline": args.pipeline}
-    print(f"LatentLM text-to-image on shapes, N={n}, guidance {result['guidance_scale']}; "
+    print(f"LatentLM text-to-image on shapes, N={n}, guidance {result['guidance_scale']}, temperature {result['temperature']}; "
           f"real-vs-real floor: domain FID {floor_fid:.2f}, KID {floor_kid:.4f}")
     print("| head steps | accuracy vs prompt | domain FID | domain KID | seconds |")
     print("|---|---|---|---|---|")
