@@ -169,15 +169,14 @@ class LatentLMFamily(Family):
     def raw_dataset(self):
         """The dataset of images / clips (``--dataset``)."""
         if self._raw_dataset is None:
-            if self.config.audio_duration is not None:
-                from genmod.data import get_dataset
-
-                kwargs = {} if self.config.dataset_size is None else {"num_samples": self.config.dataset_size}
-                self._raw_dataset = get_dataset(self.config.dataset, split=self.config.dataset_split,
-                                                duration=self.config.audio_duration, drop_longer=True, **kwargs)
-            else:
-                self._raw_dataset = super().build_dataset()
+            self._raw_dataset = super().build_dataset()
         return self._raw_dataset
+
+    def dataset_kwargs(self) -> dict:
+        """``--audio_duration``: speech clips of that length, longer ones dropped so each says all its text."""
+        if self.config.audio_duration is None:
+            return {}
+        return {"duration": self.config.audio_duration, "drop_longer": True}
 
     def build_dataset(self):
         """The training dataset: raw items, or (``--cache_latents``) their normalised latents with captions/labels."""

@@ -91,10 +91,14 @@ class Family:
         """The training dataset; by default ``genmod.data.get_dataset(config.dataset, ...)``."""
         from genmod.data import get_dataset
 
-        kwargs = {}
+        kwargs = self.dataset_kwargs()
         if getattr(self.config, "dataset_size", None) is not None:
             kwargs["num_samples"] = self.config.dataset_size
         return get_dataset(self.config.dataset, split=self.config.dataset_split, **kwargs)
+
+    def dataset_kwargs(self) -> dict:
+        """Extra keyword arguments for the dataset class in :meth:`build_dataset` (none by default)."""
+        return {}
 
 
 @dataclass
