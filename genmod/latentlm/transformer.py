@@ -96,12 +96,12 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"modality: expected 'image' or 'audio', got {modality!r}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"num_heads: hidden_size {hidden_size} / num_heads {num_heads} must be an even integer")
-        if latent_patch_size < 1 or (latent_patch_size > 1 and (modality != "image" or any(int(s) % latent_patch_size for s in latent_grid))):
+        patches_fit = modality == "image" and not any(int(s) % latent_patch_size for s in latent_grid)
+        if latent_patch_size < 1 or (latent_patch_size > 1 and not patches_fit):
             raise ValueError(f"latent_patch_size: {latent_patch_size} must be 1, or divide the image latent grid {list(latent_grid)}")
         check_backend(attention_backend)
-        token_dim = latent_channels * latent_patch_size ** len(latent_grid)
         self.token_embed = nn.Embedding(vocab_size, hidden_size)
-        self.latent_embed = nn.Linear(token_dim, hidden_size)
+        self.latent_embed = nn.Linear(self.token_dim, hidden_size)
         self.blocks = nn.ModuleList(
             CausalBlock(hidden_size, num_heads, mlp_ratio, num_kv_heads=num_kv_heads, attention_backend=attention_backend)
             for _ in range(depth)
@@ -110,7 +110,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
         # ConditionLayer: RMSNorm + Linear from the decoder state to the head's condition c_i
         self.condition = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.diffusion_head = DiffusionHead(token_dim, hidden_size, width=head_width, depth=head_depth,
+        self.diffusion_head = DiffusionHead(self.token_dim, hidden_size, width=head_width, depth=head_depth,
                                             mlp="swiglu", mlp_ratio=head_mlp_ratio, norm="rmsnorm")
         self._init_weights()
 
