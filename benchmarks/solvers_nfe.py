@@ -23,7 +23,7 @@ import time
 import torch
 
 from genmod.flow.gmm import GaussianMixture, three_mode_mixture_2d
-from genmod.flow.paths import get_path
+from genmod.core.paths import get_path
 from samplers import SOLVERS, get_time_grid, sample_ode, sample_sde, velocity_singular_at_zero
 
 GRIDS = {"uniform": {}, "shifted": {"shift": 3.0}, "karras": {}, "cosine": {}}

@@ -5,7 +5,7 @@ time grid from t = 1 (noise) to t = 0 (data), in the package convention of docs/
 """
 
 from samplers.autoregressive import filter_logits, sample_logits
-from samplers.guidance import classifier_free_guidance
+from samplers.guidance import classifier_free_guidance, combine_guidance
 from samplers.ode import (
     SOLVERS,
     NFECounter,
@@ -33,7 +33,7 @@ from samplers.time_grids import (
 )
 
 __all__ = [
-    "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverStats", "as_velocity_fn", "classifier_free_guidance",
+    "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverStats", "as_velocity_fn", "classifier_free_guidance", "combine_guidance",
     "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m", "euler", "filter_logits", "get_time_grid",
     "heun", "karras_grid", "midpoint", "nfe_per_solve", "register_time_grid", "rk4", "sample_logits",
     "sample_ode", "sample_sde", "shifted_grid", "uniform_grid", "validate_time_grid", "velocity_singular_at_zero",

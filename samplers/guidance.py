@@ -13,7 +13,18 @@ from typing import Any, Callable
 
 import torch
 
-from genmod.flow.paths import broadcast_like
+from genmod.core.paths import broadcast_like
+
+
+def combine_guidance(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale) -> torch.Tensor:
+    """The one classifier-free guidance combine of the package: ``u + w (c - u)`` (Ho & Salimans 2022, eq. 6).
+
+    ``guidance_scale`` is a number or a tensor that broadcasts from the left (``[B]`` per sample,
+    ``[B, T]`` per token); ``w = 1`` returns ``pred_cond``. Works for velocities, x0 / eps and logits.
+    """
+    if not torch.is_tensor(guidance_scale):
+        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    return pred_uncond + broadcast_like(guidance_scale, pred_cond) * (pred_cond - pred_uncond)
 
 
 def _concat(cond: Any, null: Any):
@@ -67,6 +78,6 @@ def classifier_free_guidance(
         batch = x.shape[0]
         pred = model_fn(torch.cat([x, x]), torch.cat([t, t]), both)
         pred_cond, pred_uncond = pred[:batch], pred[batch:]
-        return pred_uncond + broadcast_like(w, pred_cond) * (pred_cond - pred_uncond)
+        return combine_guidance(pred_cond, pred_uncond, w)
 
     return guided

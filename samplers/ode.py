@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from genmod.flow.paths import AffinePath, LinearPath
+from genmod.core.paths import AffinePath, LinearPath
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

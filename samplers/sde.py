@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from genmod.flow.paths import AffinePath, LinearPath
+from genmod.core.paths import AffinePath, LinearPath
 
 DIFFUSION_SCHEDULES = ("sigma", "path", "constant")
 

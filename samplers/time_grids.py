@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from genmod.flow.paths import AffinePath, LinearPath
+from genmod.core.paths import AffinePath, LinearPath
 
 TIME_GRIDS: dict[str, Callable[..., torch.Tensor]] = {}
 

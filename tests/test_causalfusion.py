@@ -299,7 +299,7 @@ def test_latent_space_through_a_tokenizer(tmp_path):
 def test_paper_parameterization_ddpm_linear_epsilon():
     """The paper's setting: DDPM linear betas, epsilon prediction, integer steps. A zero-epsilon model
     makes DPM-Solver++ exact: x0(x_t) = x_t / alpha(t), so every token ends at noise / alpha(1)."""
-    from genmod.flow.paths import get_path
+    from genmod.core.paths import get_path
 
     config = CausalFusionConfig(path="ddpm_linear", prediction="epsilon", time_sampling="discrete")
     family = CausalFusionFamily(config)

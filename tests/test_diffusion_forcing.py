@@ -25,8 +25,8 @@ from genmod.diffusion_forcing import (
     validate_scheduling_matrix,
 )
 from genmod.diffusion_forcing.family import DiffusionForcingConfig, DiffusionForcingFamily
-from genmod.flow.loss import min_snr_weight
-from genmod.flow.paths import get_path
+from genmod.core.loss import min_snr_weight
+from genmod.core.paths import get_path
 
 
 def _random_model(modality="video", seed=0, **kw):

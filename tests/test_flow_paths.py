@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from genmod.flow.loss import flow_matching_loss, min_snr_weight
-from genmod.flow.paths import (
+from genmod.core.loss import flow_matching_loss, min_snr_weight
+from genmod.core.paths import (
     AffinePath,
     CosinePath,
     DiscreteSchedulePath,
@@ -15,7 +15,7 @@ from genmod.flow.paths import (
     ddpm_alphas_cumprod,
     get_path,
 )
-from genmod.flow.time_sampling import (
+from genmod.core.time_sampling import (
     get_time_sampler,
     sample_logit_normal_t,
     sample_shifted_t,

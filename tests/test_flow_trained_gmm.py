@@ -3,9 +3,9 @@
 import torch
 
 from genmod.flow.gmm import three_mode_mixture_2d
-from genmod.flow.loss import flow_matching_loss
-from genmod.flow.paths import LinearPath
-from genmod.flow.time_sampling import sample_logit_normal_t
+from genmod.core.loss import flow_matching_loss
+from genmod.core.paths import LinearPath
+from genmod.core.time_sampling import sample_logit_normal_t
 from samplers import get_time_grid, sample_ode
 
 

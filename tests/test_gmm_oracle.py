@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from genmod.flow.gmm import GaussianMixture, three_mode_mixture_2d
-from genmod.flow.paths import CosinePath, LinearPath, VPPath
+from genmod.core.paths import CosinePath, LinearPath, VPPath
 from samplers import get_time_grid, sample_ode, sample_sde
 
 MIXTURE = three_mode_mixture_2d()

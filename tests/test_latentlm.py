@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genmod.flow.paths import get_path
+from genmod.core.paths import get_path
 from genmod.latentlm.family import LatentLMConfig, LatentLMFamily, item_segments, next_element_loss
 from genmod.latentlm.pipeline import LatentLMPipeline
 from genmod.latentlm.sampling import generate_latents, generate_text, sample_head

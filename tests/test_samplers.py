@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genmod.flow.gmm import GaussianMixture
-from genmod.flow.paths import CosinePath, LinearPath, VPPath
+from genmod.core.paths import CosinePath, LinearPath, VPPath
 from samplers import (
     NFECounter,
     classifier_free_guidance,

@@ -28,9 +28,9 @@ import torch
 
 from genmod.causalfusion.sampling import sample_tokens
 from genmod.causalfusion.transformer import CausalFusionTransformer
-from genmod.flow.loss import flow_matching_loss
-from genmod.flow.paths import get_path
-from genmod.flow.time_sampling import get_time_sampler
+from genmod.core.loss import flow_matching_loss
+from genmod.core.paths import get_path
+from genmod.core.time_sampling import get_time_sampler
 from genmod.nn.embeddings import patchify, unpatchify
 from genmod.train import TrainConfig, register_family, unwrap_model
 from genmod.train.image_family import ImageFamily

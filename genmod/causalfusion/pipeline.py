@@ -6,7 +6,7 @@ autoregression; ``num_inference_steps`` ODE steps are spent on every AR step (to
 ``num_ar_steps * num_inference_steps`` per sample for a one-call solver). The clean prefix is held in a
 KV cache. ``edit`` / ``image + keep_mask`` is zero-shot in- and out-painting: the kept tokens form the
 clean prefix and only the rest is generated. The ODE solver and path come from ``samplers`` and
-``genmod.flow.paths`` (names in the pipeline config), the guidance is ``v_u + w (v_c - v_u)``.
+``genmod.core.paths`` (names in the pipeline config), the guidance is ``v_u + w (v_c - v_u)``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from genmod.flow.paths import AffinePath, get_path
+from genmod.core.paths import AffinePath, get_path
 from genmod.nn.attention import KVCache
 from samplers import classifier_free_guidance, get_time_grid, sample_ode
 

@@ -29,9 +29,9 @@ from genmod.diffusion_forcing.loss import fused_snr_weight
 from genmod.diffusion_forcing.sampling import rollout
 from genmod.diffusion_forcing.transformer import DiffusionForcingTransformer
 from genmod.diffusion_forcing.unet import DiffusionForcingUNet
-from genmod.flow.loss import flow_matching_loss, min_snr_weight
-from genmod.flow.paths import get_path
-from genmod.flow.time_sampling import get_time_sampler
+from genmod.core.loss import flow_matching_loss, min_snr_weight
+from genmod.core.paths import get_path
+from genmod.core.time_sampling import get_time_sampler
 from genmod.train import Family, TrainConfig, register_family, unwrap_model
 
 SEQUENCE_DATASETS = ("oscillators",)

@@ -1,6 +1,6 @@
 """Diffusion Forcing loss weights: min-SNR per frame and the paper code's "fused SNR".
 
-Min-SNR-gamma (Hang et al. 2023) is applied per frame through ``genmod.flow.loss.min_snr_weight``.
+Min-SNR-gamma (Hang et al. 2023) is applied per frame through ``genmod.core.loss.min_snr_weight``.
 
 Fused SNR (Diffusion Forcing v1.5 video configs, Chen et al. 2024): a frame whose past is already
 clean carries less uncertainty, so its effective SNR mixes its own normalised SNR with a causal
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from genmod.flow.loss import min_snr_weight
-from genmod.flow.paths import AffinePath
+from genmod.core.loss import min_snr_weight
+from genmod.core.paths import AffinePath
 
 
 def fused_snr(snr: torch.Tensor, gamma: float = 5.0, decay: float = 0.96) -> torch.Tensor:

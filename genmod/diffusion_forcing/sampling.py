@@ -37,9 +37,9 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from genmod.core.paths import AffinePath, broadcast_like, get_path
 from genmod.diffusion_forcing.schedules import get_scheduling_matrix, level_times
-from genmod.flow.paths import AffinePath, broadcast_like, get_path
-from samplers import get_time_grid
+from samplers import combine_guidance, get_time_grid
 
 KV_CACHE_MODES = (None, "reencode", "incremental")
 
@@ -252,7 +252,7 @@ def _denoise(predictor, path, prediction, x_in, t_in, start, do_guidance, guidan
         if do_guidance:
             with torch.no_grad():
                 pred_u = predictor(x_in.detach(), t_in, start, history=uncond_history)
-            pred = pred_u + guidance_scale * (pred - pred_u)
+            pred = combine_guidance(pred, pred_u, guidance_scale)
         t_b = t_in[None].expand(x_in.shape[0], -1)
         x0_hat = path.convert(pred, x_in, t_b, src=prediction, dst="x0")
         if through_network:  # DF code: d loss / d x_t through the network

@@ -17,9 +17,9 @@ from typing import Literal, Optional
 
 import torch
 
-from genmod.flow.loss import flow_matching_loss
-from genmod.flow.paths import get_path
-from genmod.flow.time_sampling import get_time_sampler
+from genmod.core.loss import flow_matching_loss
+from genmod.core.paths import get_path
+from genmod.core.time_sampling import get_time_sampler
 from genmod.flow.transformer import FlowTransformer
 from genmod.flow.unet import FlowUNet
 from genmod.train import TrainConfig, register_family, unwrap_model

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from genmod.flow.paths import AffinePath, LinearPath
+from genmod.core.paths import AffinePath, LinearPath
 
 
 class GaussianMixture:

@@ -19,6 +19,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genmod.pipelines.base import GenmodPipeline
+from samplers import combine_guidance
 
 
 class FlowMatchingPipeline(GenmodPipeline):
@@ -128,7 +129,7 @@ class FlowMatchingPipeline(GenmodPipeline):
                     x_in = torch.cat([model_input, model_input])
                     out = self.transformer(x_in, t.expand(2 * batch_size), labels_in, return_dict=False)[0]
                     v_cond, v_uncond = out.chunk(2)
-                    velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+                    velocity = combine_guidance(v_cond, v_uncond, guidance_scale)
                 else:
                     velocity = self.transformer(model_input, t.expand(batch_size), labels, return_dict=False)[0]
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]

@@ -26,8 +26,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from genmod.flow.loss import flow_matching_loss
-from genmod.flow.paths import get_path
+from genmod.core.loss import flow_matching_loss
+from genmod.core.paths import get_path
 from genmod.latentlm.sampling import generate_latents, generate_text
 from genmod.latentlm.text import BOL, BOS, EOL, EOS, LATENT, NULL, PAD, LatentLMTokenizer, pack_sequences
 from genmod.latentlm.transformer import LatentLMTransformer

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from genmod.flow.paths import get_path
+from genmod.core.paths import get_path
 from genmod.latentlm.text import EOS, LATENT, PAD, pack_sequences
-from samplers import get_time_grid, sample_logits, sample_ode
+from samplers import combine_guidance, get_time_grid, sample_logits, sample_ode
 
 
 def randn_per_sample(shape: Sequence[int], generator, batch: int, device) -> torch.Tensor:
@@ -51,7 +51,7 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
         if do_cfg:
             out = model.head(torch.cat([x_t, x_t]), 1000 * torch.cat([t, t]), hidden)
             cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            out = combine_guidance(cond, uncond, guidance_scale)
         else:
             out = model.head(x_t, 1000 * t, hidden)
         if cfg.prediction != "velocity":

@@ -58,7 +58,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         num_classes: class tokens in the vocabulary (0 for text-only models).
         hidden_size, depth, num_heads, num_kv_heads, mlp_ratio: the decoder (LatentLM-B: 768, 24, 12, -, 4).
         head_width, head_depth, head_mlp_ratio: the diffusion head (paper: depth 3-12 adaLN MLP blocks).
-        path, prediction: the head's diffusion path (``genmod.flow.paths``) and its output type.
+        path, prediction: the head's diffusion path (``genmod.core.paths``) and its output type.
         modality: ``image`` or ``audio`` (how latents map to tokens and back).
         max_text_length: longest text (bytes) the tokenizer keeps.
     """

@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline  # noqa: F401  (diffusers looks componen
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from genmod.pipelines.base import GenmodPipeline
-from samplers import sample_logits
+from samplers import combine_guidance, sample_logits
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
@@ -130,7 +130,7 @@ def var_generate(
             logits = transformer.run_blocks(torch.cat(prefix, dim=1), cond)[:, -h * w:]
         if do_cfg:
             cond_logits, null_logits = logits.chunk(2)
-            logits = null_logits + guidance_weight(k, len(scales), guidance_scale, guidance_schedule) * (cond_logits - null_logits)
+            logits = combine_guidance(cond_logits, null_logits, guidance_weight(k, len(scales), guidance_scale, guidance_schedule))
         ids = _draw(logits, generator, temperature, top_k, top_p).view(batch, h, w)
         if given_index_maps is not None:
             ids = torch.where(keep_masks[k].to(device), given_index_maps[k].to(device), ids)

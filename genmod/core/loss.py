@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from genmod.flow.paths import AffinePath, LinearPath, broadcast_like
+from genmod.core.paths import AffinePath, LinearPath, broadcast_like
 
 LOSS_SPACES = ("velocity", "x0", "epsilon")
 

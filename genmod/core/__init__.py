@@ -1,0 +1,9 @@
+"""genmod.core: the math every generator family, sampler and scheduler stands on.
+
+* ``paths``: affine Gaussian probability paths ``x_t = alpha(t) x0 + sigma(t) eps`` (t = 0 data,
+  t = 1 noise), exact conversion between velocity / x0 / epsilon / score predictions, log-SNR.
+* ``time_sampling``: training-time distributions of ``t`` (uniform, logit-normal, shifted, discrete).
+* ``loss``: the flow-matching / denoising regression loss for any path and prediction type.
+
+It imports nothing of genmod above it (docs/DESIGN.md, "Layers").
+"""
