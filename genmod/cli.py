@@ -20,6 +20,8 @@ import importlib
 import os
 import sys
 
+from genmod.families import FAMILIES
+
 COMMANDS = {
     # name: (module, function, one-line help)
     "demo": ("genmod.demo", "main", "train, sample and evaluate a small class-conditional flow model on built-in data"),
@@ -33,18 +35,10 @@ COMMANDS = {
     "export-diffusers": ("genmod.pipelines.export", "main", "export a pipeline as a self-contained diffusers folder"),
 }
 
-# Families trainable with ``genmod train NAME``: module that registers the family on import.
-FAMILY_MODULES = {
-    "flow": "genmod.flow.family",
-    "tokenizer": "tokenizers_vq.family",
-    "var": "genmod.var.family",
-    "latentlm": "genmod.latentlm.family",
-    "diffusion-forcing": "genmod.diffusion_forcing.family",
-    "causalfusion": "genmod.causalfusion.family",
-}
-SPECIAL_TRAINERS = {
-    "feature-net": ("evals.feature_net", "main"),
-}
+# Families trainable with ``genmod train NAME``, from the family table (genmod/families.py):
+# the module that registers each family on import, and the families with a trainer of their own.
+FAMILY_MODULES = {row.name: row.module for row in FAMILIES if row.module}
+SPECIAL_TRAINERS = {row.name: tuple(row.trainer.split(":")) for row in FAMILIES if row.trainer}
 
 
 class CLIError(ValueError):
@@ -66,7 +60,8 @@ def train_main(argv: list[str]) -> int | None:
     names = sorted(set(FAMILY_MODULES) | set(SPECIAL_TRAINERS))
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: genmod train FAMILY [--field value ...]\n\nfamilies: " + ", ".join(names))
-        print("\n`genmod train FAMILY --help` lists the fields of that family's config.")
+        print("\n`genmod train FAMILY --help` lists the fields and presets of that family's config;")
+        print("`genmod train FAMILY --preset NAME [--field value ...]` starts from a named recipe.")
         return 0
     name, rest = argv[0], argv[1:]
     if name in SPECIAL_TRAINERS:

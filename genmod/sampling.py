@@ -1,9 +1,9 @@
 """``genmod sample``: load a pipeline folder or a training checkpoint and write samples.
 
-All genmod pipelines share diffusers' ``__call__`` names (``class_labels``, ``num_inference_steps``,
-``guidance_scale``, ``generator``, ``output_type``); family-specific flags (``--ar-steps``,
-``--prompt``, ``--frames`` ...) are passed only to pipelines whose ``__call__`` takes them, and a flag
-the pipeline does not take is an error rather than silently ignored.
+Sampling flags are the pipelines' ``__call__`` keywords (``--num-inference-steps``,
+``--guidance-scale``, ``--num-ar-steps``, ``--prompt``, ``--num-frames`` ...; short aliases
+``--steps``, ``--guidance``, ``--ar-steps`` ...), listed once per family in ``genmod.families``. A
+flag the loaded pipeline's family does not take is an error rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -17,19 +17,7 @@ import os
 import numpy as np
 import torch
 
-# CLI flag -> pipeline __call__ keyword, for the flags that only some families understand.
-FAMILY_FLAGS = {
-    "ar_steps": "num_ar_steps",
-    "prompt": "prompt",
-    "frames": "num_frames",
-    "context": "num_context_frames",
-    "schedule": "schedule",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "temperature": "temperature",
-    "head_steps": "num_head_steps",
-    "solver": "solver",
-}
+from genmod.families import SAMPLE_OPTIONS, families_taking, pipeline_row
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,23 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="pipeline folder (model_index.json) or training output / checkpoint folder")
     p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward batch (independent of --num)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the family's setting)")
-    p.add_argument("--solver", default=None, help="flow solver: euler, midpoint, heun, rk4, dpmsolver++2m")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (1 = off)")
     p.add_argument("--class-labels", default=None, help="comma-separated class ids or names (default: cycle classes)")
     p.add_argument("--seed", type=int, default=0, help="seed; sample i uses seed + i, so batches do not matter")
     p.add_argument("--out", default="samples.png", help="output grid (.png), clip (.gif) or audio (.wav)")
     p.add_argument("--save-individual", default=None, metavar="DIR", help="also save one PNG per sample here")
     p.add_argument("--npz", default=None, help="also save an ADM-style .npz (arr_0: uint8 NHWC)")
-    p.add_argument("--ar-steps", type=int, default=None, help="CausalFusion: number of AR steps")
-    p.add_argument("--prompt", default=None, help="LatentLM: text prompt")
-    p.add_argument("--frames", type=int, default=None, help="Diffusion Forcing: frames to generate")
-    p.add_argument("--context", type=int, default=None, help="Diffusion Forcing: context frames")
-    p.add_argument("--schedule", default=None, help="Diffusion Forcing: scheduling matrix (full, autoregressive, pyramid)")
-    p.add_argument("--top-k", type=int, default=None, help="VAR/LatentLM: top-k")
-    p.add_argument("--top-p", type=float, default=None, help="VAR/LatentLM: top-p")
-    p.add_argument("--temperature", type=float, default=None, help="VAR/LatentLM: temperature")
-    p.add_argument("--head-steps", type=int, default=None, help="LatentLM: diffusion-head solver steps")
+    for option in SAMPLE_OPTIONS.values():  # the pipeline keywords of the family table
+        flags = [option.flag] + ([option.alias] if option.alias else [])
+        families = ", ".join(families_taking(option.keyword))
+        p.add_argument(*flags, dest=option.keyword, type=option.type, default=None,
+                       help=f"{families}: {option.help} (default: the saved setting)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -87,6 +68,17 @@ def _labels(pipe, spec: str | None, num: int):
     return labels[:num]
 
 
+def _sample_options(pipe, args) -> dict:
+    """The sampling flags given on the command line, checked against the pipeline's family row."""
+    given = {keyword: getattr(args, keyword) for keyword in SAMPLE_OPTIONS if getattr(args, keyword) is not None}
+    row = pipeline_row(type(pipe).__name__)
+    takes = row.sample_options if row else tuple(inspect.signature(pipe.__call__).parameters)
+    for keyword in given:
+        if keyword not in takes:
+            raise ValueError(f"{SAMPLE_OPTIONS[keyword].flag}: {type(pipe).__name__} does not take this option")
+    return given
+
+
 def call_pipeline(pipe, args, num: int, start: int, labels):
     """One batch ``[start, start + num)`` with per-sample generators (seed + index)."""
     params = inspect.signature(pipe.__call__).parameters
@@ -96,18 +88,22 @@ def call_pipeline(pipe, args, num: int, start: int, labels):
         kwargs["class_labels"] = labels[start:start + num]
     elif "batch_size" in params:
         kwargs["batch_size"] = num
-    if args.steps is not None:
-        kwargs["num_inference_steps"] = args.steps
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
-    for flag, keyword in FAMILY_FLAGS.items():
-        value = getattr(args, flag)
+    kwargs.update(_sample_options(pipe, args))
+    return pipe(**kwargs)
+
+
+def _apply_scheduler_options(pipe, args) -> None:
+    """Flags set on the pipeline's scheduler rather than passed to ``__call__`` (flow's ``--solver``)."""
+    row = pipeline_row(type(pipe).__name__)
+    for keyword in row.scheduler_options if row else ():
+        value = getattr(args, keyword)
         if value is None:
             continue
-        if keyword not in params:
-            raise ValueError(f"--{flag.replace('_', '-')}: {type(pipe).__name__} does not take this option")
-        kwargs[keyword] = value
-    return pipe(**kwargs)
+        scheduler = pipe.scheduler
+        if keyword not in getattr(scheduler, "config", {}):
+            raise ValueError(f"{SAMPLE_OPTIONS[keyword].flag}: {type(pipe).__name__} has no {keyword} choice")
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, **{keyword: value})
+        setattr(args, keyword, None)  # applied through the scheduler
 
 
 def save_images(images: torch.Tensor, args):
@@ -139,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--num and --batch-size must be >= 1")
     pipe = load_for_sampling(args.path)
     pipe.to(args.device)
-    if args.solver is not None and "solver" not in inspect.signature(pipe.__call__).parameters:
-        scheduler = getattr(pipe, "scheduler", None)
-        if "solver" not in getattr(scheduler, "config", {}):
-            raise ValueError(f"--solver: {type(pipe).__name__} has no solver choice")
-        pipe.scheduler = type(scheduler).from_config(scheduler.config, solver=args.solver)
-        args.solver = None  # applied through the scheduler
+    _apply_scheduler_options(pipe, args)
     pipe.set_progress_bar_config(disable=True)
     labels = _labels(pipe, args.class_labels, args.num)
     outputs = []

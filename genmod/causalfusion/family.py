@@ -101,9 +101,9 @@ class CausalFusionConfig(TrainConfig):
     # latent space: a saved tokenizers_vq tokenizer folder (None = pixels)
     tokenizer: Optional[str] = None
     # previews / exported pipeline defaults
-    sample_steps: int = 16
-    sample_ar_steps: int = 4
-    sample_solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "euler"
+    num_inference_steps: int = 16
+    num_ar_steps: int = 4
+    solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "euler"
     guidance_scale: float = 2.0
 
     def validate(self) -> None:
@@ -179,17 +179,17 @@ class CausalFusionFamily(ImageFamily):
         return self.decode(unpatchify(tokens, model.config.patch_size, (grid, grid)))
 
     @torch.no_grad()
-    def sample(self, model, num: int, generator: torch.Generator, labels=None, steps=None, ar_steps=None,
-               solver=None, guidance_scale=None) -> torch.Tensor:
+    def sample(self, model, num: int, generator: torch.Generator, labels=None, num_inference_steps=None,
+               num_ar_steps=None, solver=None, guidance_scale=None) -> torch.Tensor:
         """``num`` images in [-1, 1] (classes cycled unless ``labels``), random order, even AR split."""
         cfg = self.config
         device = next(model.parameters()).device
         if labels is None and model.config.num_classes:
             labels = torch.arange(num, device=device) % model.config.num_classes
         tokens = sample_tokens(
-            model, labels, num, num_ar_steps=min(ar_steps or cfg.sample_ar_steps, model.num_tokens),
-            num_inference_steps=steps or cfg.sample_steps, solver=solver or cfg.sample_solver, path=self.path,
-            prediction=cfg.prediction, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            model, labels, num, num_ar_steps=min(num_ar_steps or cfg.num_ar_steps, model.num_tokens),
+            num_inference_steps=num_inference_steps or cfg.num_inference_steps, solver=solver or cfg.solver,
+            path=self.path, prediction=cfg.prediction, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator,
         )
         return self.tokens_to_images(tokens, model).clamp(-1, 1)
@@ -201,7 +201,7 @@ class CausalFusionFamily(ImageFamily):
         id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
         return CausalFusionPipeline(
             transformer=model, vae=self.tokenizer, id2label=id2label, path=self.config.path,
-            prediction=self.config.prediction, solver=self.config.sample_solver,
+            prediction=self.config.prediction, solver=self.config.solver,
         )
 
 

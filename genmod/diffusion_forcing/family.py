@@ -74,9 +74,9 @@ class DiffusionForcingConfig(TrainConfig):
     clip_noise: float = 6.0  # 0 = off
     history_drop_prob: float = 0.0
     # sampling (previews and exported pipeline defaults)
-    sample_steps: int = 20
-    sample_schedule: Literal["autoregressive", "pyramid", "full_sequence"] = "pyramid"
-    sample_slope: float = 1.0
+    num_inference_steps: int = 20
+    schedule: Literal["autoregressive", "pyramid", "full_sequence"] = "pyramid"
+    slope: float = 1.0
     context_noise: float = 0.02
     preview_context: int = 2
     preview_frames: int = 16
@@ -85,7 +85,7 @@ class DiffusionForcingConfig(TrainConfig):
         super().validate()
         from genmod.train import ConfigError
 
-        for name in ("num_frames", "frame_stack", "sample_steps", "preview_frames"):
+        for name in ("num_frames", "frame_stack", "num_inference_steps", "preview_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.context_noise < 1:
@@ -221,8 +221,8 @@ class DiffusionForcingFamily(Family):
     def rollout(self, model, context, num_frames, generator, **kwargs) -> torch.Tensor:
         """``genmod.diffusion_forcing.sampling.rollout`` with this family's path, prediction and defaults."""
         cfg = self.config
-        options = dict(path=self.path, prediction=cfg.prediction, schedule=cfg.sample_schedule,
-                       num_inference_steps=cfg.sample_steps, slope=cfg.sample_slope, context_noise=cfg.context_noise,
+        options = dict(path=self.path, prediction=cfg.prediction, schedule=cfg.schedule,
+                       num_inference_steps=cfg.num_inference_steps, slope=cfg.slope, context_noise=cfg.context_noise,
                        clip_denoised=None if self.is_sequence else 1.0, generator=generator)
         options.update(kwargs)
         return rollout(model, context, num_frames, **options)
@@ -270,8 +270,8 @@ class DiffusionForcingFamily(Family):
         cfg = self.config
         return DiffusionForcingPipeline(
             transformer=model, path=cfg.path, prediction=cfg.prediction, context_noise=cfg.context_noise,
-            schedule=cfg.sample_schedule, slope=cfg.sample_slope, frame_stack=cfg.frame_stack,
-            num_inference_steps=cfg.sample_steps,
+            schedule=cfg.schedule, slope=cfg.slope, frame_stack=cfg.frame_stack,
+            num_inference_steps=cfg.num_inference_steps,
         )
 
 

@@ -53,8 +53,8 @@ class FlowConfig(TrainConfig):
     # latent space: a saved tokenizers_vq tokenizer folder (None = pixels)
     tokenizer: Optional[str] = None
     # previews / exported pipeline defaults
-    sample_steps: int = 20
-    sample_solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "heun"
+    num_inference_steps: int = 20
+    solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "heun"
     guidance_scale: float = 2.0
 
 
@@ -111,8 +111,8 @@ class FlowFamily(ImageFamily):
         return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval)
 
     @torch.no_grad()
-    def sample(self, model, num: int, generator: torch.Generator, labels=None, steps=None, solver=None,
-               guidance_scale=None) -> torch.Tensor:
+    def sample(self, model, num: int, generator: torch.Generator, labels=None, num_inference_steps=None,
+               solver=None, guidance_scale=None) -> torch.Tensor:
         """``num`` images in [-1, 1] (classes cycled unless ``labels``), decoded if in latent space."""
         cfg = model.config
         device = next(model.parameters()).device
@@ -121,8 +121,8 @@ class FlowFamily(ImageFamily):
         noise = torch.randn((num, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
                             device=generator.device).to(device)
         velocity = self.velocity_fn(model, labels, self.config.guidance_scale if guidance_scale is None else guidance_scale)
-        grid = get_time_grid("uniform", steps or self.config.sample_steps)
-        x = sample_ode(velocity, noise, grid, method=solver or self.config.sample_solver, path=self.path)
+        grid = get_time_grid("uniform", num_inference_steps or self.config.num_inference_steps)
+        x = sample_ode(velocity, noise, grid, method=solver or self.config.solver, path=self.path)
         return self.decode(x).clamp(-1, 1)
 
     def build_pipeline(self, model):
@@ -132,7 +132,7 @@ class FlowFamily(ImageFamily):
         if self.config.path != "linear" or self.config.prediction != "velocity":
             return None  # the diffusers boundary is the linear path with a velocity output
         _, _, _, class_names = self.data_shape()
-        scheduler = FlowMatchSolverScheduler(solver=self.config.sample_solver)
+        scheduler = FlowMatchSolverScheduler(solver=self.config.solver)
         id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
         return FlowMatchingPipeline(transformer=model, scheduler=scheduler, vae=self.tokenizer, id2label=id2label)
 

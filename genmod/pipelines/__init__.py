@@ -2,21 +2,16 @@
 
 Load a saved pipeline with ``genmod.pipelines.load_pipeline(dir)`` or with its class, e.g.
 ``FlowMatchingPipeline.from_pretrained(dir)``; both work in a fresh process without network.
-Pipeline classes are imported lazily from their family's module.
+Pipeline classes are imported lazily from their family's module (named in ``genmod.families``).
 """
 
 import importlib
 
+from genmod.families import pipeline_modules
 from genmod.pipelines.base import GenmodPipeline, _import_named_components
 
-# class name -> module defining it (one file per family)
-PIPELINE_MODULES = {
-    "FlowMatchingPipeline": "genmod.flow.pipeline",
-    "VARPipeline": "genmod.var.pipeline",
-    "LatentLMPipeline": "genmod.latentlm.pipeline",
-    "DiffusionForcingPipeline": "genmod.diffusion_forcing.pipeline",
-    "CausalFusionPipeline": "genmod.causalfusion.pipeline",
-}
+# class name -> module defining it (one file per family), from the family table
+PIPELINE_MODULES = pipeline_modules()
 
 __all__ = ["GenmodPipeline", "load_pipeline", *PIPELINE_MODULES]
 

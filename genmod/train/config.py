@@ -8,7 +8,9 @@ A family extends :class:`TrainConfig` by subclassing it (flat, no nesting)::
         path: Literal["linear", "cosine"] = "linear"
 
 ``parse_config(FlowConfig, ["--lr", "3e-4", "--depth=6", "--no-tensorboard"])`` builds one from
-flags; ``--config run/train_config.json`` starts from a saved config that later flags override.
+flags; ``--preset NAME`` (a recipe under ``genmod/presets/<family>/``) and ``--config
+run/train_config.json`` (a saved config) give starting values that the other flags override.
+Flags and JSON files go through one conversion chain (:func:`convert_value`).
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]`` (choices),
 ``Optional[X]`` (flag value ``none``), ``tuple[X, ...]``/``tuple[X, Y]``/``list[X]``
 (comma-separated). Every mistake is a one-line :class:`ConfigError` naming the field.
@@ -25,7 +27,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-__all__ = ["ConfigError", "TrainConfig", "parse_config", "save_config", "load_config", "config_help"]
+__all__ = ["ConfigError", "TrainConfig", "parse_config", "save_config", "load_config", "config_help",
+           "read_config_values", "convert_value", "RENAMED_FIELDS"]
 
 
 class ConfigError(ValueError):
@@ -131,106 +134,115 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _from_string(name: str, tp, text: str):
-    """Convert one flag value; ``name`` is the flag shown in errors."""
+def convert_value(where: str, tp, value, from_cli: bool):
+    """One value -> the field type ``tp``: a CLI string (parsed) or a JSON value (type-checked).
+
+    The one conversion chain of flags, saved configs and presets; ``where`` prefixes every error
+    (``--lr`` for a flag, ``FILE: field 'lr'`` for JSON).
+    """
     optional, inner = _is_optional(tp)
     if optional:
-        if text.strip().lower() in ("none", "null"):
-            return None
-        return _from_string(name, inner, text)
+        is_none = value.strip().lower() in ("none", "null") if from_cli else value is None
+        return None if is_none else convert_value(where, inner, value, from_cli)
     origin = typing.get_origin(tp)
     if origin is Literal:
-        choices = typing.get_args(tp)
-        for choice in choices:
-            if str(choice) == text:
-                return choice
-        raise ConfigError(f"{name}: invalid choice {text!r} (choose from {', '.join(repr(c) for c in choices)})")
+        return _convert_choice(where, typing.get_args(tp), value, from_cli)
     if origin in (tuple, list):
-        args = typing.get_args(tp)
-        parts = [p.strip() for p in text.split(",")] if text.strip() else []
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(parts) != len(args):
-                raise ConfigError(f"{name}: expected {len(args)} comma-separated values, got {text!r}")
-            items = [_from_string(name, a, p) for a, p in zip(args, parts)]
-        else:
-            elem = args[0] if args else str
-            items = [_from_string(name, elem, p) for p in parts]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        low = text.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ConfigError(f"{name}: expected true/false, got {text!r}")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            try:  # allow "1e3" when it is a whole number
-                value = float(text)
-            except ValueError:
-                value = None
-            if value is not None and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{name}: expected int, got {text!r}") from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{name}: expected float, got {text!r}") from None
-    if tp is str:
-        return text
-    raise ConfigError(f"{name}: unsupported field type {tp!r}")
-
-
-def _check_json_value(where: str, tp, value):
-    """Type-check (and normalise) one value read from JSON; ``where`` prefixes errors."""
-    optional, inner = _is_optional(tp)
-    if optional:
-        return None if value is None else _check_json_value(where, inner, value)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
-            raise ConfigError(f"{where}: invalid choice {value!r} (choose from {', '.join(repr(c) for c in choices)})")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            items = [_check_json_value(where, a, v) for a, v in zip(args, value)]
-        else:
-            elem = args[0] if args else Any
-            items = [v if elem is Any else _check_json_value(where, elem, v) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected bool, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected int, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected str, got {type(value).__name__} {value!r}")
-        return value
+        return _convert_sequence(where, tp, value, from_cli)
+    if tp in _SCALARS:
+        return _SCALARS[tp](where, value, from_cli)
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
+def _convert_choice(where: str, choices: tuple, value, from_cli: bool):
+    if from_cli:
+        found = [choice for choice in choices if str(choice) == value]
+    else:  # JSON: the value itself, with True never standing in for 1
+        found = [c for c in choices if c == value and isinstance(c, bool) == isinstance(value, bool)]
+    if not found:
+        raise ConfigError(f"{where}: invalid choice {value!r} (choose from {', '.join(repr(c) for c in choices)})")
+    return found[0]
+
+
+def _convert_sequence(where: str, tp, value, from_cli: bool):
+    """``tuple[X, ...]``, ``tuple[X, Y]`` or ``list[X]``: comma-separated on the CLI, a list in JSON."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if from_cli:
+        items = [p.strip() for p in value.split(",")] if value.strip() else []
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(items) != len(args):
+            got = repr(value) if from_cli else len(items)
+            raise ConfigError(f"{where}: expected {len(args)}{' comma-separated' if from_cli else ''} values, got {got}")
+        elem_types = list(args)
+    else:
+        elem_types = [args[0] if args else (str if from_cli else Any)] * len(items)
+    out = [v if t is Any else convert_value(where, t, v, from_cli) for t, v in zip(elem_types, items)]
+    return tuple(out) if origin is tuple else out
+
+
+def _wrong_json_type(where: str, name: str, value):
+    return ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _to_bool(where: str, value, from_cli: bool) -> bool:
+    if not from_cli:
+        if not isinstance(value, bool):
+            raise _wrong_json_type(where, "bool", value)
+        return value
+    low = value.strip().lower()
+    if low in _TRUE or low in _FALSE:
+        return low in _TRUE
+    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+
+
+def _to_int(where: str, value, from_cli: bool) -> int:
+    if not from_cli:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_json_type(where, "int", value)
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:  # allow "1e3" when it is a whole number
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None and number.is_integer():
+        return int(number)
+    raise ConfigError(f"{where}: expected int, got {value!r}")
+
+
+def _to_float(where: str, value, from_cli: bool) -> float:
+    if not from_cli:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong_json_type(where, "float", value)
+        return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected float, got {value!r}") from None
+
+
+def _to_str(where: str, value, from_cli: bool) -> str:
+    if not from_cli and not isinstance(value, str):
+        raise _wrong_json_type(where, "str", value)
+    return value
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _check_instance_types(config) -> None:
+    """Type-check (and normalise) the fields of a config built in Python, as if read from JSON."""
     for name, tp in _field_types(type(config)).items():
         value = getattr(config, name)
         as_json = list(value) if isinstance(value, tuple) else value
-        setattr(config, name, _check_json_value(f"--{name}", tp, as_json))
+        setattr(config, name, convert_value(f"--{name}", tp, as_json, from_cli=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +250,7 @@ def _check_instance_types(config) -> None:
 
 
 def config_help(cls) -> str:
-    """One line per field: flag, type and default."""
+    """One line per field (flag, type, default), then the family's presets if it has any."""
     lines = [f"options of {cls.__name__} (every field is a flag; --config FILE.json loads a saved config):"]
     defaults = cls()
     for name, tp in _field_types(cls).items():
@@ -247,65 +259,104 @@ def config_help(cls) -> str:
             default = ",".join(str(v) for v in default)
         flag = f"--{name}" + ("/--no-" + name if _is_flag(tp) else "")
         lines.append(f"  {flag:<34} {_type_name(tp):<40} default: {default}")
+    presets = _presets_of(cls)
+    if presets:
+        lines.append(f"presets (--preset NAME; flags override it): {', '.join(sorted(presets))}")
     return "\n".join(lines)
 
 
-def parse_config(cls, argv: list[str] | None = None):
-    """Build ``cls`` from ``--field value`` / ``--field=value`` / ``--flag`` / ``--no-flag`` flags.
+def _take_value(argv: list[str], i: int, key: str, what: str) -> tuple[str, int]:
+    if i + 1 >= len(argv):
+        raise ConfigError(f"--{key}: expected {what}")
+    return argv[i + 1], i + 1
 
-    ``--config FILE`` (anywhere in argv) loads a saved config first; the other flags override it.
-    ``-h``/``--help`` prints :func:`config_help` and exits with status 0.
-    """
-    argv = list(argv or [])
-    if "-h" in argv or "--help" in argv:
-        print(config_help(cls))
-        raise SystemExit(0)
+
+def _parse_flags(cls, argv: list[str]) -> tuple[dict, Optional[str], Optional[str]]:
+    """``(field values, --config file, --preset name)`` from ``--field value`` style flags."""
     types_by_name = _field_types(cls)
     flags = {name.replace("_", "-"): name for name in types_by_name}  # accept --max-steps too
     flags.update({name: name for name in types_by_name})
-
     values: dict[str, Any] = {}
-    config_file = None
+    sources = {"config": None, "preset": None}
     i = 0
     while i < len(argv):
+        # 1. one token: --key, --key=value, or a stray positional
         token = argv[i]
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r} (options look like --field value)")
         key, has_eq, inline = token[2:].partition("=")
-        if key == "config":
+        # 2. --config FILE / --preset NAME pick the starting values
+        if key in sources:
             if not has_eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError("--config: expected a JSON file path")
-                inline, i = argv[i + 1], i + 1
-            config_file = inline
+                inline, i = _take_value(argv, i, key, "a JSON file path" if key == "config" else "a preset name")
+            sources[key] = inline
             i += 1
             continue
-        negated = key.startswith("no-") and key[3:] in flags and _is_flag(types_by_name[flags[key[3:]]])
-        name = flags.get(key[3:] if negated else key)
-        if name is None:
-            known = sorted(set(flags) | {"config"})
-            guess = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean --{guess[0]}?)" if guess else ""
-            raise ConfigError(f"unknown option --{key}{hint}")
+        # 3. a field flag: bare --flag / --no-flag for booleans, else a value converted by its type
+        name, negated = _flag_name(key, flags, types_by_name)
         tp = types_by_name[name]
         if negated:
             if has_eq:
                 raise ConfigError(f"--{key}: takes no value")
             values[name] = False
         elif _is_flag(tp) and not has_eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
-            values[name] = True  # a bare --flag
+            values[name] = True
         else:
             if not has_eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"--{key}: expected a value ({_type_name(tp)})")
-                inline, i = argv[i + 1], i + 1
-            values[name] = _from_string(f"--{key}", tp, inline)
+                inline, i = _take_value(argv, i, key, f"a value ({_type_name(tp)})")
+            values[name] = convert_value(f"--{key}", tp, inline, from_cli=True)
         i += 1
+    return values, sources["config"], sources["preset"]
 
-    base = load_config(cls, config_file) if config_file is not None else cls()
-    config = dataclasses.replace(base, **values)
+
+def _flag_name(key: str, flags: dict, types_by_name: dict) -> tuple[str, bool]:
+    """The field a flag names and whether it is a ``--no-`` form; unknown flags suggest a near name."""
+    negated = key.startswith("no-") and key[3:] in flags and _is_flag(types_by_name[flags[key[3:]]])
+    name = flags.get(key[3:] if negated else key)
+    if name is None:
+        guess = difflib.get_close_matches(key, sorted(set(flags) | {"config", "preset"}), n=1)
+        hint = f" (did you mean --{guess[0]}?)" if guess else ""
+        raise ConfigError(f"unknown option --{key}{hint}")
+    return name, negated
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """Build ``cls`` from ``--field value`` / ``--field=value`` / ``--flag`` / ``--no-flag`` flags.
+
+    Layers, later wins: the class defaults, ``--preset NAME`` (a JSON recipe shipped under
+    ``genmod/presets/<family>/``), ``--config FILE`` (a saved config), then the other flags,
+    wherever they stand in argv. ``-h``/``--help`` prints :func:`config_help` and exits with 0.
+    """
+    argv = list(argv or [])
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls))
+        raise SystemExit(0)
+    flag_values, config_file, preset = _parse_flags(cls, argv)
+    values = {}
+    if preset is not None:
+        values.update(read_config_values(cls, _preset_file(cls, preset)))
+    if config_file is not None:
+        values.update(read_config_values(cls, config_file))
+    config = cls(**{**values, **flag_values})
     config.validate()
     return config
+
+
+def _presets_of(cls) -> dict:
+    """``{preset name: JSON path}`` of the family whose config class is ``cls`` (none for others)."""
+    from genmod.presets import preset_files
+
+    from .family import family_of_config
+
+    family = family_of_config(cls)
+    return preset_files(family) if family else {}
+
+
+def _preset_file(cls, name: str) -> str:
+    presets = _presets_of(cls)
+    if name not in presets:
+        raise ConfigError(f"--preset: unknown preset {name!r} for {cls.__name__} (known: {', '.join(sorted(presets)) or 'none'})")
+    return presets[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,11 +379,21 @@ def save_config(config, path: str | os.PathLike) -> None:
         f.write("\n")
 
 
-def load_config(cls, path: str | os.PathLike, strict: bool = True):
-    """Read a config saved by :func:`save_config` into ``cls``, type-checking every field.
+# Fields renamed to their pipeline keyword (one name per setting); configs saved before still load.
+RENAMED_FIELDS = {
+    "sample_steps": "num_inference_steps",
+    "sample_ar_steps": "num_ar_steps",
+    "sample_solver": "solver",
+    "sample_schedule": "schedule",
+    "sample_slope": "slope",
+}
 
-    Fields missing from the file take their defaults. With ``strict`` an unknown field is an error
-    (a config saved by another family); otherwise it is ignored.
+
+def read_config_values(cls, path: str | os.PathLike, strict: bool = True) -> dict:
+    """The type-checked ``{field: value}`` of a JSON config file (saved config or preset) for ``cls``.
+
+    Keys starting with ``_`` are notes; old names in :data:`RENAMED_FIELDS` map to the new ones. With
+    ``strict`` a field ``cls`` does not have is an error (a config of another family), else ignored.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -349,17 +410,26 @@ def load_config(cls, path: str | os.PathLike, strict: bool = True):
     for key, value in data.items():
         if key.startswith("_"):
             continue
+        key = RENAMED_FIELDS.get(key, key) if RENAMED_FIELDS.get(key) in types_by_name else key
         if key not in types_by_name:
             if strict:
                 saved = data.get("_config_class", "another config")
                 raise ConfigError(f"{path}: field {key!r} is not an option of {cls.__name__} (saved from {saved})")
             continue
-        values[key] = _check_json_value(f"{path}: field {key!r}", types_by_name[key], value)
-    config = cls(**values)
+        values[key] = convert_value(f"{path}: field {key!r}", types_by_name[key], value, from_cli=False)
+    return values
+
+
+def load_config(cls, path: str | os.PathLike, strict: bool = True):
+    """Read a config saved by :func:`save_config` into ``cls``, type-checking every field.
+
+    Fields missing from the file take their defaults (see :func:`read_config_values`).
+    """
+    config = cls(**read_config_values(cls, path, strict))
     try:
         config.validate()
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{os.fspath(path)}: {err}") from None
     return config
 
 
