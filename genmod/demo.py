@@ -21,29 +21,44 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genmod demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    # defaults: the flow/demo-unet preset (genmod/presets/flow/demo-unet.json)
+    p.add_argument("--max-steps", "--steps", type=int, default=None, help="training steps (preset: 1500)")
     p.add_argument("--num-eval", type=int, default=500, help="samples for the evaluation (default 500)")
-    p.add_argument("--sample-steps", type=int, default=16, help="ODE steps when sampling (default 16)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2)")
+    p.add_argument("--num-inference-steps", "--sample-steps", type=int, default=None,
+                   help="ODE steps when sampling (preset: 16)")
+    p.add_argument("--guidance-scale", "--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (preset: 2)")
     p.add_argument("--resume", action="store_true", help="continue a killed demo run from its last checkpoint")
     return p
 
 
+def demo_config(args):
+    """The ``flow/demo-unet`` preset, with the demo's output folder and the flags given."""
+    from genmod.flow.family import FlowConfig
+    from genmod.presets import preset_files
+    from genmod.train.config import read_config_values
+
+    values = read_config_values(FlowConfig, preset_files("flow")["demo-unet"])
+    values.update(output_dir=os.path.join(args.out, "train"), cpu=not torch.cuda.is_available(),
+                  resume="latest" if args.resume else None)
+    for name in ("max_steps", "num_inference_steps", "guidance_scale"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    config = FlowConfig(**values)
+    config.validate()
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from genmod.data import get_dataset
-    from genmod.flow.family import FlowConfig, FlowFamily
+    from genmod.flow.family import FlowFamily
     from genmod.pipelines import load_pipeline
     from genmod.train import Trainer
 
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
-    config = FlowConfig(
-        output_dir=os.path.join(args.out, "train"), dataset="shapes", max_steps=args.steps, batch_size=32,
-        lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.995, backbone="unet", unet_channels=(32, 64, 64), checkpoint_every=500, sample_every=500, log_every=25, cpu=not torch.cuda.is_available(),
-        sample_steps=args.sample_steps, guidance_scale=args.guidance, resume="latest" if args.resume else None,
-    )
-    print(f"[demo] 1/3 training a small class-conditional flow U-Net on built-in shapes for {args.steps} steps")
+    config = demo_config(args)
+    print(f"[demo] 1/3 training a small class-conditional flow U-Net on built-in shapes for {config.max_steps} steps")
     summary = Trainer(config, FlowFamily(config)).train()
     train_minutes = (time.time() - started) / 60
 
@@ -54,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = len(class_names)
     per_class = 8
     labels = [c for c in range(num_classes) for _ in range(per_class)]
-    grid = pipe(class_labels=labels, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
+    grid = pipe(class_labels=labels, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                 generator=[torch.Generator().manual_seed(i) for i in range(len(labels))], output_type="pt").images
     from torchvision.utils import save_image
 
@@ -62,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     save_image(grid, grid_path, nrow=per_class, padding=2)
 
     print(f"[demo] 3/3 evaluating {args.num_eval} samples against held-out real images")
-    metrics = evaluate(pipe, args, num_classes)
+    metrics = evaluate(pipe, config, args.num_eval, num_classes)
     result = {
         "grid": grid_path, "rows": class_names, "pipeline": summary.pipeline, "checkpoint": summary.checkpoint,
         "train_steps": summary.final_step, "final_loss": summary.last_loss, "train_minutes": round(train_minutes, 2),
-        "sample_steps": args.sample_steps, "guidance_scale": args.guidance, **metrics,
+        "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale, **metrics,
         "total_minutes": round((time.time() - started) / 60, 2),
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
@@ -82,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(pipe, args, num_classes: int) -> dict:
+def evaluate(pipe, config, n: int, num_classes: int) -> dict:
     """Domain metrics of generated samples against held-out real data, with the floor at the same N."""
     from evals.feature_net import classifier_accuracy, get_feature_net, register_feature_net
     from evals.metrics import fidelity_metrics
@@ -90,14 +105,13 @@ def evaluate(pipe, args, num_classes: int) -> dict:
 
     net = get_feature_net("shapes")
     extractor = register_feature_net(net)
-    n = args.num_eval
     labels = torch.arange(n) % num_classes
     images = []
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, n, 100), desc="sampling for evaluation", unit="batch of 100"):
         batch = labels[start:start + 100].tolist()
-        out = pipe(class_labels=batch, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
+        out = pipe(class_labels=batch, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                    generator=[torch.Generator().manual_seed(10_000 + start + i) for i in range(len(batch))],
                    output_type="pt").images
         images.append(out * 2 - 1)

@@ -308,7 +308,7 @@ def test_train_cli_with_unet_backbone(tmp_path):
                  "--num_frames", "4", "--image_size", "8", "--unet_channels", "8,16", "--unet_temporal_levels", "1",
                  "--unet_head_dim", "8", "--prediction", "x0", "--max_steps", "2", "--batch_size", "2", "--cpu",
                  "--no-tensorboard", "--sample_every", "2", "--num_preview", "2", "--preview_frames", "3",
-                 "--sample_steps", "2", "--output_dir", str(out)]) == 0
+                 "--num_inference_steps", "2", "--output_dir", str(out)]) == 0
     family, model = load_family_from_checkpoint(str(out))
     assert isinstance(model, DiffusionForcingUNet) and tuple(model.config.block_out_channels) == (8, 16)
     from genmod.pipelines import load_pipeline
@@ -334,7 +334,7 @@ def _oscillations(n: int, steps: int, rng) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained_oscillator():
     cfg = DiffusionForcingConfig(dataset="oscillators", num_frames=TRAIN_FRAMES, frame_stack=STACK, prediction="x0",
-                                 loss_weighting="fused_snr", context_noise=0.02, sample_steps=10)
+                                 loss_weighting="fused_snr", context_noise=0.02, num_inference_steps=10)
     family = DiffusionForcingFamily(cfg)
     rng = np.random.default_rng(0)
     data = _oscillations(2048, TRAIN_FRAMES * STACK, rng)
