@@ -149,8 +149,8 @@ def convert_value(where: str, tp, value, from_cli: bool):
         return _convert_choice(where, typing.get_args(tp), value, from_cli)
     if origin in (tuple, list):
         return _convert_sequence(where, tp, value, from_cli)
-    if tp in _SCALARS:
-        return _SCALARS[tp](where, value, from_cli)
+    if tp in _JSON_TYPES:
+        return _parse_scalar(where, tp, value) if from_cli else _check_json_scalar(where, tp, value)
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
@@ -184,57 +184,34 @@ def _convert_sequence(where: str, tp, value, from_cli: bool):
     return tuple(out) if origin is tuple else out
 
 
-def _wrong_json_type(where: str, name: str, value):
-    return ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+_JSON_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}  # JSON types a scalar field takes
 
 
-def _to_bool(where: str, value, from_cli: bool) -> bool:
-    if not from_cli:
-        if not isinstance(value, bool):
-            raise _wrong_json_type(where, "bool", value)
-        return value
-    low = value.strip().lower()
-    if low in _TRUE or low in _FALSE:
-        return low in _TRUE
-    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+def _check_json_scalar(where: str, tp, value):
+    """A JSON value of a scalar field: the right type (True is not an int), ints widened to float."""
+    if not isinstance(value, _JSON_TYPES[tp]) or (tp is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
 
 
-def _to_int(where: str, value, from_cli: bool) -> int:
-    if not from_cli:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _wrong_json_type(where, "int", value)
-        return value
+def _parse_scalar(where: str, tp, text: str):
+    """A CLI string of a scalar field; ints may be written ``1e3`` when whole."""
+    if tp is str:
+        return text
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ConfigError(f"{where}: expected true/false, got {text!r}")
     try:
-        return int(value)
-    except ValueError:
-        pass
-    try:  # allow "1e3" when it is a whole number
-        number = float(value)
+        number = float(text)
     except ValueError:
         number = None
-    if number is not None and number.is_integer():
-        return int(number)
-    raise ConfigError(f"{where}: expected int, got {value!r}")
-
-
-def _to_float(where: str, value, from_cli: bool) -> float:
-    if not from_cli:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _wrong_json_type(where, "float", value)
-        return float(value)
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"{where}: expected float, got {value!r}") from None
-
-
-def _to_str(where: str, value, from_cli: bool) -> str:
-    if not from_cli and not isinstance(value, str):
-        raise _wrong_json_type(where, "str", value)
-    return value
-
-
-_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+    if tp is float and number is not None:
+        return number
+    if tp is int and number is not None and number.is_integer():
+        return int(text) if text.strip().lstrip("+-").isdigit() else int(number)
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {text!r}")
 
 
 def _check_instance_types(config) -> None:
