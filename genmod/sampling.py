@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     for option in SAMPLE_OPTIONS.values():  # the pipeline keywords of the family table
         flags = [option.flag] + ([option.alias] if option.alias else [])
         families = ", ".join(families_taking(option.keyword))
-        p.add_argument(*flags, dest=option.keyword, type=option.type, default=None,
-                       help=f"{families}: {option.help} (default: the saved setting)")
+        p.add_argument(*flags, dest=option.keyword, type=option.type, default=None, metavar=option.type.__name__.upper(),
+                       help=f"{families}: {option.help} (default: the pipeline's saved setting)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
