@@ -108,6 +108,19 @@ def test_sample_flag_of_another_family_is_a_one_line_error():
     assert _sample_options(VARPipeline(), args) == {"top_k": 5, "num_inference_steps": 6}
 
 
+def test_flow_solver_flag_is_set_on_the_scheduler():
+    from genmod.flow.scheduler import FlowMatchSolverScheduler
+    from genmod.sampling import _apply_scheduler_options, _sample_options, build_parser
+
+    class FlowMatchingPipeline:  # the flow row: --solver goes to the scheduler, not to __call__
+        scheduler = FlowMatchSolverScheduler(solver="heun")
+
+    pipe, args = FlowMatchingPipeline(), build_parser().parse_args(["run", "--solver", "rk4", "--steps", "3"])
+    _apply_scheduler_options(pipe, args)
+    assert pipe.scheduler.config.solver == "rk4" and args.solver is None
+    assert _sample_options(pipe, args) == {"num_inference_steps": 3}
+
+
 @pytest.mark.parametrize("row", GENERATORS, ids=lambda row: row.name)
 def test_config_sampling_fields_use_the_pipeline_keyword_names(row):
     importlib.import_module(row.module)
@@ -151,7 +164,7 @@ def test_preset_folders_are_families():
     assert len(list(_all_presets())) >= 11
 
 
-@pytest.mark.parametrize("row, name, path", list(_all_presets()), ids=lambda v: getattr(v, "name", v) if not isinstance(v, str) or not v.endswith(".json") else "")
+@pytest.mark.parametrize("row, name, path", list(_all_presets()), ids=[f"{r.name}/{n}" for r, n, _ in _all_presets()])
 def test_every_preset_parses_and_its_values_land_in_the_config(row, name, path):
     importlib.import_module(row.module)
     cls = get_family(row.name).config_class
