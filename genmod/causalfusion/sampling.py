@@ -19,12 +19,13 @@ guidance interval switches guidance off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from genmod.core.paths import AffinePath, get_path
+from genmod.core.settings import with_options
 from genmod.nn.attention import KVCache
 from samplers import classifier_free_guidance, get_time_grid, sample_ode
 
@@ -122,15 +123,6 @@ class CausalFusionSampling:
             lo, hi = self.guidance_interval
             if not 0 <= lo <= hi <= 1:
                 raise ValueError(f"guidance_interval: need 0 <= t_lo <= t_hi <= 1, got {self.guidance_interval}")
-
-
-def with_options(settings, options: dict, where: str):
-    """``settings`` (a frozen settings dataclass) with the fields in ``options`` replaced."""
-    names = {f.name for f in fields(settings)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"{where}: unknown option {unknown[0]!r} (not a field of {type(settings).__name__})")
-    return replace(settings, **options) if options else settings
 
 
 def _gather(tokens_BLD: torch.Tensor, pos_BN: torch.Tensor) -> torch.Tensor:
