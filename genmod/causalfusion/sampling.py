@@ -271,16 +271,11 @@ def sample_tokens(
     """Generate ``[B, L, token_dim]`` tokens (raster layout) with a ``CausalFusionTransformer`` by walking
     the dual factorization (Deng et al. 2024, Sec. 3): AR steps over token subsets, an ODE solve each.
 
-    Args:
-        class_labels: ``[B]`` ids (conditional models) or None.
-        settings: a ``CausalFusionSampling``; ``options`` (its field names) override single fields.
-        generator: one generator or one per sample (noise and the random order are drawn from it).
-        known_tokens, known_mask: zero-shot editing: ``[B, L, token_dim]`` tokens and ``[B, L]`` bool
-            (same count per sample) kept as a clean prefix; only the others are generated.
-        noise: optional initial noise ``[B, L, token_dim]`` (raster layout) instead of drawing it.
-        on_ar_step: called with the AR step index after each step (progress bars).
-    Returns the tokens, and with ``return_stats`` a dict with ``nfe`` (noisy-step network calls) and
-    ``step_sizes``.
+    ``class_labels``: ``[B]`` ids or None; ``settings``: a ``CausalFusionSampling`` (``options``, its field
+    names, override single fields); ``generator``: one or one per sample (noise and random order).
+    ``known_tokens`` ``[B, L, D]`` + ``known_mask`` ``[B, L]``: zero-shot editing, kept as a clean prefix.
+    ``noise``: initial noise ``[B, L, D]`` instead of drawing it; ``on_ar_step(step)`` after each AR step.
+    Returns the tokens, and with ``return_stats`` also ``{"nfe": network calls, "step_sizes": ...}``.
     """
     settings = with_options(settings or CausalFusionSampling(), options, "sample_tokens")
     noise, order_BL = _noise_and_order(model, batch_size, settings, generator, noise)

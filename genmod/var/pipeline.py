@@ -118,6 +118,21 @@ def _scale_logits(transformer, x: torch.Tensor, cond, caches, prefix: list, num_
     return transformer.run_blocks(torch.cat(prefix, dim=1), cond)[:, -num_tokens:]
 
 
+def _check_inputs(transformer, quantizer, given_index_maps, keep_masks) -> None:
+    """The tokenizer's scales are the transformer's; editing needs both the index maps and the masks."""
+    scales = transformer.scale_sizes
+    if tuple(tuple(s) for s in quantizer.scales) != tuple(scales):
+        raise ValueError(f"quantizer: scales {list(quantizer.scales)} differ from the transformer's {scales}")
+    if (given_index_maps is None) != (keep_masks is None):
+        raise ValueError("given_index_maps / keep_masks: pass both for editing, or neither")
+
+
+def _guided(logits_2BNV: torch.Tensor, weight: float) -> torch.Tensor:
+    """CFG on a batch doubled as ``[cond | null]``: ``u + w (c - u)`` (docs/DESIGN.md §1)."""
+    cond_logits, null_logits = logits_2BNV.chunk(2)
+    return combine_guidance(cond_logits, null_logits, weight)
+
+
 @torch.no_grad()
 def var_generate(
     transformer,
@@ -140,11 +155,8 @@ def var_generate(
     mask is True, at every scale.
     """
     settings = with_options(settings or VARSampling(), options, "var_generate")
+    _check_inputs(transformer, quantizer, given_index_maps, keep_masks)
     scales = transformer.scale_sizes
-    if tuple(tuple(s) for s in quantizer.scales) != tuple(scales):
-        raise ValueError(f"quantizer: scales {list(quantizer.scales)} differ from the transformer's {scales}")
-    if (given_index_maps is None) != (keep_masks is None):
-        raise ValueError("given_index_maps / keep_masks: pass both for editing, or neither")
     device = transformer.block_ids.device
     labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
     batch = labels.shape[0]
@@ -159,9 +171,7 @@ def var_generate(
         logits = _scale_logits(transformer, x, cond, caches, prefix, h * w)
         # 2. CFG at this scale's weight w_k (VAR's linear ramp): u + w_k (c - u)
         if do_cfg:
-            cond_logits, null_logits = logits.chunk(2)
-            w_k = guidance_weight(k, len(scales), settings.guidance_scale, settings.guidance_schedule)
-            logits = combine_guidance(cond_logits, null_logits, w_k)
+            logits = _guided(logits, guidance_weight(k, len(scales), settings.guidance_scale, settings.guidance_schedule))
         # 3. sample the token map r_k (temperature, top-k, top-p); editing keeps the given tokens
         ids = _draw(logits, generator, settings.temperature, settings.top_k, settings.top_p).view(batch, h, w)
         if given_index_maps is not None:
