@@ -319,3 +319,27 @@ def test_paper_parameterization_ddpm_linear_epsilon():
     out = family.loss(model, batch, torch.Generator().manual_seed(2))
     # zero epsilon prediction: the loss is the weighted mean of eps^2 (about the mean weight)
     assert 0.8 < out["loss"].item() < 2.6
+
+
+@pytest.mark.parametrize("field,value", [("num_ar_steps", 0), ("step_sizes", [3, 0]), ("num_inference_steps", 0),
+                                         ("prediction", "score"), ("order", "spiral"), ("guidance_interval", (0.8, 0.2))])
+def test_sampling_settings_reject_bad_values_naming_the_field(field, value):
+    from genmod.causalfusion import CausalFusionSampling
+
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        CausalFusionSampling(**{field: value})
+    with pytest.raises(TypeError, match="num_steps"):  # a keyword that is no field is named too
+        sample_tokens(tiny_model(), torch.tensor([0]), 1, num_steps=2)
+
+
+def test_settings_object_and_keyword_options_give_the_same_tokens():
+    from genmod.causalfusion import CausalFusionSampling
+
+    model, labels = tiny_model(), torch.tensor([0, 2])
+    settings = CausalFusionSampling(num_ar_steps=3, num_inference_steps=2, guidance_scale=2.0, order="raster")
+    a = sample_tokens(model, labels, 2, settings, generator=torch.Generator().manual_seed(0))
+    b = sample_tokens(model, labels, 2, num_ar_steps=3, num_inference_steps=2, guidance_scale=2.0, order="raster",
+                      generator=torch.Generator().manual_seed(0))
+    c = sample_tokens(model, labels, 2, settings, generator=torch.Generator().manual_seed(0), guidance_scale=1.0)
+    assert torch.equal(a, b) and settings.step_sizes is None
+    assert (a - c).abs().max() > 1e-4  # an option overrides the settings' field

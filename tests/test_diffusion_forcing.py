@@ -387,3 +387,29 @@ def test_gradient_guidance_through_the_network_lowers_the_loss():
                                    num_inference_steps=4, guidance_fn=target_loss, guidance_strength=strength,
                                    guidance_grad="x_t", generator=torch.Generator().manual_seed(3))[:, 2:]
     assert target_loss(run(1.0)).mean() < target_loss(run(0.0)).mean()
+
+
+@pytest.mark.parametrize("field,value", [("kv_cache", "always"), ("guidance_grad", "eps"), ("history_guidance", "zero"),
+                                         ("context_noise", 1.0), ("prediction", "score"), ("num_inference_steps", 0),
+                                         ("window", 0), ("chunk_size", 0), ("clip_denoised", 0.0)])
+def test_rollout_settings_reject_bad_values_naming_the_field(field, value):
+    from genmod.diffusion_forcing import RolloutSettings
+
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        RolloutSettings(**{field: value})
+    with pytest.raises(ValueError, match=f"^{field}: "):  # a keyword option is validated the same way
+        rollout(_random_model("sequence"), torch.zeros(1, 1, 4), 1, **{field: value})
+    with pytest.raises(TypeError, match="steps"):  # a keyword that is no field is named
+        rollout(_random_model("sequence"), torch.zeros(1, 1, 4), 1, steps=3)
+
+
+def test_rollout_settings_object_equals_keyword_options():
+    from genmod.diffusion_forcing import RolloutSettings
+
+    model = _random_model("sequence")
+    context = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(5))
+    settings = RolloutSettings(schedule="pyramid", num_inference_steps=3, guidance_scale=2.0, path="linear")
+    a = rollout(model, context, 3, settings, generator=torch.Generator().manual_seed(6))
+    b = rollout(model, context, 3, schedule="pyramid", num_inference_steps=3, guidance_scale=2.0, path="linear",
+                generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)

@@ -269,3 +269,29 @@ def test_family_trains_and_exports_with_the_cli(tmp_path, capsys):
     assert 2 == cli_main(["train", "var", "--tokenizer", str(tmp_path / "fsq"), "--cpu", "--output_dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "quantizer 'msvq'" in err
+
+
+@pytest.mark.parametrize("field,value", [("guidance_schedule", "cosine"), ("temperature", -1.0), ("top_k", 0),
+                                         ("top_p", 1.5)])
+def test_sampling_settings_reject_bad_values_naming_the_field(tiny, field, value):
+    from genmod.var import VARSampling
+
+    tok, model = tiny
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        VARSampling(**{field: value})
+    with pytest.raises(ValueError, match=f"^{field}: "):  # keyword options are validated the same way
+        var_generate(model, tok.quantize_layer, torch.tensor([0]), **{field: value})
+    with pytest.raises(TypeError, match="cfg"):  # a keyword that is no field is named
+        var_generate(model, tok.quantize_layer, torch.tensor([0]), cfg=1.5)
+
+
+def test_settings_object_equals_keyword_options(tiny):
+    from genmod.var import VARSampling
+
+    tok, model = tiny
+    labels = torch.tensor([0, 2])
+    settings = VARSampling(guidance_scale=2.5, top_k=4, temperature=0.8, use_kv_cache=False)
+    a = var_generate(model, tok.quantize_layer, labels, settings, generator=torch.Generator().manual_seed(3))
+    b = var_generate(model, tok.quantize_layer, labels, guidance_scale=2.5, top_k=4, temperature=0.8, use_kv_cache=False,
+                     generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a.index_maps, b.index_maps)) and torch.equal(a.f_hat, b.f_hat)

@@ -5,10 +5,10 @@ zero-shot editing), ``CausalFusionPipeline`` (diffusers) and the ``causalfusion`
 (``genmod train causalfusion``).
 """
 
-from genmod.causalfusion.sampling import draw_noise_and_order, even_step_sizes, sample_tokens
+from genmod.causalfusion.sampling import CausalFusionSampling, draw_noise_and_order, even_step_sizes, sample_tokens
 from genmod.causalfusion.transformer import CausalFusionTransformer, causalfusion_sequence_layout
 
-__all__ = ["CausalFusionTransformer", "causalfusion_sequence_layout", "sample_tokens", "even_step_sizes",
+__all__ = ["CausalFusionTransformer", "causalfusion_sequence_layout", "sample_tokens", "CausalFusionSampling", "even_step_sizes",
            "draw_noise_and_order"]
 
 

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 import torch
 
-from genmod.causalfusion.sampling import sample_tokens
+from genmod.causalfusion.sampling import CausalFusionSampling, sample_tokens
 from genmod.causalfusion.transformer import CausalFusionTransformer
 from genmod.core.loss import flow_matching_loss
 from genmod.core.paths import get_path
@@ -186,12 +186,12 @@ class CausalFusionFamily(ImageFamily):
         device = next(model.parameters()).device
         if labels is None and model.config.num_classes:
             labels = torch.arange(num, device=device) % model.config.num_classes
-        tokens = sample_tokens(
-            model, labels, num, num_ar_steps=min(num_ar_steps or cfg.num_ar_steps, model.num_tokens),
-            num_inference_steps=num_inference_steps or cfg.num_inference_steps, solver=solver or cfg.solver,
-            path=self.path, prediction=cfg.prediction, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-            generator=generator,
+        settings = CausalFusionSampling(
+            num_ar_steps=min(num_ar_steps or cfg.num_ar_steps, model.num_tokens),
+            num_inference_steps=num_inference_steps or cfg.num_inference_steps, solver=solver or cfg.solver, path=self.path,
+            prediction=cfg.prediction, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
         )
+        tokens = sample_tokens(model, labels, num, settings, generator=generator)
         return self.tokens_to_images(tokens, model).clamp(-1, 1)
 
     def build_pipeline(self, model):

@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline  # noqa: F401  (diffusers looks component base names up here)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from genmod.causalfusion.sampling import sample_tokens
+from genmod.causalfusion.sampling import CausalFusionSampling, sample_tokens
 from genmod.nn.embeddings import patchify, unpatchify
 from genmod.pipelines.base import GenmodPipeline
 
@@ -129,38 +129,55 @@ class CausalFusionPipeline(GenmodPipeline):
         ``image`` + ``keep_mask`` (``[H, W]``, True = keep): zero-shot editing, see ``edit``.
         """
         device = self._execution_device
+        labels, batch_size = self._labels_and_batch(class_labels, batch_size, device)
+        self._generator_for(generator, batch_size)
+        known_tokens, known_mask = self._editing_tokens(image, keep_mask, batch_size, device)
+        num_steps = self._num_ar_steps(num_ar_steps, step_sizes, known_mask)
+        settings = CausalFusionSampling(
+            num_ar_steps=num_steps, step_sizes=step_sizes, num_inference_steps=num_inference_steps,
+            solver=solver or self.config.solver, time_grid=self.config.time_grid, path=self.config.path,
+            prediction=self.config.prediction, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+            order=order, use_cache=use_cache,
+        )
+        with self.progress_bar(total=num_steps) as progress:
+            tokens = sample_tokens(self.transformer, labels, batch_size, settings, generator=generator,
+                                   known_tokens=known_tokens, known_mask=known_mask,
+                                   on_ar_step=lambda _: progress.update())
+        images = self._tokens_to_output(tokens, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _labels_and_batch(self, class_labels, batch_size: int | None, device):
+        """Class ids ``[B]`` (or None) and the batch size they imply (``batch_size`` must agree)."""
         labels = self.class_label_ids(class_labels, device)
         if labels is not None:
             if batch_size is not None and batch_size != len(labels):
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
             batch_size = len(labels)
-        batch_size = batch_size or 1
-        self._generator_for(generator, batch_size)
-        known_tokens = known_mask = None
+        return labels, batch_size or 1
+
+    def _editing_tokens(self, image, keep_mask, batch_size: int, device):
+        """``(known_tokens, known_mask)`` for an edit, ``(None, None)`` for plain sampling."""
         if (image is None) != (keep_mask is None):
             raise ValueError("image / keep_mask: editing needs both the image and the keep mask")
-        if image is not None:
-            known_tokens, known_mask = self._known_tokens(image, keep_mask, batch_size, device)
+        if image is None:
+            return None, None
+        return self._known_tokens(image, keep_mask, batch_size, device)
+
+    def _num_ar_steps(self, num_ar_steps: int, step_sizes, known_mask) -> int:
+        """AR steps actually taken: ``len(step_sizes)``, else ``num_ar_steps`` capped by the tokens to generate."""
         num_tokens = self.transformer.num_tokens
         if step_sizes is None and not 1 <= num_ar_steps <= num_tokens:
             raise ValueError(f"num_ar_steps: must be in [1, {num_tokens}] (number of tokens), got {num_ar_steps}")
         remaining = num_tokens - (int(known_mask.sum()) if known_mask is not None else 0)
-        num_steps = len(step_sizes) if step_sizes is not None else min(num_ar_steps, max(remaining, 1))
-        with self.progress_bar(total=num_steps) as progress:
-            tokens = sample_tokens(
-                self.transformer, labels, batch_size, num_ar_steps=num_steps, step_sizes=step_sizes,
-                num_inference_steps=num_inference_steps, solver=solver or self.config.solver,
-                time_grid=self.config.time_grid, path=self.config.path, prediction=self.config.prediction,
-                guidance_scale=guidance_scale, guidance_interval=guidance_interval, generator=generator, order=order,
-                known_tokens=known_tokens, known_mask=known_mask, use_cache=use_cache,
-                on_ar_step=lambda _: progress.update(),
-            )
+        return len(step_sizes) if step_sizes is not None else min(num_ar_steps, max(remaining, 1))
+
+    def _tokens_to_output(self, tokens_BLD: torch.Tensor, output_type: str):
+        """Raster tokens -> latents ``[B, C, H, W]`` -> decoded images in ``output_type``."""
         grid = self.transformer.grid_size
-        latents = unpatchify(tokens, self.transformer.config.patch_size, (grid, grid))
+        latents = unpatchify(tokens_BLD, self.transformer.config.patch_size, (grid, grid))
         images = latents if output_type == "latent" else self.decode_latents(latents)
-        images = self.images_to_output(images, output_type)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self.images_to_output(images, output_type)
 
     def edit(self, image: torch.Tensor, keep_mask: torch.Tensor | str, class_labels=None, **kwargs):
         """Zero-shot in-/out-painting: keep the tokens of ``image`` under ``keep_mask``, generate the rest.

@@ -19,11 +19,13 @@ guidance interval switches guidance off.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from genmod.core.paths import AffinePath, get_path
+from genmod.core.settings import with_options
 from genmod.nn.attention import KVCache
 from samplers import classifier_free_guidance, get_time_grid, sample_ode
 
@@ -73,153 +75,234 @@ def _known_first(order: torch.Tensor, known_mask: torch.Tensor) -> tuple[torch.T
     return order.gather(1, key.argsort(dim=1)), int(counts[0])
 
 
-@torch.no_grad()
-def sample_tokens(
-    model,
-    class_labels: torch.Tensor | None,
-    batch_size: int,
-    num_ar_steps: int = 1,
-    step_sizes: Sequence[int] | None = None,
-    num_inference_steps: int = 16,
-    solver: str = "euler",
-    time_grid: str = "uniform",
-    path: AffinePath | str = "linear",
-    prediction: str = "velocity",
-    guidance_scale: float = 1.0,
-    guidance_interval: tuple[float, float] | None = None,
-    generator=None,
-    order: str | torch.Tensor = "random",
-    known_tokens: torch.Tensor | None = None,
-    known_mask: torch.Tensor | None = None,
-    use_cache: bool = True,
-    noise: torch.Tensor | None = None,
-    on_ar_step: Callable[[int], None] | None = None,
-    return_stats: bool = False,
-):
-    """Generate ``[B, L, token_dim]`` tokens (raster layout) with a ``CausalFusionTransformer``.
+ORDERS = ("random", "raster")
+PREDICTIONS = ("velocity", "x0", "epsilon")
+
+
+@dataclass(frozen=True)
+class CausalFusionSampling:
+    """Settings of one CausalFusion sampling run: the AR axis and the diffusion axis of the dual
+    factorization (Deng et al. 2024, Sec. 3), and classifier-free guidance.
 
     Args:
-        class_labels: ``[B]`` ids (conditional models) or None.
         num_ar_steps / step_sizes: number of AR steps (even split) or explicit sizes summing to the
             number of tokens to generate.
         num_inference_steps, solver, time_grid: the ODE solve of every AR step (``samplers``).
         path, prediction: the path and output type the model was trained with.
         guidance_scale, guidance_interval: CFG weight w (1 = off) and the t-interval where it applies.
-        generator: one generator or one per sample (noise and the random order are drawn from it).
         order: ``"random"`` (per sample), ``"raster"`` or an explicit ``[B, L]`` permutation.
-        known_tokens, known_mask: zero-shot editing: ``[B, L, token_dim]`` tokens and ``[B, L]`` bool
-            (same count per sample) kept as a clean prefix; only the others are generated.
         use_cache: KV cache for the clean prefix (otherwise the full masked sequence every call).
-        noise: optional initial noise ``[B, L, token_dim]`` (raster layout) instead of drawing it.
-        on_ar_step: called with the AR step index after each step (progress bars).
-    Returns the tokens, and with ``return_stats`` a dict with ``nfe`` (noisy-step network calls) and
-    ``step_sizes``.
     """
-    path = get_path(path)
+
+    num_ar_steps: int = 1
+    step_sizes: tuple[int, ...] | None = None
+    num_inference_steps: int = 16
+    solver: str = "euler"
+    time_grid: str = "uniform"
+    path: AffinePath | str = "linear"
+    prediction: str = "velocity"
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    order: str | torch.Tensor = "random"
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.num_ar_steps < 1:
+            raise ValueError(f"num_ar_steps: must be >= 1, got {self.num_ar_steps}")
+        if self.step_sizes is not None:
+            object.__setattr__(self, "step_sizes", tuple(int(s) for s in self.step_sizes))
+            if not self.step_sizes or any(s <= 0 for s in self.step_sizes):
+                raise ValueError(f"step_sizes: need positive sizes, got {list(self.step_sizes)}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if isinstance(self.order, str) and self.order not in ORDERS:
+            raise ValueError(f"order: expected 'random' or 'raster', got {self.order!r}")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"guidance_interval: need 0 <= t_lo <= t_hi <= 1, got {self.guidance_interval}")
+
+
+def _gather(tokens_BLD: torch.Tensor, pos_BN: torch.Tensor) -> torch.Tensor:
+    """The tokens at positions ``pos_BN`` of each row: ``[B, N, D]``."""
+    return tokens_BLD.gather(1, pos_BN[..., None].expand(-1, -1, tokens_BLD.shape[-1]))
+
+
+def _noise_and_order(model, batch_size: int, settings: CausalFusionSampling, generator, noise):
+    """Initial noise ``[B, L, D]`` (drawn unless given) and the token order ``[B, L]`` (drawn unless explicit)."""
     device, dtype = model.pos_embed.device, model.pos_embed.dtype
     length, token_dim = model.num_tokens, model.token_dim
+    order = settings.order
     drawn_noise, drawn_order = draw_noise_and_order(batch_size, length, token_dim, generator,
-                                                    "random" if not isinstance(order, str) else order, device, dtype)
+                                                    order if isinstance(order, str) else "random", device, dtype)
     noise = drawn_noise if noise is None else noise.to(device=device, dtype=dtype)
     if noise.shape != (batch_size, length, token_dim):
         raise ValueError(f"noise: expected shape {(batch_size, length, token_dim)}, got {tuple(noise.shape)}")
-    if not isinstance(order, str):
-        drawn_order = torch.as_tensor(order, device=device).long()
-        if drawn_order.shape != (batch_size, length) or not (drawn_order.sort(1).values == torch.arange(length, device=device)).all():
-            raise ValueError(f"order: expected a permutation of range({length}) per sample, shape ({batch_size}, {length})")
-    order_t = drawn_order
-    num_known = 0
-    tokens = noise.clone()
-    if known_mask is not None:
-        known_mask = torch.as_tensor(known_mask, device=device).bool()
-        if known_mask.dim() == 1:
-            known_mask = known_mask.expand(batch_size, -1)
-        if known_mask.shape != (batch_size, length):
-            raise ValueError(f"known_mask: expected shape ({batch_size}, {length}) or ({length},), got {tuple(known_mask.shape)}")
-        if known_tokens is None or tuple(known_tokens.shape) != (batch_size, length, token_dim):
-            raise ValueError(f"known_tokens: expected shape {(batch_size, length, token_dim)} with known_mask")
-        order_t, num_known = _known_first(order_t, known_mask)
-        tokens = torch.where(known_mask[..., None], known_tokens.to(device=device, dtype=dtype), tokens)
-    remaining = length - num_known
-    if remaining == 0:
-        return (tokens, {"nfe": 0, "step_sizes": []}) if return_stats else tokens
-    sizes = even_step_sizes(remaining, num_ar_steps) if step_sizes is None else [int(s) for s in step_sizes]
+    if isinstance(order, str):
+        return noise, drawn_order
+    order_BL = torch.as_tensor(order, device=device).long()
+    if order_BL.shape != (batch_size, length) or not (order_BL.sort(1).values == torch.arange(length, device=device)).all():
+        raise ValueError(f"order: expected a permutation of range({length}) per sample, shape ({batch_size}, {length})")
+    return noise, order_BL
+
+
+def _place_known(tokens_BLD, order_BL, known_tokens, known_mask):
+    """Zero-shot editing (Deng et al. 2024, in-context editing): known tokens replace their noise and
+    move to the front of the order. Returns ``(tokens, order, number of known tokens)``."""
+    if known_mask is None:
+        return tokens_BLD, order_BL, 0
+    batch_size, length, token_dim = tokens_BLD.shape
+    known_mask = torch.as_tensor(known_mask, device=tokens_BLD.device).bool()
+    if known_mask.dim() == 1:
+        known_mask = known_mask.expand(batch_size, -1)
+    if known_mask.shape != (batch_size, length):
+        raise ValueError(f"known_mask: expected shape ({batch_size}, {length}) or ({length},), got {tuple(known_mask.shape)}")
+    if known_tokens is None or tuple(known_tokens.shape) != (batch_size, length, token_dim):
+        raise ValueError(f"known_tokens: expected shape {(batch_size, length, token_dim)} with known_mask")
+    order_BL, num_known = _known_first(order_BL, known_mask)
+    known = known_tokens.to(device=tokens_BLD.device, dtype=tokens_BLD.dtype)
+    return torch.where(known_mask[..., None], known, tokens_BLD), order_BL, num_known
+
+
+def _ar_step_sizes(settings: CausalFusionSampling, remaining: int) -> list[int]:
+    """Sizes of the AR steps over the ``remaining`` tokens (the subsets kappa_s of Sec. 3)."""
+    if settings.step_sizes is None:
+        sizes = even_step_sizes(remaining, settings.num_ar_steps)
+    else:
+        sizes = list(settings.step_sizes)
     if sum(sizes) != remaining or any(s <= 0 for s in sizes):
         raise ValueError(f"step_sizes: need positive sizes summing to {remaining} tokens to generate, got {sizes}")
+    return sizes
 
+
+def _class_labels(model, class_labels, batch_size: int):
+    """Class ids ``[B]`` for a class-conditional model, None for an unconditional one."""
     num_classes = model.config.num_classes
-    labels = None
-    if num_classes:
-        if class_labels is None:
-            raise ValueError("class_labels: this model is class-conditional; pass class ids")
-        labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
-        if labels.shape != (batch_size,):
-            raise ValueError(f"class_labels: expected {batch_size} labels, got shape {tuple(labels.shape)}")
-    elif class_labels is not None:
-        raise ValueError("class_labels: this model is unconditional (num_classes=0)")
-    do_cfg = labels is not None and guidance_scale != 1.0
-    null = torch.full_like(labels, num_classes) if labels is not None else None
-    grid = get_time_grid(time_grid, num_inference_steps)
+    if not num_classes:
+        if class_labels is not None:
+            raise ValueError("class_labels: this model is unconditional (num_classes=0)")
+        return None
+    if class_labels is None:
+        raise ValueError("class_labels: this model is class-conditional; pass class ids")
+    labels = torch.as_tensor(class_labels, device=model.pos_embed.device).long().reshape(-1)
+    if labels.shape != (batch_size,):
+        raise ValueError(f"class_labels: expected {batch_size} labels, got shape {tuple(labels.shape)}")
+    return labels
 
-    def gather(x, pos):
-        return x.gather(1, pos[..., None].expand(-1, -1, token_dim))
 
-    caches: list[KVCache] | None = None
-    if use_cache:
-        cache_labels = torch.cat([labels, null]) if do_cfg else labels
-        caches = model.prefill_condition(cache_labels, 2 * batch_size if do_cfg else batch_size)
+class _CleanPrefix:
+    """The condition tokens and the clean tokens of the finished AR steps, as the noisy tokens of the
+    next step see them under the generalized causal mask (Deng et al. 2024, Sec. 3): pushed once into
+    per-layer KV caches (``use_cache``) or kept as tokens for a full masked forward at every call.
+    With CFG the caches hold the conditional and the null-class halves."""
 
-    def commit_clean(clean, pos):
-        if do_cfg:
-            clean, pos = torch.cat([clean, clean]), torch.cat([pos, pos])
-        model.forward_cached(clean, pos, caches, timestep=None, commit=True)
+    def __init__(self, model, labels, batch_size: int, settings: CausalFusionSampling):
+        self.model, self.labels, self.batch_size, self.settings = model, labels, batch_size, settings
+        self.path = get_path(settings.path)
+        self.do_cfg = labels is not None and settings.guidance_scale != 1.0
+        self.null = torch.full_like(labels, model.config.num_classes) if labels is not None else None
+        self.sizes: list[int] = []  # clean block sizes, in order
+        self.caches: list[KVCache] | None = None
+        if settings.use_cache:
+            cache_labels = torch.cat([labels, self.null]) if self.do_cfg else labels
+            self.caches = model.prefill_condition(cache_labels, 2 * batch_size if self.do_cfg else batch_size)
 
-    def cond_half(full: list[KVCache]) -> list[KVCache]:
+    def append(self, clean_BND: torch.Tensor, pos_BN: torch.Tensor, push: bool = True):
+        """A finished block of clean tokens; ``push`` writes it into the caches (skipped for the last step)."""
+        self.sizes.append(pos_BN.shape[1])
+        if self.caches is None or not push:
+            return
+        if self.do_cfg:
+            clean_BND, pos_BN = torch.cat([clean_BND, clean_BND]), torch.cat([pos_BN, pos_BN])
+        self.model.forward_cached(clean_BND, pos_BN, self.caches, timestep=None, commit=True)
+
+    def _cond_half(self) -> list[KVCache]:
+        """Views of the caches' conditional half (where the guidance interval switches CFG off)."""
         views = []
-        for c in full:
+        for cache in self.caches:
             view = KVCache()
-            if c.key is not None:
-                view.key, view.value = c.key[:batch_size], c.value[:batch_size]
+            if cache.key is not None:
+                view.key, view.value = cache.key[:self.batch_size], cache.value[:self.batch_size]
             views.append(view)
         return views
 
-    clean_sizes: list[int] = []
-    if num_known:
-        clean_sizes.append(num_known)
-        if use_cache:
-            commit_clean(gather(tokens, order_t[:, :num_known]), order_t[:, :num_known])
-    start, nfe = num_known, 0
-    for step, size in enumerate(sizes):
-        pos = order_t[:, start:start + size]
-        clean_pos = order_t[:, :start]
-        clean_tokens = gather(tokens, clean_pos)
-        step_index = len(clean_sizes)
+    def velocity_fn(self, tokens_BLD: torch.Tensor, order_BL: torch.Tensor, start: int, pos_BN: torch.Tensor):
+        """``v(x, t)`` of the noisy tokens at ``pos_BN`` given the prefix ``order_BL[:, :start]`` (guided)."""
+        clean_pos = order_BL[:, :start]
+        clean_tokens, step_index, clean_sizes = _gather(tokens_BLD, clean_pos), len(self.sizes), list(self.sizes)
+        model, settings, batch_size = self.model, self.settings, self.batch_size
 
-        def model_fn(x, t, y, pos=pos, clean_pos=clean_pos, clean_tokens=clean_tokens, step_index=step_index):
-            n = x.shape[0]
-            reps = n // batch_size
-            pos_n = pos.repeat(reps, 1)
-            if use_cache:
-                step_caches = caches if (not do_cfg or n == 2 * batch_size) else cond_half(caches)
-                out = model.forward_cached(x, pos_n, step_caches, timestep=1000 * t, commit=False)
+        def model_fn(x, t, y):
+            reps = x.shape[0] // batch_size
+            pos_n = pos_BN.repeat(reps, 1)
+            if self.caches is not None:
+                caches = self.caches if (not self.do_cfg or reps == 2) else self._cond_half()
+                out = model.forward_cached(x, pos_n, caches, timestep=1000 * t, commit=False)
             else:
                 out = model.forward_tokens(x, pos_n, 1000 * t, y, clean_tokens.repeat(reps, 1, 1), clean_pos.repeat(reps, 1),
-                                           list(clean_sizes), [x.shape[1]], step_index)
-            if prediction != "velocity":
-                out = path.convert(out, x, t, src=prediction, dst="velocity")
+                                           clean_sizes, [x.shape[1]], step_index)
+            if settings.prediction != "velocity":
+                out = self.path.convert(out, x, t, src=settings.prediction, dst="velocity")
             return out
 
-        if do_cfg:
-            velocity = classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval)
-        else:
-            velocity = lambda x, t, fn=model_fn: fn(x, t, labels)  # noqa: E731
-        x, stats = sample_ode(velocity, gather(tokens, pos), grid, method=solver, path=path, return_stats=True)
+        if self.do_cfg:
+            return classifier_free_guidance(model_fn, self.labels, self.null, settings.guidance_scale,
+                                            settings.guidance_interval)
+        return lambda x, t: model_fn(x, t, self.labels)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model,
+    class_labels: torch.Tensor | None,
+    batch_size: int,
+    settings: CausalFusionSampling | None = None,
+    *,
+    generator=None,
+    known_tokens: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    on_ar_step: Callable[[int], None] | None = None,
+    return_stats: bool = False,
+    **options,
+):
+    """Generate ``[B, L, token_dim]`` tokens (raster layout) with a ``CausalFusionTransformer`` by walking
+    the dual factorization (Deng et al. 2024, Sec. 3): AR steps over token subsets, an ODE solve each.
+
+    ``class_labels``: ``[B]`` ids or None; ``settings``: a ``CausalFusionSampling`` (``options``, its field
+    names, override single fields); ``generator``: one or one per sample (noise and random order).
+    ``known_tokens`` ``[B, L, D]`` + ``known_mask`` ``[B, L]``: zero-shot editing, kept as a clean prefix.
+    ``noise``: initial noise ``[B, L, D]`` instead of drawing it; ``on_ar_step(step)`` after each AR step.
+    Returns the tokens, and with ``return_stats`` also ``{"nfe": network calls, "step_sizes": ...}``.
+    """
+    settings = with_options(settings or CausalFusionSampling(), options, "sample_tokens")
+    noise, order_BL = _noise_and_order(model, batch_size, settings, generator, noise)
+    tokens_BLD, order_BL, num_known = _place_known(noise.clone(), order_BL, known_tokens, known_mask)
+    remaining = model.num_tokens - num_known
+    if remaining == 0:
+        return (tokens_BLD, {"nfe": 0, "step_sizes": []}) if return_stats else tokens_BLD
+    sizes = _ar_step_sizes(settings, remaining)
+    prefix = _CleanPrefix(model, _class_labels(model, class_labels, batch_size), batch_size, settings)
+    if num_known:  # the kept tokens of an edit are the first clean block
+        prefix.append(_gather(tokens_BLD, order_BL[:, :num_known]), order_BL[:, :num_known])
+    grid = get_time_grid(settings.time_grid, settings.num_inference_steps)
+    start, nfe = num_known, 0
+    for step, size in enumerate(sizes):
+        # 1. this AR step's tokens kappa_s: the next `size` positions along the order
+        pos_BN = order_BL[:, start:start + size]
+        # 2. their velocity given the condition and the clean prefix (generalized causal mask), with CFG
+        velocity = prefix.velocity_fn(tokens_BLD, order_BL, start, pos_BN)
+        # 3. one diffusion model per AR step: integrate the noisy tokens from t = 1 to t = 0
+        x_BND, stats = sample_ode(velocity, _gather(tokens_BLD, pos_BN), grid, method=settings.solver,
+                                  path=get_path(settings.path), return_stats=True)
         nfe += stats.nfe
-        tokens = tokens.scatter(1, pos[..., None].expand(-1, -1, token_dim), x.to(dtype))
-        clean_sizes.append(size)
-        if use_cache and step < len(sizes) - 1:
-            commit_clean(x.to(dtype), pos)
+        # 4. write the clean tokens back (raster layout) and append them to the prefix
+        x_BND = x_BND.to(tokens_BLD.dtype)
+        tokens_BLD = tokens_BLD.scatter(1, pos_BN[..., None].expand(-1, -1, tokens_BLD.shape[-1]), x_BND)
+        prefix.append(x_BND, pos_BN, push=step < len(sizes) - 1)
         start += size
         if on_ar_step is not None:
             on_ar_step(step)
-    return (tokens, {"nfe": nfe, "step_sizes": sizes}) if return_stats else tokens
+    return (tokens_BLD, {"nfe": nfe, "step_sizes": sizes}) if return_stats else tokens_BLD

@@ -9,7 +9,7 @@ weight, and (imported lazily) ``DiffusionForcingFamily`` / ``DiffusionForcingPip
 import importlib
 
 from genmod.diffusion_forcing.loss import fused_snr, fused_snr_weight
-from genmod.diffusion_forcing.sampling import present_clean, rollout
+from genmod.diffusion_forcing.sampling import RolloutSettings, present_clean, rollout
 from genmod.diffusion_forcing.schedules import (
     SCHEDULES,
     autoregressive_matrix,
@@ -31,7 +31,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "DiffusionForcingTransformer", "DiffusionForcingUNet", "rollout", "present_clean", "fused_snr", "fused_snr_weight", "SCHEDULES",
+    "DiffusionForcingTransformer", "DiffusionForcingUNet", "rollout", "RolloutSettings", "present_clean", "fused_snr", "fused_snr_weight", "SCHEDULES",
     "autoregressive_matrix", "full_sequence_matrix", "get_scheduling_matrix", "level_times", "pyramid_matrix",
     "trapezoid_matrix", "validate_scheduling_matrix", *_LAZY,
 ]

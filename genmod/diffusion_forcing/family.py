@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from genmod.diffusion_forcing.loss import fused_snr_weight
-from genmod.diffusion_forcing.sampling import rollout
+from genmod.diffusion_forcing.sampling import RolloutSettings, rollout
 from genmod.diffusion_forcing.transformer import DiffusionForcingTransformer
 from genmod.diffusion_forcing.unet import DiffusionForcingUNet
 from genmod.core.loss import flow_matching_loss, min_snr_weight
@@ -221,11 +221,10 @@ class DiffusionForcingFamily(Family):
     def rollout(self, model, context, num_frames, generator, **kwargs) -> torch.Tensor:
         """``genmod.diffusion_forcing.sampling.rollout`` with this family's path, prediction and defaults."""
         cfg = self.config
-        options = dict(path=self.path, prediction=cfg.prediction, schedule=cfg.schedule,
-                       num_inference_steps=cfg.num_inference_steps, slope=cfg.slope, context_noise=cfg.context_noise,
-                       clip_denoised=None if self.is_sequence else 1.0, generator=generator)
-        options.update(kwargs)
-        return rollout(model, context, num_frames, **options)
+        settings = RolloutSettings(path=self.path, prediction=cfg.prediction, schedule=cfg.schedule,
+                                   num_inference_steps=cfg.num_inference_steps, slope=cfg.slope,
+                                   context_noise=cfg.context_noise, clip_denoised=None if self.is_sequence else 1.0)
+        return rollout(model, context, num_frames, settings, generator=generator, **kwargs)
 
     @torch.no_grad()
     def sample(self, model, num: int, generator: torch.Generator) -> torch.Tensor:

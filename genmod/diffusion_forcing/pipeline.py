@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline  # noqa: F401  (diffusers looks component base names up here)
 from diffusers.utils import BaseOutput
 
-from genmod.diffusion_forcing.sampling import rollout
+from genmod.diffusion_forcing.sampling import RolloutSettings, rollout
 from genmod.diffusion_forcing.schedules import SCHEDULES
 from genmod.pipelines.base import GenmodPipeline
 
@@ -92,46 +92,68 @@ class DiffusionForcingPipeline(GenmodPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        schedule = self._schedule(schedule)
+        device = self._execution_device
+        class_labels, batch_size = self._labels_and_batch(class_labels, batch_size, generator, device)
+        settings = RolloutSettings(
+            path=self.config.path, prediction=self.config.prediction,
+            num_inference_steps=num_inference_steps or self.config.num_inference_steps,
+            slope=self.config.slope if slope is None else slope, window=window,
+            context_noise=self.config.context_noise if context_noise is None else context_noise,
+            kv_cache="reencode" if use_kv_cache else None, guidance_scale=guidance_scale,
+            history_guidance=history_guidance, guidance_fn=guidance_fn, guidance_strength=guidance_strength,
+            guidance_grad=guidance_grad, clip_denoised=1.0 if self.transformer.config.modality == "video" else None,
+        )
+        conditions = dict(class_labels=class_labels, actions=actions, generator=generator)
+        if context is None:
+            context = self._opening_frames(settings, num_context_frames, batch_size or 1, conditions, device)
+        else:
+            context = self._given_context(context, num_context_frames, generator, device)
+        with self.progress_bar(total=1) as bar:
+            out = rollout(self.transformer, context, int(num_frames), settings, schedule=schedule,
+                          chunk_size=chunk_size, **conditions)
+            bar.update()
+        frames = self._format(out[:, context.shape[1]:], output_type)
+        self.maybe_free_model_hooks()
+        return DiffusionForcingPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _schedule(self, schedule):
+        """The call's schedule (default the saved one); names are checked, matrices pass through."""
         schedule = self.config.schedule if schedule is None else schedule
         if isinstance(schedule, str):
             schedule = schedule.replace("-", "_")
             if schedule not in SCHEDULES + ("full",):
                 raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        steps = num_inference_steps or self.config.num_inference_steps
-        device = self._execution_device
+        return schedule
+
+    @staticmethod
+    def _labels_and_batch(class_labels, batch_size: int | None, generator, device):
+        """Class ids ``[B]`` (or None) and the batch size a generator list or the labels imply."""
         if isinstance(generator, list):
             batch_size = batch_size or len(generator)
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
             batch_size = batch_size or len(class_labels)
-        options = dict(path=self.config.path, prediction=self.config.prediction, num_inference_steps=steps,
-                       slope=self.config.slope if slope is None else slope, window=window,
-                       context_noise=self.config.context_noise if context_noise is None else context_noise,
-                       kv_cache="reencode" if use_kv_cache else None, class_labels=class_labels,
-                       guidance_scale=guidance_scale, history_guidance=history_guidance, guidance_fn=guidance_fn,
-                       guidance_strength=guidance_strength, guidance_grad=guidance_grad,
-                       clip_denoised=1.0 if self.transformer.config.modality == "video" else None)
-        if context is None:
-            batch = batch_size or 1
-            self._generator_for(generator, batch)
-            count = 1 if num_context_frames is None else int(num_context_frames)
-            context = torch.zeros((batch, 0, *self.transformer.frame_shape), device=device)
-            if count > 0:  # the opening frames: a clip from nothing (full-sequence over them)
-                context = rollout(self.transformer, context, count, schedule="full_sequence", chunk_size=count,
-                                  actions=actions, generator=generator, **options)
-        else:
-            context = self._to_model_frames(context).to(device)
-            if num_context_frames is not None and num_context_frames != context.shape[1]:
-                context = context[:, -int(num_context_frames):]
-            self._generator_for(generator, context.shape[0])
-        with self.progress_bar(total=1) as bar:
-            out = rollout(self.transformer, context, int(num_frames), schedule=schedule, chunk_size=chunk_size,
-                          actions=actions, generator=generator, **options)
-            bar.update()
-        new = out[:, context.shape[1]:]
-        frames = self._format(new, output_type)
-        self.maybe_free_model_hooks()
-        return DiffusionForcingPipelineOutput(frames=frames) if return_dict else (frames,)
+        return class_labels, batch_size
+
+    def _opening_frames(self, settings, num_context_frames, batch: int, conditions: dict, device) -> torch.Tensor:
+        """Without context: the first ``num_context_frames`` (default 1) frames, a clip generated from
+        nothing with the full-sequence schedule (Chen et al. 2024, Sec. 3.3)."""
+        self._generator_for(conditions["generator"], batch)
+        count = 1 if num_context_frames is None else int(num_context_frames)
+        context = torch.zeros((batch, 0, *self.transformer.frame_shape), device=device)
+        if count > 0:
+            context = rollout(self.transformer, context, count, settings, schedule="full_sequence", chunk_size=count,
+                              **conditions)
+        return context
+
+    def _given_context(self, context, num_context_frames, generator, device) -> torch.Tensor:
+        """User context in model frames, cut to its last ``num_context_frames`` frames if given."""
+        context = self._to_model_frames(context).to(device)
+        if num_context_frames is not None and num_context_frames != context.shape[1]:
+            context = context[:, -int(num_context_frames):]
+        self._generator_for(generator, context.shape[0])
+        return context
 
     def _format(self, frames: torch.Tensor, output_type: str):
         if self.transformer.config.modality == "sequence":

@@ -62,6 +62,102 @@ class CausalTemporalAttention(nn.Module):
         return h + x
 
 
+def _check_unet_config(*, modality, in_channels, sample_size, block_out_channels, layers_per_block,
+                       temporal_attention_levels, attention_head_dim, norm_num_groups, max_frames, num_classes,
+                       action_dim, attention_backend) -> tuple[list[int], list[int]]:
+    """Validate a ``DiffusionForcingUNet`` config; returns the level widths and the attention level indices."""
+    if modality != "video":
+        raise ValueError(f"modality: DiffusionForcingUNet models video frames only, got {modality!r} "
+                         "(use DiffusionForcingTransformer for sequences)")
+    channels = [int(c) for c in block_out_channels]
+    levels = len(channels)
+    if levels < 1 or any(c <= 0 for c in channels):
+        raise ValueError(f"block_out_channels: need at least one positive width, got {block_out_channels}")
+    if sample_size <= 0 or sample_size % 2 ** (levels - 1):
+        raise ValueError(f"sample_size: {sample_size} is not divisible by 2^{levels - 1} ({levels} levels)")
+    for name, value in (("in_channels", in_channels), ("layers_per_block", layers_per_block),
+                        ("max_frames", max_frames), ("attention_head_dim", attention_head_dim)):
+        if int(value) <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if attention_head_dim % 2:
+        raise ValueError(f"attention_head_dim: must be even for rotary positions, got {attention_head_dim}")
+    attn_levels = sorted({int(i) for i in temporal_attention_levels})
+    if any(not 0 <= i < levels for i in attn_levels):
+        raise ValueError(f"temporal_attention_levels: indices must be in [0, {levels}), got {temporal_attention_levels}")
+    for i in attn_levels + [levels - 1]:
+        if channels[i] % attention_head_dim:
+            raise ValueError(f"attention_head_dim: {attention_head_dim} does not divide level {i}'s {channels[i]} channels")
+    if any(c % norm_num_groups for c in channels):
+        raise ValueError(f"norm_num_groups: {norm_num_groups} does not divide every width in {block_out_channels}")
+    if num_classes < 0 or action_dim < 0:
+        raise ValueError(f"num_classes/action_dim: must be >= 0, got {num_classes}, {action_dim}")
+    check_backend(attention_backend)
+    return channels, attn_levels
+
+
+class _BlockFactory:
+    """Builds the U-Net's two block kinds with the shared widths: adaGN ResNet blocks and causal temporal attention."""
+
+    def __init__(self, cond_dim: int, groups: int, head_dim: int, backend: str):
+        self.cond_dim, self.groups, self.head_dim, self.backend = cond_dim, groups, head_dim, backend
+
+    def resnet(self, cin: int, cout: int) -> ResnetBlock2D:
+        return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=self.cond_dim, groups=self.groups,
+                             time_embedding_norm="scale_shift")
+
+    def temporal(self, channels: int) -> CausalTemporalAttention:
+        return CausalTemporalAttention(channels, self.head_dim, self.backend)
+
+
+def _down_levels(make: _BlockFactory, channels, attn_levels, layers_per_block) -> tuple[nn.ModuleList, list[int]]:
+    """Per level ``[resnet, (temporal)] x layers_per_block`` then a downsampler (not at the last level);
+    also returns the channel count of every skip connection, in push order."""
+    down, skips, cin = nn.ModuleList(), [channels[0]], channels[0]
+    for i, c in enumerate(channels):
+        level = nn.ModuleList()
+        for _ in range(layers_per_block):
+            level.append(make.resnet(cin, c))
+            if i in attn_levels:
+                level.append(make.temporal(c))
+            cin = c
+            skips.append(c)
+        if i < len(channels) - 1:
+            level.append(Downsample2D(c, use_conv=True, name="op"))  # "conv" would register the conv twice
+            skips.append(c)
+        down.append(level)
+    return down, skips
+
+
+def _up_levels(make: _BlockFactory, channels, attn_levels, layers_per_block, skips: list[int]) -> nn.ModuleList:
+    """Per level ``[resnet(concat skip), (temporal)] x (layers_per_block + 1)`` then an upsampler (not at level 0)."""
+    up, cin = nn.ModuleList(), channels[-1]
+    for i, c in reversed(list(enumerate(channels))):
+        level = nn.ModuleList()
+        for _ in range(layers_per_block + 1):
+            level.append(make.resnet(cin + skips.pop(), c))
+            if i in attn_levels:
+                level.append(make.temporal(c))
+            cin = c
+        if i > 0:
+            level.append(Upsample2D(c, use_conv=True))
+        up.append(level)
+    return up
+
+
+def _temporal_mask(frame_offset: int, frames: int, cached: int, history_cut, batch: int, device):
+    """Frame-causal mask ``[Lq, Lk]`` (or ``[B, Lq, Lk]`` with ``history_cut``) over ``cached`` earlier frames
+    and this call's frames, one token per frame; returns it and the query frame ids."""
+    q_ids = torch.arange(frame_offset, frame_offset + frames, device=device)
+    k_ids = torch.arange(frame_offset - cached, frame_offset + frames, device=device)
+    mask = block_mask(q_ids, k_ids, "block_causal")
+    if history_cut is not None:  # frames < cut are invisible to frames >= cut
+        cut = torch.as_tensor(history_cut, device=device).long().reshape(-1, 1, 1)
+        if cut.shape[0] != batch:
+            raise ValueError(f"history_cut: expected {batch} cut positions, got {cut.shape[0]}")
+        mask = mask & ((k_ids[None, None, :] >= cut) | (q_ids[None, :, None] < cut))
+    return mask, q_ids
+
+
 class DiffusionForcingUNet(ModelMixin, ConfigMixin):
     """``forward(sample [B, T, C, H, W], timestep [B, T], ...) -> [B, T, C, H, W]`` (video only).
 
@@ -100,74 +196,23 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         modality: str = "video",
     ):
         super().__init__()
-        if modality != "video":
-            raise ValueError(f"modality: DiffusionForcingUNet models video frames only, got {modality!r} "
-                             "(use DiffusionForcingTransformer for sequences)")
-        channels = [int(c) for c in block_out_channels]
-        levels = len(channels)
-        if levels < 1 or any(c <= 0 for c in channels):
-            raise ValueError(f"block_out_channels: need at least one positive width, got {block_out_channels}")
-        if sample_size <= 0 or sample_size % 2 ** (levels - 1):
-            raise ValueError(f"sample_size: {sample_size} is not divisible by 2^{levels - 1} ({levels} levels)")
-        for name, value in (("in_channels", in_channels), ("layers_per_block", layers_per_block),
-                            ("max_frames", max_frames), ("attention_head_dim", attention_head_dim)):
-            if int(value) <= 0:
-                raise ValueError(f"{name}: must be positive, got {value}")
-        if attention_head_dim % 2:
-            raise ValueError(f"attention_head_dim: must be even for rotary positions, got {attention_head_dim}")
-        attn_levels = sorted({int(i) for i in temporal_attention_levels})
-        if any(not 0 <= i < levels for i in attn_levels):
-            raise ValueError(f"temporal_attention_levels: indices must be in [0, {levels}), got {temporal_attention_levels}")
-        for i in attn_levels + [levels - 1]:
-            if channels[i] % attention_head_dim:
-                raise ValueError(f"attention_head_dim: {attention_head_dim} does not divide level {i}'s {channels[i]} channels")
-        if any(c % norm_num_groups for c in channels):
-            raise ValueError(f"norm_num_groups: {norm_num_groups} does not divide every width in {block_out_channels}")
-        if num_classes < 0 or action_dim < 0:
-            raise ValueError(f"num_classes/action_dim: must be >= 0, got {num_classes}, {action_dim}")
-        check_backend(attention_backend)
-
+        channels, attn_levels = _check_unet_config(
+            modality=modality, in_channels=in_channels, sample_size=sample_size, block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block, temporal_attention_levels=temporal_attention_levels,
+            attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups, max_frames=max_frames,
+            num_classes=num_classes, action_dim=action_dim, attention_backend=attention_backend,
+        )
+        # per-frame condition c_t = t-embedding [+ label] [+ action], as in the transformer
         cond_dim = 4 * channels[0]  # ADM's time-embedding width
         self.t_embedder = TimestepEmbedder(cond_dim)
         self.y_embedder = LabelEmbedder(num_classes, cond_dim, class_dropout_prob) if num_classes > 0 else None
         self.action_embedder = nn.Linear(action_dim, cond_dim) if action_dim > 0 else None
-
-        def resnet(cin, cout):
-            return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=cond_dim, groups=norm_num_groups,
-                                 time_embedding_norm="scale_shift")
-
-        def temporal(c):
-            return CausalTemporalAttention(c, attention_head_dim, attention_backend)
-
+        make = _BlockFactory(cond_dim, norm_num_groups, attention_head_dim, attention_backend)
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        # down: per level [resnet, (temporal)] x layers_per_block, then a downsampler (not at the last level)
-        self.down = nn.ModuleList()
-        skips, cin = [channels[0]], channels[0]
-        for i, c in enumerate(channels):
-            level = nn.ModuleList()
-            for _ in range(layers_per_block):
-                level.append(resnet(cin, c))
-                if i in attn_levels:
-                    level.append(temporal(c))
-                cin = c
-                skips.append(c)
-            if i < levels - 1:
-                level.append(Downsample2D(c, use_conv=True, name="op"))  # "conv" would register the conv twice
-                skips.append(c)
-            self.down.append(level)
-        self.mid = nn.ModuleList([resnet(cin, cin), temporal(cin), resnet(cin, cin)])
-        # up: per level [resnet(concat skip), (temporal)] x (layers_per_block + 1), then an upsampler
-        self.up = nn.ModuleList()
-        for i, c in reversed(list(enumerate(channels))):
-            level = nn.ModuleList()
-            for _ in range(layers_per_block + 1):
-                level.append(resnet(cin + skips.pop(), c))
-                if i in attn_levels:
-                    level.append(temporal(c))
-                cin = c
-            if i > 0:
-                level.append(Upsample2D(c, use_conv=True))
-            self.up.append(level)
+        self.down, skips = _down_levels(make, channels, attn_levels, layers_per_block)
+        cin = channels[-1]
+        self.mid = nn.ModuleList([make.resnet(cin, cin), make.temporal(cin), make.resnet(cin, cin)])
+        self.up = _up_levels(make, channels, attn_levels, layers_per_block, skips)
         self.norm_out = nn.GroupNorm(norm_num_groups, channels[0])
         self.conv_out = nn.Conv2d(channels[0], in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -221,22 +266,15 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         if sample.dim() != 5 or tuple(sample.shape[2:]) != expected:
             raise ValueError(f"sample: expected [B, T, {', '.join(map(str, expected))}], got shape {tuple(sample.shape)}")
         batch, frames = sample.shape[:2]
-        device = sample.device
-        cond = self._frame_condition(timestep, class_labels, actions, batch, frames, device, dropout_generator)
-        cond = cond.to(sample.dtype).flatten(0, 1)  # [B * T, D]: frame t of clip b is image b * T + t
-
         layers = self.temporal_layers
         if kv_caches is not None and len(kv_caches) != len(layers):
             raise ValueError(f"kv_caches: expected {len(layers)} caches (one per temporal-attention layer), got {len(kv_caches)}")
+        # 1. per-frame condition c_t [B * T, D]: frame t of clip b is image b * T + t
+        cond = self._frame_condition(timestep, class_labels, actions, batch, frames, sample.device, dropout_generator)
+        cond = cond.to(sample.dtype).flatten(0, 1)
+        # 2. frame-causal mask over cached + current frames, and the rotary positions of the current frames
         cached = len(kv_caches[0]) if kv_caches else 0
-        q_ids = torch.arange(frame_offset, frame_offset + frames, device=device)
-        k_ids = torch.arange(frame_offset - cached, frame_offset + frames, device=device)
-        mask = block_mask(q_ids, k_ids, "block_causal")  # one token per frame: frame-causal
-        if history_cut is not None:
-            cut = torch.as_tensor(history_cut, device=device).long().reshape(-1, 1, 1)
-            if cut.shape[0] != batch:
-                raise ValueError(f"history_cut: expected {batch} cut positions, got {cut.shape[0]}")
-            mask = mask & ((k_ids[None, None, :] >= cut) | (q_ids[None, :, None] < cut))
+        mask, q_ids = _temporal_mask(frame_offset, frames, cached, history_cut, batch, sample.device)
         rope = rope_frequencies(q_ids, self.config.attention_head_dim, base=self.config.rope_base)  # all levels share it
         caches = iter(kv_caches if kv_caches is not None else [None] * len(layers))
 
@@ -247,7 +285,18 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
                 return module(h, frames, mask, rope, next(caches), update_cache)
             return module(h)  # down/up sampler
 
-        h = self.conv_in(sample.flatten(0, 1))
+        # 3. the U-Net over all frames folded into the batch
+        h, skips = self._down(self.conv_in(sample.flatten(0, 1)), run)
+        for module in self.mid:
+            h = run(module, h)
+        h = self._up(h, skips, run)
+        out = self.conv_out(nn.functional.silu(self.norm_out(h))).reshape(sample.shape)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    def _down(self, h: torch.Tensor, run) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encoder levels; returns the features and the skips (one per resnet(+attention) and downsampler)."""
         skips = [h]
         for level in self.down:
             for module in level:
@@ -256,14 +305,13 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
                     skips[-1] = h  # the skip is the output of the resnet + attention pair
                 else:
                     skips.append(h)
-        for module in self.mid:
-            h = run(module, h)
+        return h, skips
+
+    def _up(self, h: torch.Tensor, skips: list[torch.Tensor], run) -> torch.Tensor:
+        """Decoder levels: every resnet takes the last unused skip concatenated on channels."""
         for level in self.up:
             for module in level:
                 if isinstance(module, ResnetBlock2D):
                     h = torch.cat([h, skips.pop()], dim=1)
                 h = run(module, h)
-        out = self.conv_out(nn.functional.silu(self.norm_out(h))).reshape(sample.shape)
-        if not return_dict:
-            return (out,)
-        return Transformer2DModelOutput(sample=out)
+        return h

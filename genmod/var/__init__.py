@@ -5,8 +5,8 @@
 """
 
 from genmod.var.family import VARConfig, VARFamily
-from genmod.var.pipeline import VARPipeline, guidance_weight, scale_keep_masks, var_generate
+from genmod.var.pipeline import VARPipeline, VARSampling, guidance_weight, scale_keep_masks, var_generate
 from genmod.var.transformer import VARTransformer, var_loss
 
-__all__ = ["VARTransformer", "var_loss", "VARConfig", "VARFamily", "VARPipeline", "var_generate", "guidance_weight",
+__all__ = ["VARTransformer", "var_loss", "VARConfig", "VARFamily", "VARPipeline", "VARSampling", "var_generate", "guidance_weight",
            "scale_keep_masks"]

@@ -187,7 +187,7 @@ class VARFamily(Family):
     @torch.no_grad()
     def sample(self, model, num: int, generator: torch.Generator, labels=None, **overrides) -> torch.Tensor:
         """``num`` images in [-1, 1], classes cycled unless ``labels``; sampling settings from the config."""
-        from genmod.var.pipeline import var_generate
+        from genmod.var.pipeline import VARSampling, var_generate
 
         device = next(model.parameters()).device
         if labels is None:
@@ -198,7 +198,7 @@ class VARFamily(Family):
         if not self.config.conditional:
             settings["guidance_scale"] = 1.0
         self.tokenizer.to(device)
-        result = var_generate(model, self.quantizer, labels, generator=generator, **settings)
+        result = var_generate(model, self.quantizer, labels, VARSampling(**settings), generator=generator)
         return self.tokenizer.decoder(result.f_hat).clamp(-1, 1)
 
     def build_pipeline(self, model):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline  # noqa: F401  (diffusers looks component base names up here)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+from genmod.core.settings import with_options
 from genmod.pipelines.base import GenmodPipeline
 from samplers import combine_guidance, sample_logits
 
@@ -81,62 +82,104 @@ def _draw(logits: torch.Tensor, generator, temperature: float, top_k, top_p) -> 
     return sample_logits(logits, temperature, top_k, top_p, generator=generator)
 
 
+@dataclass(frozen=True)
+class VARSampling:
+    """Settings of next-scale sampling (Tian et al. 2024, Sec. 3.3): CFG weight ``w`` at the last scale and
+    its ramp over scales (module docstring), the logit filters and the KV cache.
+
+    ``use_kv_cache=False`` recomputes the whole prefix under the block-causal mask at every scale (same
+    logits; the benchmark's slow path).
+    """
+
+    guidance_scale: float = 1.0
+    guidance_schedule: str = "linear"
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    use_kv_cache: bool = True
+
+    def __post_init__(self):
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule: expected one of {', '.join(GUIDANCE_SCHEDULES)}, got {self.guidance_schedule!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k: must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1] or None, got {self.top_p}")
+
+
+def _scale_logits(transformer, x: torch.Tensor, cond, caches, prefix: list, num_tokens: int) -> torch.Tensor:
+    """Logits ``[B', h w, V]`` of one scale's tokens given every coarser scale: the new tokens through the
+    KV-cached blocks, or (no cache) the whole prefix again under the block-causal mask."""
+    if caches is not None:
+        return transformer.run_blocks(x, cond, caches)
+    prefix.append(x)
+    return transformer.run_blocks(torch.cat(prefix, dim=1), cond)[:, -num_tokens:]
+
+
+def _check_inputs(transformer, quantizer, given_index_maps, keep_masks) -> None:
+    """The tokenizer's scales are the transformer's; editing needs both the index maps and the masks."""
+    scales = transformer.scale_sizes
+    if tuple(tuple(s) for s in quantizer.scales) != tuple(scales):
+        raise ValueError(f"quantizer: scales {list(quantizer.scales)} differ from the transformer's {scales}")
+    if (given_index_maps is None) != (keep_masks is None):
+        raise ValueError("given_index_maps / keep_masks: pass both for editing, or neither")
+
+
+def _guided(logits_2BNV: torch.Tensor, weight: float) -> torch.Tensor:
+    """CFG on a batch doubled as ``[cond | null]``: ``u + w (c - u)`` (docs/DESIGN.md §1)."""
+    cond_logits, null_logits = logits_2BNV.chunk(2)
+    return combine_guidance(cond_logits, null_logits, weight)
+
+
 @torch.no_grad()
 def var_generate(
     transformer,
     quantizer,
     class_labels: torch.Tensor,
-    guidance_scale: float = 1.0,
-    guidance_schedule: str = "linear",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    settings: VARSampling | None = None,
+    *,
     generator=None,
-    use_kv_cache: bool = True,
     given_index_maps: list | None = None,
     keep_masks: list | None = None,
     return_logits: bool = False,
     progress=None,
+    **options,
 ) -> VARSample:
     """Next-scale sampling (Tian et al. 2024, Sec. 3.3, Alg. 2 of the tokenizer) for ``class_labels [B]``.
 
-    ``guidance_scale`` w in the package convention (see the module docstring for VAR's ``cfg``); the
-    batch is doubled with the null class when w != 1. ``use_kv_cache=False`` recomputes the whole prefix
-    under the block-causal mask at every scale (same logits; the benchmark's slow path).
-    ``given_index_maps`` + ``keep_masks`` (lists over scales, ``[B, h_k, w_k]``): zero-shot editing; the
-    given tokens replace the sampled ones wherever the keep mask is True, at every scale.
+    ``settings``: a ``VARSampling`` (``options``, its field names, override single fields); the batch is
+    doubled with the null class when w != 1. ``given_index_maps`` + ``keep_masks`` (lists over scales,
+    ``[B, h_k, w_k]``): zero-shot editing; the given tokens replace the sampled ones wherever the keep
+    mask is True, at every scale.
     """
+    settings = with_options(settings or VARSampling(), options, "var_generate")
+    _check_inputs(transformer, quantizer, given_index_maps, keep_masks)
     scales = transformer.scale_sizes
-    if tuple(tuple(s) for s in quantizer.scales) != tuple(scales):
-        raise ValueError(f"quantizer: scales {list(quantizer.scales)} differ from the transformer's {scales}")
     device = transformer.block_ids.device
     labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
     batch = labels.shape[0]
-    if (given_index_maps is None) != (keep_masks is None):
-        raise ValueError("given_index_maps / keep_masks: pass both for editing, or neither")
-    do_cfg = float(guidance_scale) != 1.0
-    labels_in = torch.cat([labels, torch.full_like(labels, transformer.null_class_id)]) if do_cfg else labels
-    cond = transformer.condition(labels_in)
-    caches = transformer.new_kv_caches() if use_kv_cache else None
-    x = transformer.embed_scale(0, cond)
-    prefix = []
+    do_cfg = float(settings.guidance_scale) != 1.0
+    cond = transformer.condition(torch.cat([labels, torch.full_like(labels, transformer.null_class_id)]) if do_cfg else labels)
+    caches = transformer.new_kv_caches() if settings.use_kv_cache else None
+    x = transformer.embed_scale(0, cond)  # scale 0: the start token, from the class condition
+    prefix, index_maps, all_logits = [], [], []
     f_hat = torch.zeros(batch, quantizer.dim, *scales[-1], device=device)
-    index_maps, all_logits = [], []
     for k, (h, w) in enumerate(scales):
-        if use_kv_cache:
-            logits = transformer.run_blocks(x, cond, caches)
-        else:
-            prefix.append(x)
-            logits = transformer.run_blocks(torch.cat(prefix, dim=1), cond)[:, -h * w:]
+        # 1. logits of scale k's h*w tokens given all coarser scales (block-causal over scales)
+        logits = _scale_logits(transformer, x, cond, caches, prefix, h * w)
+        # 2. CFG at this scale's weight w_k (VAR's linear ramp): u + w_k (c - u)
         if do_cfg:
-            cond_logits, null_logits = logits.chunk(2)
-            logits = combine_guidance(cond_logits, null_logits, guidance_weight(k, len(scales), guidance_scale, guidance_schedule))
-        ids = _draw(logits, generator, temperature, top_k, top_p).view(batch, h, w)
+            logits = _guided(logits, guidance_weight(k, len(scales), settings.guidance_scale, settings.guidance_schedule))
+        # 3. sample the token map r_k (temperature, top-k, top-p); editing keeps the given tokens
+        ids = _draw(logits, generator, settings.temperature, settings.top_k, settings.top_p).view(batch, h, w)
         if given_index_maps is not None:
             ids = torch.where(keep_masks[k].to(device), given_index_maps[k].to(device), ids)
         index_maps.append(ids)
         if return_logits:
             all_logits.append(logits)
+        # 4. f_hat += phi_k(upsample(z_k)); the next scale's input is f_hat area-downsampled to it
         f_hat, next_input = quantizer.next_autoregressive_input(k, f_hat, quantizer.embed(ids))
         if k + 1 < len(scales):
             next_input = next_input.flatten(2).transpose(1, 2)
@@ -237,43 +280,51 @@ class VARPipeline(GenmodPipeline):
         ``[B, 1, H', W']`` at any resolution, 1 = keep the image's tokens (resized per scale).
         """
         device = self._execution_device
-        transformer, quantizer = self.transformer, self.vqvae.quantize_layer
-        settings = self.sampling_settings()
-        guidance_scale = settings["guidance_scale"] if guidance_scale is None else guidance_scale
-        guidance_schedule = settings["guidance_schedule"] if guidance_schedule is None else guidance_schedule
-        top_k = settings["top_k"] if top_k is None else top_k
-        top_p = settings["top_p"] if top_p is None else top_p
-        temperature = settings["temperature"] if temperature is None else temperature
-        if num_inference_steps is not None and num_inference_steps != transformer.num_scales:
-            raise ValueError(f"num_inference_steps: VAR takes one step per scale ({transformer.num_scales}), got {num_inference_steps}")
+        settings = self._call_settings(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, top_k=top_k,
+                                       top_p=top_p, temperature=temperature, use_kv_cache=use_kv_cache)
+        if num_inference_steps is not None and num_inference_steps != self.transformer.num_scales:
+            raise ValueError(f"num_inference_steps: VAR takes one step per scale ({self.transformer.num_scales}), "
+                             f"got {num_inference_steps}")
         editing = image is not None or keep_mask is not None
-        given = masks = None
         if editing:
-            if image is None or keep_mask is None:
-                raise ValueError("image / keep_mask: editing needs both the image and the keep mask")
-            image = self._image_tensor(image, device)
-            if batch_size is None:
-                batch_size = image.shape[0] if class_labels is None or isinstance(class_labels, (int, str)) else len(class_labels)
-            if image.shape[0] == 1 and batch_size > 1:
-                image = image.expand(batch_size, -1, -1, -1)
-            if image.shape[0] != batch_size:
-                raise ValueError(f"image: {image.shape[0]} images for a batch of {batch_size}")
+            image, batch_size = self._edit_image(image, keep_mask, class_labels, batch_size, device)
         labels = self._class_labels(class_labels, batch_size, device)
-        batch = labels.shape[0]
-        if editing:
-            given = self.encode_scales(image)
-            masks = scale_keep_masks(keep_mask.to(device) if torch.is_tensor(keep_mask) else keep_mask,
-                                     transformer.scale_sizes, batch)
-        generator = self._generator_for(generator, batch)
-        with self.progress_bar(total=transformer.num_scales) as progress:
-            result = var_generate(transformer, quantizer, labels, guidance_scale, guidance_schedule, temperature,
-                                  top_k, top_p, generator, use_kv_cache, given, masks, progress=progress)
+        given, masks = self._edit_targets(image, keep_mask, labels.shape[0]) if editing else (None, None)
+        generator = self._generator_for(generator, labels.shape[0])
+        with self.progress_bar(total=self.transformer.num_scales) as progress:
+            result = var_generate(self.transformer, self.vqvae.quantize_layer, labels, settings, generator=generator,
+                                  given_index_maps=given, keep_masks=masks, progress=progress)
         if output_type == "latent":
             images = result.f_hat
         else:
             images = self.images_to_output(self.vqvae.decoder(result.f_hat.to(self.vqvae.dtype)).clamp(-1, 1), output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _call_settings(self, use_kv_cache: bool, **overrides) -> VARSampling:
+        """The call's ``VARSampling``: the saved defaults (``sampling_settings``) where a keyword is None."""
+        saved = self.sampling_settings()
+        chosen = {name: saved[name] if value is None else value for name, value in overrides.items()}
+        return VARSampling(use_kv_cache=use_kv_cache, **chosen)
+
+    def _edit_image(self, image, keep_mask, class_labels, batch_size: int | None, device):
+        """The image to edit as ``[B, C, H, W]`` (one image is repeated) and the batch size it implies."""
+        if image is None or keep_mask is None:
+            raise ValueError("image / keep_mask: editing needs both the image and the keep mask")
+        image = self._image_tensor(image, device)
+        if batch_size is None:
+            batch_size = image.shape[0] if class_labels is None or isinstance(class_labels, (int, str)) else len(class_labels)
+        if image.shape[0] == 1 and batch_size > 1:
+            image = image.expand(batch_size, -1, -1, -1)
+        if image.shape[0] != batch_size:
+            raise ValueError(f"image: {image.shape[0]} images for a batch of {batch_size}")
+        return image, batch_size
+
+    def _edit_targets(self, image: torch.Tensor, keep_mask, batch: int):
+        """Zero-shot editing (Tian et al. 2024, Sec. 5): the image's index map and the keep mask at every scale."""
+        given = self.encode_scales(image)
+        keep_mask = keep_mask.to(image.device) if torch.is_tensor(keep_mask) else keep_mask
+        return given, scale_keep_masks(keep_mask, self.transformer.scale_sizes, batch)
 
     def edit(self, image, keep_mask, class_labels=None, **kwargs):
         """Zero-shot in-/out-painting and class-conditional editing: ``__call__(image=..., keep_mask=...)``."""
