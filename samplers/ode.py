@@ -40,7 +40,7 @@ from samplers.steppers import (
     evaluation_times,
     intervals,
     run_step,
-    velocity_singular_at_zero,
+    velocity_singular_at_zero,  # noqa: F401  (re-exported: samplers.ode.velocity_singular_at_zero)
 )
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

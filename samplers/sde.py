@@ -89,5 +89,6 @@ def sample_sde(
             if callback is not None:
                 callback(i, t_next, x)
     if return_stats:
-        return x, SolverStats(nfe=counter.nfe, num_steps=len(pairs), time_grid=torch.tensor([pairs[0][0]] + [b for _, b in pairs], dtype=torch.float64))
+        grid = torch.tensor([pairs[0][0]] + [t_next for _, t_next in pairs], dtype=torch.float64)
+        return x, SolverStats(nfe=counter.nfe, num_steps=len(pairs), time_grid=grid)
     return x

@@ -72,7 +72,7 @@ class SolverSettings:
             return jump_to_zero_step(x, t_cur, self.path)
         if self.method == "dpm_solver_pp_2m":
             return dpm_solver_pp_2m_step(x, t_cur, t_next, self)
-        return {"euler": euler_step, "midpoint": midpoint_step, "heun": heun_step, "rk4": rk4_step}[self.method](x, t_cur, t_next)
+        return RUNGE_KUTTA_STEPS[self.method](x, t_cur, t_next)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +110,9 @@ def rk4_step(x, t_cur, t_next) -> Step:
     k3 = yield x + 0.5 * h * k2, t_cur + 0.5 * h    # midpoint, predicted with k2
     k4 = yield x + h * k3, t_next                   # end point, predicted with k3
     return x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)  # Simpson weights
+
+
+RUNGE_KUTTA_STEPS = {"euler": euler_step, "midpoint": midpoint_step, "heun": heun_step, "rk4": rk4_step}
 
 
 def jump_to_zero_step(x, t_cur, path: AffinePath) -> Step:
@@ -185,6 +188,10 @@ def evaluation_times(time_grid, settings: SolverSettings) -> list[list[float]]:
     schedule = []
     for t_cur, t_next in intervals(time_grid):
         times = []
-        run_step(settings.step(x, t_cur, t_next), lambda x_eval, t: times.append(float(t[0])) or torch.zeros_like(x_eval))
+        def record(x_eval, t_batch):  # a zero velocity: the schedule does not depend on the values
+            times.append(float(t_batch[0]))
+            return torch.zeros_like(x_eval)
+
+        run_step(settings.step(x, t_cur, t_next), record)
         schedule.append(times)
     return schedule
