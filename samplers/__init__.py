@@ -18,8 +18,9 @@ from samplers.ode import (
     nfe_per_solve,
     rk4,
     sample_ode,
-    velocity_singular_at_zero,
+    solve,
 )
+from samplers.steppers import SolverSettings, evaluation_times, run_step, velocity_singular_at_zero
 from samplers.sde import diffusion_coefficient, sample_sde
 from samplers.time_grids import (
     TIME_GRIDS,
@@ -33,8 +34,9 @@ from samplers.time_grids import (
 )
 
 __all__ = [
-    "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverStats", "as_velocity_fn", "classifier_free_guidance", "combine_guidance",
-    "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m", "euler", "filter_logits", "get_time_grid",
-    "heun", "karras_grid", "midpoint", "nfe_per_solve", "register_time_grid", "rk4", "sample_logits",
-    "sample_ode", "sample_sde", "shifted_grid", "uniform_grid", "validate_time_grid", "velocity_singular_at_zero",
+    "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverSettings", "SolverStats", "as_velocity_fn",
+    "classifier_free_guidance", "combine_guidance", "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m",
+    "euler", "evaluation_times", "filter_logits", "get_time_grid", "heun", "karras_grid", "midpoint",
+    "nfe_per_solve", "register_time_grid", "rk4", "run_step", "sample_logits", "sample_ode", "sample_sde",
+    "shifted_grid", "solve", "uniform_grid", "validate_time_grid", "velocity_singular_at_zero",
 ]

@@ -59,21 +59,21 @@ def sample_sde(
 
     Returns ``x`` (and ``SolverStats`` when ``return_stats``); one velocity call per step.
     """
-    from samplers.ode import NFECounter, SolverStats, _grid_list, _time  # local: avoid a cycle in samplers/__init__
+    from samplers.ode import NFECounter, SolverStats  # local: avoid a cycle in samplers/__init__
+    from samplers.steppers import intervals, time_batch
 
     path = path or LinearPath()
     if noise_scale < 0:
         raise ValueError(f"noise_scale: must be >= 0, got {noise_scale}")
-    grid = _grid_list(time_grid)
-    if grid[1] > grid[0]:
+    pairs = intervals(time_grid)
+    if pairs[0][1] > pairs[0][0]:
         raise ValueError("time_grid: sample_sde integrates from noise to data; give a decreasing grid")
     diffusion_coefficient(path, torch.tensor(0.5), diffusion)  # validates the schedule name early
     counter = NFECounter(velocity_fn)
     x = x_init
-    pairs = list(zip(grid[:-1], grid[1:]))
     with torch.no_grad():
         for i, (t, t_next) in enumerate(tqdm(pairs, desc="sde", leave=False) if progress else pairs):
-            t_batch = _time(x, t)
+            t_batch = time_batch(x, t)
             velocity = counter(x, t_batch)
             dtau = t - t_next
             if i == len(pairs) - 1 or noise_scale == 0:
@@ -89,5 +89,6 @@ def sample_sde(
             if callback is not None:
                 callback(i, t_next, x)
     if return_stats:
-        return x, SolverStats(nfe=counter.nfe, num_steps=len(pairs), time_grid=torch.tensor(grid, dtype=torch.float64))
+        grid = torch.tensor([pairs[0][0]] + [t_next for _, t_next in pairs], dtype=torch.float64)
+        return x, SolverStats(nfe=counter.nfe, num_steps=len(pairs), time_grid=grid)
     return x

@@ -84,3 +84,79 @@ def test_scheduler_steps_equal_the_network_agnostic_solver(solver, method):
     stepped = run(FlowMatchSolverScheduler(solver=solver), 7, x1.clone())
     integrated = sample_ode(gaussian_velocity, x1.clone(), get_time_grid("uniform", 7), method=method)
     torch.testing.assert_close(stepped, integrated.float(), atol=2e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# one stepper, two drivers: every solver x path x prediction type on the exact Gaussian-mixture oracle
+# ------------------------------------------------------------------------------------------------
+from genmod.core.paths import get_path  # noqa: E402
+from genmod.flow.gmm import three_mode_mixture_2d  # noqa: E402
+from samplers import nfe_per_solve, sample_ode  # noqa: E402
+
+MIXTURE = three_mode_mixture_2d()
+
+
+def oracle(path, prediction):
+    """The exact network of each prediction type: velocity, E[x0 | x_t] or E[eps | x_t].
+
+    Like a real network it sees the float32 ``timestep = 1000 t`` (epsilon near alpha = 0 amplifies the
+    rounding ~1000x), so both drivers hand it the same rounded time.
+    """
+    def model_fn(x, t):
+        t = (1000 * torch.as_tensor(t)).float().double() / 1000
+        if prediction == "velocity":
+            return MIXTURE.velocity(x, t, path)
+        x0, eps = MIXTURE.posterior_expectations(x, t, path)
+        return x0 if prediction == "x0" else eps
+    return model_fn
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "x0", "epsilon"])
+@pytest.mark.parametrize("path_name", ["linear", "cosine", "vp"])
+@pytest.mark.parametrize("solver,method", [("euler", "euler"), ("midpoint", "midpoint"), ("heun", "heun"),
+                                           ("rk4", "rk4"), ("dpmsolver++2m", "dpm_solver_pp_2m")])
+def test_scheduler_equals_sample_ode_for_every_path_and_prediction(solver, method, path_name, prediction):
+    path, steps = get_path(path_name), 6
+    model_fn = oracle(path, prediction)
+    noise = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    scheduler = FlowMatchSolverScheduler(solver=solver, path=path_name, prediction_type=prediction)
+    scheduler.set_timesteps(steps)
+    x, calls = noise.clone(), 0
+    for timestep in scheduler.timesteps:  # as a pipeline drives it: the network sees timestep / 1000
+        x = scheduler.step(model_fn(x, timestep.double() / 1000), timestep, x, return_dict=False)[0]
+        calls += 1
+    reference, stats = sample_ode(model_fn, noise.clone(), scheduler.sigmas, method=method, path=path,
+                                  prediction=prediction, return_stats=True)
+    assert torch.isfinite(reference).all()
+    torch.testing.assert_close(x, reference, atol=1e-6, rtol=0)
+    expected_nfe = nfe_per_solve(method, steps, path=path, prediction=prediction)
+    assert calls == len(scheduler.timesteps) == stats.nfe == expected_nfe
+    # and the samples are the mixture's: the mean of 64 samples within 4 standard errors
+    if method != "euler":
+        assert (reference.mean(0) - MIXTURE.mean).abs().max() < 4 * MIXTURE.covariance.diagonal().sqrt().max() / 8
+
+
+def test_nfe_and_timesteps_follow_the_stepper_schedule():
+    sched = FlowMatchSolverScheduler(solver="heun", path="vp")
+    sched.set_timesteps(4)  # VP: the step onto t = 0 is one call (the jump to the data prediction)
+    assert sched.timesteps.tolist() == [1000.0, 750.0, 750.0, 500.0, 500.0, 250.0, 250.0]
+    sched = FlowMatchSolverScheduler(solver="midpoint", prediction_type="x0")
+    sched.set_timesteps(2)  # x0 prediction: the velocity at t = 0 is undefined, so the last step jumps
+    assert sched.timesteps.tolist() == [1000.0, 750.0, 500.0]
+    sched = FlowMatchSolverScheduler(solver="euler", prediction_type="epsilon")
+    sched.set_timesteps(2)  # epsilon prediction: alpha(1) = 0 is never asked for
+    assert sched.timesteps.tolist() == [999.0, 499.5]
+    with pytest.raises(ValueError, match="prediction_type"):
+        FlowMatchSolverScheduler(prediction_type="score")
+    with pytest.raises(ValueError, match="path"):
+        FlowMatchSolverScheduler(path="sigmoid")
+
+
+@pytest.mark.parametrize("path_name", ["linear", "cosine", "vp"])
+def test_scale_noise_is_the_path_forward_process(path_name):
+    path = get_path(path_name)
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t = FlowMatchSolverScheduler(path=path_name).scale_noise(x0, 1000 * t, noise)
+    expected = path.alpha(t)[:, None, None, None] * x0 + path.sigma(t)[:, None, None, None] * noise
+    torch.testing.assert_close(x_t, expected, atol=1e-6, rtol=0)

@@ -24,7 +24,7 @@ from genmod.flow.transformer import FlowTransformer
 from genmod.flow.unet import FlowUNet
 from genmod.train import TrainConfig, register_family, unwrap_model
 from genmod.train.image_family import ImageFamily
-from samplers import classifier_free_guidance, get_time_grid, sample_ode
+from samplers import classifier_free_guidance
 
 
 @dataclass
@@ -111,30 +111,40 @@ class FlowFamily(ImageFamily):
         return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval)
 
     @torch.no_grad()
-    def sample(self, model, num: int, generator: torch.Generator, labels=None, num_inference_steps=None,
-               solver=None, guidance_scale=None) -> torch.Tensor:
-        """``num`` images in [-1, 1] (classes cycled unless ``labels``), decoded if in latent space."""
+    def sample(self, model, num: int, generator: torch.Generator, labels=None, num_inference_steps=None, solver=None,
+               guidance_scale=None) -> torch.Tensor:
+        """``num`` images in [-1, 1] (classes cycled unless ``labels``), decoded if in latent space.
+
+        Runs the exported pipeline's own loop (scheduler -> ``samplers.steppers``), so previews and
+        ``genmod sample`` cannot diverge.
+        """
         cfg = model.config
         device = next(model.parameters()).device
         if labels is None and cfg.num_classes:
             labels = torch.arange(num, device=device) % cfg.num_classes
         noise = torch.randn((num, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
                             device=generator.device).to(device)
-        velocity = self.velocity_fn(model, labels, self.config.guidance_scale if guidance_scale is None else guidance_scale)
-        grid = get_time_grid("uniform", num_inference_steps or self.config.num_inference_steps)
-        x = sample_ode(velocity, noise, grid, method=solver or self.config.solver, path=self.path)
+        pipe = self.pipeline(model, solver=solver)
+        pipe.set_progress_bar_config(disable=True)
+        x = pipe(class_labels=labels if cfg.num_classes else None, batch_size=None if cfg.num_classes else num,
+                 num_inference_steps=num_inference_steps or self.config.num_inference_steps, latents=noise, output_type="latent",
+                 guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale).images
         return self.decode(x).clamp(-1, 1)
 
-    def build_pipeline(self, model):
+    def pipeline(self, model, solver: Optional[str] = None, id2label: Optional[dict] = None):
+        """A ``FlowMatchingPipeline`` whose scheduler steps ``solver`` on this family's path and prediction type."""
         from genmod.flow.pipeline import FlowMatchingPipeline
         from genmod.flow.scheduler import FlowMatchSolverScheduler
 
-        if self.config.path != "linear" or self.config.prediction != "velocity":
-            return None  # the diffusers boundary is the linear path with a velocity output
-        _, _, _, class_names = self.data_shape()
-        scheduler = FlowMatchSolverScheduler(solver=self.config.solver)
-        id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
+        scheduler = FlowMatchSolverScheduler(solver=solver or self.config.solver, path=self.config.path,
+                                             prediction_type=self.config.prediction)
         return FlowMatchingPipeline(transformer=model, scheduler=scheduler, vae=self.tokenizer, id2label=id2label)
+
+    def build_pipeline(self, model):
+        """The export: every path x prediction type, with the dataset's class names."""
+        _, _, _, class_names = self.data_shape()
+        id2label = {i: name for i, name in enumerate(class_names)} if model.config.num_classes else None
+        return self.pipeline(model, id2label=id2label)
 
 
 register_family("flow", FlowFamily)

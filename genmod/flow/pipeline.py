@@ -27,7 +27,8 @@ class FlowMatchingPipeline(GenmodPipeline):
 
     Args:
         transformer: velocity network ``transformer(x, timestep=1000*sigma, class_labels)``.
-        scheduler: a flow scheduler (diffusers flow convention, sigma=1 is noise).
+        scheduler: a flow scheduler (diffusers flow convention, sigma=1 is noise); ``FlowMatchSolverScheduler``
+            also takes other paths and x0/epsilon outputs (its ``path`` / ``prediction_type`` config).
         vae: optional tokenizer with ``decode(latents)``; None for pixel-space models.
     """
 
@@ -74,24 +75,42 @@ class FlowMatchingPipeline(GenmodPipeline):
 
         ``class_labels``: ids or names, one per sample (class-conditional models). ``batch_size``:
         number of samples for unconditional models. ``guidance_scale`` w: 1 is no guidance.
-        ``guidance_interval=(lo, hi)``: guidance only for sigma in [lo, hi]. ``generator``: one
+        ``guidance_interval=(lo, hi)``: guidance only for t in [lo, hi] (sigma on the linear path). ``generator``: one
         ``torch.Generator`` or a list of one per sample (each sample then reproducible on its own).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        for name in callback_on_step_end_tensor_inputs:
+        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        labels, batch_size = self.prepare_labels(class_labels, batch_size, device)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        guidance = None if labels is None or guidance_scale == 1.0 else (guidance_scale, guidance_interval)
+        latents = self.prepare_latents(batch_size, generator, latents, device)
+        timesteps = self.prepare_timesteps(num_inference_steps, sigmas, device)
+        latents = self.denoise(latents, timesteps, labels, guidance, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs)
+        images = latents if output_type == "latent" else self.decode_latents(latents)
+        images = self.images_to_output(images, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    # -- the pieces of __call__ ------------------------------------------------------------------
+    def check_callback_inputs(self, tensor_inputs):
+        for name in tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
-        device = self._execution_device
+
+    def prepare_labels(self, class_labels, batch_size: int | None, device):
+        """Class ids ``[B]`` (or None for unconditional models) and the batch size they imply."""
         labels = self.class_label_ids(class_labels, device)
         if labels is not None:
             if batch_size is not None and batch_size != len(labels):
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
             batch_size = len(labels)
-        batch_size = batch_size or 1
-        do_cfg = labels is not None and guidance_scale != 1.0
-        self._guidance_scale, self._interrupt = guidance_scale, False
+        return labels, batch_size or 1
 
+    def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None, device) -> torch.Tensor:
+        """Pure noise ``x_BCHW`` at t = 1 from ``generator``, or the given ``latents`` checked for shape."""
         cfg = self.transformer.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if latents is None:
@@ -99,10 +118,12 @@ class FlowMatchingPipeline(GenmodPipeline):
                                    dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=self.transformer.dtype)
+        return latents.to(device=device, dtype=self.transformer.dtype)
 
+    def prepare_timesteps(self, num_inference_steps: int, sigmas, device) -> torch.Tensor:
+        """Set the scheduler's grid: the uniform 1 -> 1/N (then 0) as Flux/SD3 pass it, or ``sigmas``."""
         accepts_sigmas = "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters
-        if sigmas is None and accepts_sigmas:  # the uniform grid 1 -> 1/N (then 0), as Flux/SD3 pass it
+        if sigmas is None and accepts_sigmas:
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         if sigmas is not None:
             if not accepts_sigmas:
@@ -110,41 +131,46 @@ class FlowMatchingPipeline(GenmodPipeline):
             self.scheduler.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float32), device=device)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        num_train = self.scheduler.config.num_train_timesteps
-        if do_cfg:
-            null = torch.full_like(labels, cfg.num_classes)
-            labels_in = torch.cat([labels, null])
+        self._num_timesteps = len(self.scheduler.timesteps)
+        return self.scheduler.timesteps
 
+    def guided_output(self, x_BCHW: torch.Tensor, timestep: torch.Tensor, labels, guidance) -> torch.Tensor:
+        """One network output at ``timestep``; with ``guidance=(w, interval)`` CFG in one batched forward.
+
+        The combine ``u + w (c - u)`` is the same on velocity, x0 or epsilon outputs: the path's
+        conversion between them is affine in the output at fixed ``(x, t)``.
+        """
+        batch_size = x_BCHW.shape[0]
+        sigma = timestep / self.scheduler.config.num_train_timesteps
+        if guidance is None or not _inside(sigma, guidance[1]):
+            return self.transformer(x_BCHW, timestep.expand(batch_size), labels, return_dict=False)[0]
+        null = torch.full_like(labels, self.transformer.config.num_classes)
+        out = self.transformer(torch.cat([x_BCHW, x_BCHW]), timestep.expand(2 * batch_size),
+                               torch.cat([labels, null]), return_dict=False)[0]
+        out_cond, out_uncond = out.chunk(2)
+        return combine_guidance(out_cond, out_uncond, guidance[0])
+
+    def denoise(self, latents, timesteps, labels, guidance, callback_on_step_end, callback_tensor_inputs):
+        """The diffusers loop: one network call and one ``scheduler.step`` per timestep, then the callback."""
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                # 1. the network output where the scheduler asks for it
                 model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):
                     model_input = self.scheduler.scale_model_input(model_input, t)
-                use_cfg = do_cfg and _inside(t / num_train, guidance_interval)
-                if use_cfg:
-                    x_in = torch.cat([model_input, model_input])
-                    out = self.transformer(x_in, t.expand(2 * batch_size), labels_in, return_dict=False)[0]
-                    v_cond, v_uncond = out.chunk(2)
-                    velocity = combine_guidance(v_cond, v_uncond, guidance_scale)
-                else:
-                    velocity = self.transformer(model_input, t.expand(batch_size), labels, return_dict=False)[0]
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                output = self.guided_output(model_input, t, labels, guidance)
+                # 2. the solver consumes it and says where to evaluate next
+                latents = self.scheduler.step(output, t, latents, return_dict=False)[0]
+                # 3. a step callback may read and replace the latents
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = locals()[name]
+                    available = {"latents": latents}
+                    callback_kwargs = {name: available[name] for name in callback_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress.update()
-
-        images = latents if output_type == "latent" else self.decode_latents(latents)
-        images = self.images_to_output(images, output_type)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return latents
 
 
 def _inside(sigma: torch.Tensor, interval) -> bool:
