@@ -20,7 +20,7 @@ from samplers.ode import (
     sample_ode,
     solve,
 )
-from samplers.steppers import SolverSettings, evaluation_times, run_step, velocity_singular_at_zero
+from samplers.steppers import ODESolver, evaluation_times, run_step, velocity_singular_at_zero
 from samplers.sde import diffusion_coefficient, sample_sde
 from samplers.time_grids import (
     TIME_GRIDS,
@@ -34,7 +34,7 @@ from samplers.time_grids import (
 )
 
 __all__ = [
-    "SOLVERS", "TIME_GRIDS", "NFECounter", "SolverSettings", "SolverStats", "as_velocity_fn",
+    "SOLVERS", "TIME_GRIDS", "NFECounter", "ODESolver", "SolverStats", "as_velocity_fn",
     "classifier_free_guidance", "combine_guidance", "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m",
     "euler", "evaluation_times", "filter_logits", "get_time_grid", "heun", "karras_grid", "midpoint",
     "nfe_per_solve", "register_time_grid", "rk4", "run_step", "sample_logits", "sample_ode", "sample_sde",

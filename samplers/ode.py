@@ -36,7 +36,7 @@ from genmod.core.paths import AffinePath, LinearPath
 from samplers.steppers import (
     METHODS,
     SOLVER_ALIASES,
-    SolverSettings,
+    ODESolver,
     evaluation_times,
     intervals,
     run_step,
@@ -74,16 +74,16 @@ def as_velocity_fn(model_fn: Callable, path: AffinePath, prediction: str = "velo
     return lambda x, t: path.convert(model_fn(x, t), x, t, src=prediction, dst="velocity")
 
 
-def solve(settings: SolverSettings, velocity_fn: VelocityFn, x_init: torch.Tensor, time_grid,
+def solve(solver: ODESolver, velocity_fn: VelocityFn, x_init: torch.Tensor, time_grid,
           callback=None, progress: bool = False) -> torch.Tensor:
-    """Run ``settings``' stepper over ``time_grid``, one ``run_step`` per interval, calling ``callback(i, t_next, x)``."""
+    """Run ``solver``'s steps over ``time_grid``, one ``run_step`` per interval, calling ``callback(i, t_next, x)``."""
     steps = intervals(time_grid)
-    if settings.method == "dpm_solver_pp_2m" and steps[0][1] > steps[0][0]:
+    if solver.method == "dpm_solver_pp_2m" and steps[0][1] > steps[0][0]:
         raise ValueError("time_grid: dpm_solver_pp_2m integrates from noise to data; give a decreasing grid")
-    settings.reset()
+    solver.reset()
     x = x_init
-    for i, (t_cur, t_next) in enumerate(tqdm(steps, desc=settings.method, leave=False) if progress else steps):
-        x = run_step(settings.step(x, t_cur, t_next), velocity_fn)
+    for i, (t_cur, t_next) in enumerate(tqdm(steps, desc=solver.method, leave=False) if progress else steps):
+        x = run_step(solver.step(x, t_cur, t_next), velocity_fn)
         if callback is not None:
             callback(i, t_next, x)
     return x
@@ -92,8 +92,8 @@ def solve(settings: SolverSettings, velocity_fn: VelocityFn, x_init: torch.Tenso
 def _whole_solve(method: str):
     def solver(velocity_fn: VelocityFn, x_init: torch.Tensor, time_grid, callback=None, progress: bool = False,
                path: AffinePath | None = None, final_euler: bool = False) -> torch.Tensor:
-        settings = SolverSettings(method, path or LinearPath(), final_euler=final_euler)
-        return solve(settings, velocity_fn, x_init, time_grid, callback=callback, progress=progress)
+        ode_solver = ODESolver(method, path or LinearPath(), final_euler=final_euler)
+        return solve(ode_solver, velocity_fn, x_init, time_grid, callback=callback, progress=progress)
 
     solver.__name__ = method
     solver.__doc__ = f"Integrate ``velocity_fn`` over ``time_grid`` with the {method} stepper (see module docstring)."
@@ -112,7 +112,7 @@ SOLVERS: dict[str, Callable] = {name: globals()[name] for name in METHODS}
 def nfe_per_solve(method: str, num_steps: int, heun_final_euler: bool = False, path: AffinePath | None = None,
                   prediction: str = "velocity") -> int:
     """Network evaluations of a ``num_steps`` solve ending at t = 0, counted on the stepper's own schedule."""
-    settings = SolverSettings(method, path or LinearPath(), prediction, final_euler=heun_final_euler)
+    settings = ODESolver(method, path or LinearPath(), prediction, final_euler=heun_final_euler)
     grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     return sum(len(times) for times in evaluation_times(grid, settings))
 
@@ -149,7 +149,7 @@ def sample_ode(
         raise ValueError(f"method: expected one of {', '.join(SOLVERS)}, got {method!r}")
     if not torch.is_tensor(x_init):
         raise ValueError(f"x_init: expected a tensor, got {type(x_init).__name__}")
-    settings = SolverSettings(name, path or LinearPath(), prediction, final_euler=final_euler)
+    settings = ODESolver(name, path or LinearPath(), prediction, final_euler=final_euler)
     counter = NFECounter(as_velocity_fn(velocity_fn, settings.path, prediction))
     grid = torch.as_tensor(time_grid, dtype=torch.float64)
     with torch.set_grad_enabled(enable_grad):

@@ -43,8 +43,13 @@ def velocity_singular_at_zero(path: AffinePath | None) -> bool:
 
 
 @dataclass
-class SolverSettings:
-    """Which solver, on which path, for which network output; plus the multistep memory of one solve."""
+class ODESolver:
+    """One solve: which method, on which path, for which network output, and the multistep memory it keeps.
+
+    ``step(x, t_cur, t_next)`` hands out the step generator of each interval in turn; DPM-Solver++(2M)
+    remembers its last data prediction here between steps, so use one ``ODESolver`` per solve (or
+    ``reset()`` it), as a diffusers scheduler is reset by ``set_timesteps``.
+    """
 
     method: str = "heun"
     path: AffinePath = field(default_factory=LinearPath)
@@ -125,7 +130,7 @@ def jump_to_zero_step(x, t_cur, path: AffinePath) -> Step:
     return path.alpha(zero).item() * x0 + path.sigma(zero).item() * eps  # the path at t = 0
 
 
-def dpm_solver_pp_2m_step(x, t_cur, t_next, memory: SolverSettings) -> Step:
+def dpm_solver_pp_2m_step(x, t_cur, t_next, memory: ODESolver) -> Step:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on ``memory.path`` with the data prediction from the velocity.
 
     ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h_i} - 1) D_i``, ``h_i = lambda_{i+1} - lambda_i``,
@@ -181,9 +186,9 @@ def intervals(time_grid) -> list[tuple[float, float]]:
     return list(zip(times[:-1], times[1:]))
 
 
-def evaluation_times(time_grid, settings: SolverSettings) -> list[list[float]]:
+def evaluation_times(time_grid, settings: ODESolver) -> list[list[float]]:
     """The times a solve over ``time_grid`` evaluates the velocity at, one list per step (a dry run)."""
-    settings = SolverSettings(settings.method, settings.path, settings.prediction, settings.final_euler)
+    settings = ODESolver(settings.method, settings.path, settings.prediction, settings.final_euler)
     x = torch.zeros(1, dtype=torch.float64)
     schedule = []
     for t_cur, t_next in intervals(time_grid):

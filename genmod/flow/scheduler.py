@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from genmod.core.paths import get_path
-from samplers.steppers import SolverSettings, evaluation_times, time_batch
+from samplers.steppers import ODESolver, evaluation_times, time_batch
 
 SOLVERS = ("euler", "midpoint", "heun", "rk4", "dpmsolver++2m")
 PREDICTION_TYPES = ("velocity", "x0", "epsilon")
@@ -54,7 +54,7 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"shift: must be > 0, got {shift}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
-        self.solver_settings = SolverSettings(solver, get_path(path), prediction_type)
+        self.ode_solver = ODESolver(solver, get_path(path), prediction_type)
         self.sigmas = None
         self.timesteps = None
         self.num_inference_steps = None
@@ -64,7 +64,7 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         self._interval = 0      # index i of the interval [t_i, t_{i+1}] being stepped
         self._step = None       # the stepper's generator for that interval (None between intervals)
         self._request = None    # (x_eval, t_eval) it asked the network for
-        self.solver_settings.reset()
+        self.ode_solver.reset()
 
     @property
     def step_index(self):
@@ -86,7 +86,7 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
         self.num_inference_steps = len(sigmas)
         self._grid = self.sigmas.double().tolist()  # the float32 grid, exactly, as the stepper's floats
-        schedule = evaluation_times(self._grid, self.solver_settings)
+        schedule = evaluation_times(self._grid, self.ode_solver)
         num_train = self.config.num_train_timesteps
         self.timesteps = torch.tensor([t * num_train for times in schedule for t in times], dtype=torch.float32,
                                       device=device)
@@ -96,7 +96,7 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         """The forward process ``x_t = alpha(t) x0 + sigma(t) noise`` of the path, for img2img-style starts."""
         t = torch.as_tensor(timestep, device=sample.device) / self.config.num_train_timesteps
         t = t.to(torch.promote_types(sample.dtype, torch.float32))
-        return self.solver_settings.path.sample(sample, noise, t).x_t.to(sample.dtype)
+        return self.ode_solver.path.sample(sample, noise, t).x_t.to(sample.dtype)
 
     # ----------------------------------------------------------------------------------------
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
@@ -109,11 +109,11 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         # 1. a new interval starts at `sample` (a step callback may have replaced it)
         if self._step is None:
             t_cur, t_next = self._grid[self._interval], self._grid[self._interval + 1]
-            self._step = self.solver_settings.step(sample.to(dtype), t_cur, t_next)
+            self._step = self.ode_solver.step(sample.to(dtype), t_cur, t_next)
             self._request = next(self._step)
         # 2. the network output at the requested point, as a velocity
         x_eval, t_eval = self._request
-        velocity = self.solver_settings.path.convert(model_output.to(dtype), x_eval, time_batch(x_eval, t_eval),
+        velocity = self.ode_solver.path.convert(model_output.to(dtype), x_eval, time_batch(x_eval, t_eval),
                                             src=self.config.prediction_type, dst="velocity")
         # 3. the stepper's next request, or the end of the interval
         try:
