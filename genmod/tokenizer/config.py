@@ -11,6 +11,7 @@ from tokenizers_vq.models import KLVAE, SigmaVAE, VQTokenizer
 __all__ = ["TokenizerConfig", "resolved_cosine", "build_tokenizer"]
 
 
+@dataclass
 class TokenizerConfig(TrainConfig):
     """Flat config of a tokenizer run; every field is a ``genmod train tokenizer`` flag."""
 
