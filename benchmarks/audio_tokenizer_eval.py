@@ -7,7 +7,7 @@ stage and bitrate, next to reference codecs (silence, resampled mu-law) measured
         --out benchmarks/results/audio_tokenizer
 
 For each ``NAME=RUN_DIR`` (a run folder with ``final_model/`` or a tokenizer folder) it runs
-``tokenizers_vq.family.evaluate_tokenizer`` on every test clip at its own length (the same numbers as
+``genmod.tokenizer.evaluate_tokenizer`` on every test clip at its own length (the same numbers as
 ``genmod eval-tokenizer RUN_DIR``), keeps the first ``--wavs`` input / reconstruction pairs as WAVs
 (``NAME_recon_XX.wav``, ``input_XX.wav``) and one PNG of log-mel spectrograms (inputs and every
 tokenizer's reconstructions), and writes ``metrics.json`` and ``table.md`` into ``--out``.
@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
 
     from evals.audio import save_mel_comparison
     from genmod.data.folders import load_audio
-    from tokenizers_vq.family import _resolve_tokenizer_dir, evaluate_tokenizer, load_eval_dataset
+    from genmod.tokenizer import evaluate_tokenizer, load_eval_dataset
+    from tokenizers_vq.folders import resolve_tokenizer_dir
     from tokenizers_vq.models import load_tokenizer
 
     torch.set_grad_enabled(False)
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             parser.error(f"--tokenizer {spec!r}: expected NAME=RUN_DIR")
-        model_dir, _ = _resolve_tokenizer_dir(path)
+        model_dir, _ = resolve_tokenizer_dir(path)
         model = load_tokenizer(model_dir).eval()
         dataset = load_eval_dataset(args.dataset, args.split, "audio")
         with tempfile.TemporaryDirectory() as tmp:

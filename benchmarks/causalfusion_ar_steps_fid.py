@@ -55,35 +55,29 @@ def main(argv=None):
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     os.makedirs(args.out, exist_ok=True)
 
-    from evals.feature_net import classifier_accuracy, get_feature_net, register_feature_net
-    from evals.generator_adapter import SampleDataset, to_uint8
-    from evals.metrics import fidelity_metrics
+    from evals.report import domain_fidelity, held_out_pair
     from genmod.data import get_dataset
 
-    net = get_feature_net(args.dataset)
-    extractor = register_feature_net(net)
     n = args.num_eval
     test = get_dataset(args.dataset, split="test", num_samples=2 * n)
-    real_a = torch.stack([test[i]["image"] for i in range(n)])
-    real_b = torch.stack([test[i]["image"] for i in range(n, 2 * n)])
+    real_a, real_b = held_out_pair(args.dataset, n)
 
-    def fidelity(a, b):
-        out = fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"),
-                               kid_subset_size=min(len(a), len(b), 1000), feature_extractor=extractor)
-        return out["frechet_inception_distance"], out["kernel_inception_distance_mean"]
+    def fidelity(images, labels):
+        """Domain FID / KID (and the floor) of ``images``; the one implementation in ``evals.report``."""
+        return domain_fidelity(images, real_a, real_b, args.dataset, labels=labels, kid_subset_size=min(n, 1000))
 
-    floor_fid, floor_kid = fidelity(real_b, real_a)
     cf = load(args.cf)
     num_classes = cf.transformer.config.num_classes
     labels = torch.arange(n) % num_classes
     rows = []
 
     def add_row(model, ar_steps, steps, images, seconds):
-        fid, kid = fidelity(images, real_a)
+        m = fidelity(images, labels)
         rows.append({"model": model, "ar_steps": ar_steps, "steps_per_ar_step": steps, "nfe": ar_steps * steps,
-                     "fid": fid, "kid": kid, "accuracy": classifier_accuracy(net, images, labels),
-                     "fid_floor": floor_fid, "kid_floor": floor_kid, "sample_seconds": seconds})
-        print(f"  {model} N={ar_steps} steps={steps}: FID {fid:.2f} (floor {floor_fid:.2f})", flush=True)
+                     "fid": m["domain_fid"], "kid": m["domain_kid"], "accuracy": m["classifier_accuracy"],
+                     "fid_floor": m["domain_fid_floor"], "kid_floor": m["domain_kid_floor"], "sample_seconds": seconds})
+        print(f"  {model} N={ar_steps} steps={steps}: FID {m['domain_fid']:.2f} (floor {m['domain_fid_floor']:.2f})",
+              flush=True)
 
     settings = [(int(a), args.nfe // int(a)) for a in args.ar_steps.split(",") if args.nfe // int(a) >= 1]
     if args.pure_ar:
@@ -136,7 +130,7 @@ def main(argv=None):
     for r in rows:
         if r["model"] == "flow":
             ax.axhline(r["fid"], color="C1", ls="--", label=f"flow ({r['nfe']} NFE)")
-    ax.axhline(floor_fid, color="gray", ls=":", label=f"real vs real (N={n})")
+    ax.axhline(rows[0]["fid_floor"], color="gray", ls=":", label=f"real vs real (N={n})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("AR steps N")
     ax.set_ylabel("domain-FID")

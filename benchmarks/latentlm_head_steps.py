@@ -44,9 +44,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid-dir", default=None, help="write one PNG grid per step count here")
     args = parser.parse_args(argv)
 
-    from evals.feature_net import classifier_accuracy, get_feature_net, register_feature_net
-    from evals.generator_adapter import SampleDataset, to_uint8
-    from evals.metrics import fidelity_metrics
+    from evals.feature_net import classifier_accuracy, get_feature_net
+    from evals.report import domain_fidelity
     from genmod.data import get_dataset
     from genmod.data.io import save_image_grid
     from genmod.latentlm.pipeline import LatentLMPipeline
@@ -63,14 +62,11 @@ def main(argv=None) -> dict:
     real_a = torch.stack([it["image"] for it in items[n:2 * n]])
     real_b = torch.stack([it["image"] for it in items[2 * n:]])
     net = get_feature_net("shapes")
-    extractor = register_feature_net(net)
 
-    def fidelity(a, b):
-        out = fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"), kid_subset_size=min(len(a), len(b)),
-                               feature_extractor=extractor)
-        return out["frechet_inception_distance"], out["kernel_inception_distance_mean"]
+    def fidelity(fake):
+        """Domain FID / KID (and the floor) of ``fake``; the one implementation in ``evals.report``."""
+        return domain_fidelity(fake, real_a, real_b, "shapes", kid_subset_size=n)
 
-    floor_fid, floor_kid = fidelity(real_b, real_a)
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
         images, start_time = [], time.perf_counter()
@@ -82,7 +78,9 @@ def main(argv=None) -> dict:
             images.append(out * 2 - 1)
         seconds = time.perf_counter() - start_time
         fake = torch.cat(images)
-        fid, kid = fidelity(fake, real_a)
+        scores = fidelity(fake)
+        fid, kid = scores["domain_fid"], scores["domain_kid"]
+        floor_fid, floor_kid = scores["domain_fid_floor"], scores["domain_kid_floor"]
         rows.append({"head_steps": steps, "accuracy_vs_prompt": classifier_accuracy(net, fake, labels),
                      "domain_fid": fid, "domain_kid": kid, "seconds": seconds})
         if args.grid_dir:

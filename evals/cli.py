@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from evals.report import DEFAULT_METRICS, eval_folders, eval_pipeline
+import json
+import os
+
+from evals.report import DEFAULT_METRICS, dataset_of, eval_folders, eval_pipeline, held_out_report, load_pipeline_for_eval
 
 METRIC_CHOICES = ("fid", "isc", "kid", "prc", "pppr", "dc")
 
@@ -54,9 +57,14 @@ def main_eval(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default PATH/eval)")
     parser.add_argument("--feature-net", default=None, help="domain feature net folder (default: the cache's)")
     parser.add_argument("--inception-weights", default=None, help="InceptionV3 weights file")
+    parser.add_argument("--held-out", action="store_true",
+                        help="the held-out protocol instead (class-cycled samples at the pipeline's settings, domain "
+                        "FID/KID against the first N test images, floor = the next N; as genmod train var --eval_samples)")
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2")
+    if args.held_out:
+        return _main_held_out(args)
     report = eval_pipeline(args.path, args.metrics, args.num_samples, args.steps, args.guidance, dataset=args.dataset,
                            features=args.features, seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
                            feature_net_path=args.feature_net, inception_weights=args.inception_weights)
@@ -83,4 +91,16 @@ def main_eval_folder(argv: list[str] | None = None) -> int:
                           out_dir=args.out, feature_net_path=args.feature_net, inception_weights=args.inception_weights,
                           real_cache=args.real_cache_name)
     print(report["markdown"])
+    return 0
+
+
+def _main_held_out(args) -> int:
+    """``genmod eval PATH --held-out --num-samples N [--dataset D] [--out DIR]``: :func:`held_out_report`."""
+    pipe = load_pipeline_for_eval(args.path)
+    pipe.set_progress_bar_config(disable=True)
+    out_dir = args.out or os.path.join(args.path, "eval")
+    metrics = held_out_report(pipe, args.num_samples, out_dir, args.dataset or dataset_of(args.path),
+                              feature_net_path=args.feature_net)
+    print(json.dumps(metrics, indent=2, default=str))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return 0

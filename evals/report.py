@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 import uuid
 
 import torch
@@ -56,9 +57,11 @@ def versions() -> dict:
 class FeatureSpace:
     """A named torch-fidelity extractor with what a report says about it."""
 
-    def __init__(self, key: str, extractor: str, rgb: bool, layer: str, description: dict, has_logits: bool):
+    def __init__(self, key: str, extractor: str, rgb: bool, layer: str, description: dict, has_logits: bool,
+                 net=None):
         self.key, self.extractor, self.rgb, self.layer = key, extractor, rgb, layer
         self.description, self.has_logits = description, has_logits
+        self.net = net  # the domain classifier behind a "domain" space (classifier accuracy), else None
 
 
 def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSpace:
@@ -66,7 +69,7 @@ def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSp
 
     net = get_feature_net(dataset, feature_net_path)
     return FeatureSpace("domain", register_feature_net(net), rgb=False, layer="feat",
-                        description={"kind": "domain classifier", **net.describe()}, has_logits=True)
+                        description={"kind": "domain classifier", **net.describe()}, has_logits=True, net=net)
 
 
 def inception_space(weights_path: str | None = None) -> FeatureSpace:
@@ -114,9 +117,10 @@ def _drop_cache(cache_name: str) -> None:
 
 
 def space_metrics(fake: SampleDataset, real: SampleDataset, space: FeatureSpace, metrics, *, real_cache: str,
-                  fake_cache: str | None = None) -> dict:
+                  fake_cache: str | None = None, kid_subset_size: int | None = None) -> dict:
     """All requested metrics of ``fake`` against ``real`` in one feature space. ``real_cache`` names
-    the reference's cache entry; ``fake_cache`` keeps the fakes' features too (e.g. a second real set)."""
+    the reference's cache entry; ``fake_cache`` keeps the fakes' features too (e.g. a second real set).
+    ``kid_subset_size`` defaults to half the smaller set, at most 1000."""
     wanted = [m for m in metrics if m in TORCH_FIDELITY_METRICS]
     # KID always stands beside FID (unbiased at small N); features get cached so PP/PR and D/C reuse them
     wanted = sorted(set(wanted) | {"fid", "kid"}, key=TORCH_FIDELITY_METRICS.index)
@@ -126,7 +130,7 @@ def space_metrics(fake: SampleDataset, real: SampleDataset, space: FeatureSpace,
         out["isc"] = None
     temporary = fake_cache is None
     fake_cache = fake_cache or f"tmp-{uuid.uuid4().hex}"
-    kid_subset = max(2, min(1000, len(fake) // 2, len(real) // 2))  # below N: the subset spread means something
+    kid_subset = kid_subset_size or max(2, min(1000, len(fake) // 2, len(real) // 2))  # below N: the spread means something
     try:
         raw = fidelity_metrics(fake, real, metrics=wanted, feature_extractor=space.extractor, cache_name1=fake_cache,
                                cache_name2=real_cache, kid_subset_size=kid_subset)
@@ -146,17 +150,20 @@ def space_metrics(fake: SampleDataset, real: SampleDataset, space: FeatureSpace,
 
 def evaluate_images(fake_uint8: torch.Tensor, real_uint8: torch.Tensor, spaces: list[FeatureSpace], *,
                     metrics=DEFAULT_METRICS, real_cache: str, floor_uint8: torch.Tensor | None = None,
-                    floor_cache: str | None = None, fake_cache: str | None = None) -> dict:
+                    floor_cache: str | None = None, fake_cache: str | None = None,
+                    kid_subset_size: int | None = None) -> dict:
     """Metrics of generated vs real images per feature space, and the real-vs-real floor at the same N."""
     result = {"num_fake": len(fake_uint8), "num_real": len(real_uint8), "spaces": {}}
     for space in spaces:
         entry = {"feature_extractor": space.description,
                  "model": space_metrics(SampleDataset(fake_uint8, rgb=space.rgb), SampleDataset(real_uint8, rgb=space.rgb),
-                                        space, metrics, real_cache=real_cache, fake_cache=fake_cache)}
+                                        space, metrics, real_cache=real_cache, fake_cache=fake_cache,
+                                        kid_subset_size=kid_subset_size)}
         if floor_uint8 is not None:
             entry["real_vs_real"] = space_metrics(SampleDataset(floor_uint8, rgb=space.rgb),
                                                   SampleDataset(real_uint8, rgb=space.rgb), space, metrics,
-                                                  real_cache=real_cache, fake_cache=floor_cache)
+                                                  real_cache=real_cache, fake_cache=floor_cache,
+                                                  kid_subset_size=kid_subset_size)
             entry["real_vs_real"]["num"] = len(floor_uint8)
         result["spaces"][space.key] = entry
     return result
@@ -188,6 +195,55 @@ def real_floor(dataset: str, num: int, seed: int = 0):
     reference, reference_name = real_images(dataset, "train", num, seed)
     floor, floor_name = real_images(dataset, "test", num, seed + 1)
     return reference, reference_name, floor, floor_name
+
+
+def class_cycled_samples(pipe, num: int, num_classes: int, seed: int = 10_000, batch_size: int = 100,
+                         **call_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` samples in [-1, 1] from a class-conditional pipeline, labels ``i % num_classes``, sample
+    ``i`` drawn with its own generator seeded ``seed + i`` (so any batch size gives the same images)."""
+    labels = torch.arange(num) % num_classes
+    images = []
+    for start in range(0, num, batch_size):
+        batch = labels[start:start + batch_size].tolist()
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        images.append(pipe(class_labels=batch, generator=generators, output_type="pt", **call_kwargs).images * 2 - 1)
+    return torch.cat(images), labels
+
+
+def held_out_pair(dataset: str, num: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint real sets in [-1, 1]: items ``[0, num)`` and ``[num, 2 num)`` of ``split`` built with
+    ``2 num`` samples. The first is the reference, the second the floor's real "generator"."""
+    from genmod.data import get_dataset
+
+    data = get_dataset(dataset, split=split, num_samples=2 * num)
+    reference_BCHW = torch.stack([data[i]["image"] for i in range(num)])
+    floor_BCHW = torch.stack([data[i]["image"] for i in range(num, 2 * num)])
+    return reference_BCHW, floor_BCHW
+
+
+def domain_fidelity(fake: torch.Tensor, reference: torch.Tensor, floor: torch.Tensor, dataset: str, *,
+                    labels: torch.Tensor | None = None, kid_subset_size: int | None = None,
+                    feature_net_path: str | None = None) -> dict:
+    """Domain FID / KID of ``fake`` against ``reference``, beside the real-vs-real floor (``floor`` against
+    ``reference``, same N), in the dataset's classifier feature space; with ``labels``, the classifier's
+    accuracy on ``fake``. Images in [-1, 1] (or uint8). Flat keys ``domain_fid``, ``domain_fid_floor``,
+    ``domain_kid``, ``domain_kid_floor``, ``classifier_accuracy``, ``feature_net``."""
+    from evals.feature_net import classifier_accuracy
+
+    space = domain_space(dataset, feature_net_path)
+    as_uint8 = [x if x.dtype == torch.uint8 else to_uint8(x) for x in (fake, reference, floor)]
+    reference_cache = f"tmp-{uuid.uuid4().hex}"
+    try:
+        entry = evaluate_images(as_uint8[0], as_uint8[1], [space], metrics=("fid", "kid"), real_cache=reference_cache,
+                                floor_uint8=as_uint8[2], kid_subset_size=kid_subset_size)["spaces"]["domain"]
+    finally:
+        _drop_cache(reference_cache)
+    out = {"domain_fid": entry["model"]["fid"], "domain_fid_floor": entry["real_vs_real"]["fid"],
+           "domain_kid": entry["model"]["kid"], "domain_kid_floor": entry["real_vs_real"]["kid"],
+           "feature_net": space.net.describe()}
+    if labels is not None:
+        out["classifier_accuracy"] = classifier_accuracy(space.net, fake, labels)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +398,7 @@ def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, s
     guidance_list = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
     spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
     reference, reference_name, floor, floor_name = real_floor(dataset, num_samples, seed) if dataset else (None,) * 4
-    num_classes = int(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_classes", 0) or 0)
+    num_classes = pipeline_num_classes(pipe)
     runs = []
     for num_steps in steps_list:
         for scale in guidance_list:
@@ -371,6 +427,41 @@ def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, s
         report["plot"] = plot_sweep(runs, parameter, os.path.join(out_dir, f"sweep_{parameter}.png"))
     report["files"] = write_report(report, out_dir)
     return report
+
+
+def pipeline_num_classes(pipe) -> int:
+    """The class count of a class-conditional pipeline's transformer (0 when it has none)."""
+    return int(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_classes", 0) or 0)
+
+
+def held_out_report(pipe, num: int, out_dir: str, dataset: str | None = "shapes", *,
+                    kid_subset_size: int | None = None, feature_net_path: str | None = None, **call_kwargs) -> dict:
+    """The held-out protocol (``genmod eval --held-out``, ``genmod train var --eval_samples N``).
+
+    ``num`` class-cycled samples (:func:`class_cycled_samples`) at the pipeline's own settings, unless
+    ``call_kwargs`` say otherwise; ``grid.png`` with 8 samples per class, one class per row; with a
+    ``dataset``, :func:`domain_fidelity` against :func:`held_out_pair` (KID subset ``min(1000, num)``
+    unless given). Writes ``metrics.json`` into ``out_dir`` and returns it."""
+    from torchvision.utils import save_image
+
+    num_classes = pipeline_num_classes(pipe)
+    if num_classes <= 0:
+        raise ValueError("held-out evaluation: the pipeline's transformer has no num_classes (not class-conditional)")
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    fake, labels = class_cycled_samples(pipe, num, num_classes, **call_kwargs)
+    metrics = {"num_eval": num, "sample_seconds": time.perf_counter() - start}
+    if hasattr(pipe, "sampling_settings"):
+        metrics["settings"] = pipe.sampling_settings()
+    grid = torch.cat([fake[labels == c][:8] for c in range(num_classes)])
+    save_image(grid, os.path.join(out_dir, "grid.png"), nrow=8, normalize=True, value_range=(-1, 1))
+    if dataset is not None:
+        reference, floor = held_out_pair(dataset, num)
+        metrics.update(domain_fidelity(fake, reference, floor, dataset, labels=labels, feature_net_path=feature_net_path,
+                                       kid_subset_size=kid_subset_size or min(1000, num)))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    return metrics
 
 
 def _load_image_input(path: str, channels: int | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ COMMANDS = {
     "sample": ("genmod.sampling", "main", "sample from a checkpoint or pipeline folder into a PNG grid / PNGs / .npz"),
     "eval": ("evals.cli", "main_eval", "FID / IS / KID / precision-recall of a checkpoint or pipeline"),
     "eval-folder": ("evals.cli", "main_eval_folder", "metrics between two folders of images"),
-    "eval-tokenizer": ("tokenizers_vq.family", "main_eval_tokenizer", "reconstruction metrics of a tokenizer"),
+    "eval-tokenizer": ("genmod.tokenizer.cli", "main_eval_tokenizer", "reconstruction metrics of a tokenizer"),
     "tokenize": ("tokenizers_vq.cache", "main", "encode a dataset once into cached latents / indices"),
     "make-speech-digits": ("genmod.data.speech_digits", "main", "generate the spoken-digits corpus with espeak-ng"),
     "export-diffusers": ("genmod.pipelines.export", "main", "export a pipeline as a self-contained diffusers folder"),

@@ -99,38 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(pipe, config, n: int, num_classes: int) -> dict:
     """Domain metrics of generated samples against held-out real data, with the floor at the same N."""
-    from evals.feature_net import classifier_accuracy, get_feature_net, register_feature_net
-    from evals.metrics import fidelity_metrics
-    from genmod.data import get_dataset
+    from evals.report import class_cycled_samples, domain_fidelity, held_out_pair
 
-    net = get_feature_net("shapes")
-    extractor = register_feature_net(net)
-    labels = torch.arange(n) % num_classes
-    images = []
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, n, 100), desc="sampling for evaluation", unit="batch of 100"):
-        batch = labels[start:start + 100].tolist()
-        out = pipe(class_labels=batch, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                   generator=[torch.Generator().manual_seed(10_000 + start + i) for i in range(len(batch))],
-                   output_type="pt").images
-        images.append(out * 2 - 1)
-    fake = torch.cat(images)
-    test = get_dataset("shapes", split="test", num_samples=2 * n)
-    real_a = torch.stack([test[i]["image"] for i in range(n)])
-    real_b = torch.stack([test[i]["image"] for i in range(n, 2 * n)])
-
-    def fidelity(a, b):
-        from evals.generator_adapter import SampleDataset, to_uint8
-
-        return fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"), feature_extractor=extractor,
-                                kid_subset_size=max(2, len(a) // 2))
-
-    gen = fidelity(fake, real_a)
-    floor = fidelity(real_b, real_a)
-    return {
-        "num_eval": n, "classifier_accuracy": classifier_accuracy(net, fake, labels),
-        "domain_fid": gen["frechet_inception_distance"], "domain_fid_floor": floor["frechet_inception_distance"],
-        "domain_kid": gen["kernel_inception_distance_mean"], "domain_kid_floor": floor["kernel_inception_distance_mean"],
-        "feature_net": net.describe(),
-    }
+    fake, labels = class_cycled_samples(pipe, n, num_classes, num_inference_steps=config.num_inference_steps,
+                                        guidance_scale=config.guidance_scale)
+    reference, floor = held_out_pair("shapes", n)
+    metrics = domain_fidelity(fake, reference, floor, "shapes", labels=labels, kid_subset_size=max(2, n // 2))
+    return {"num_eval": n, **metrics}

@@ -79,7 +79,7 @@ _STEPS_AND_GUIDANCE = ("num_inference_steps", "guidance_scale")
 FAMILIES = (
     FamilyRow("flow", "genmod.flow.family", "genmod.flow.pipeline:FlowMatchingPipeline",
               _STEPS_AND_GUIDANCE, scheduler_options=("solver",)),
-    FamilyRow("tokenizer", "tokenizers_vq.family"),
+    FamilyRow("tokenizer", "genmod.tokenizer.family"),
     FamilyRow("var", "genmod.var.family", "genmod.var.pipeline:VARPipeline",
               (*_STEPS_AND_GUIDANCE, "top_k", "top_p", "temperature")),
     FamilyRow("latentlm", "genmod.latentlm.family", "genmod.latentlm.pipeline:LatentLMPipeline",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train LatentLM (next-token diffusion over sigma-VAE latents) with the shared trainer.
+"""Train LatentLM (next-token diffusion over sigma-VAE latents) with the shared trainer (same as ``genmod train latentlm``).
 
     # text-to-image + captioning on the built-in shapes (a sigma-VAE first: scripts/train_tokenizer.py --tokenizer sigma_vae)
     python scripts/train_latentlm.py --tokenizer runs/tokenizers/sigma_vae_shapes/final_model --dataset shapes \
@@ -10,25 +10,14 @@
     # text-to-speech on the spoken digits (genmod make-speech-digits --out ~/.cache/genmod/speech_digits)
     python scripts/train_latentlm.py --tokenizer AUDIO_SIGMA_VAE_DIR --dataset speech_digits --audio_duration 1.28 --caption_prob 0 ...
 
-Every ``LatentLMConfig`` field is a flag (``--help``); ``--time_budget_minutes M`` stops cleanly after M
-minutes (this script only; ``genmod train latentlm`` is the same run without the budget). The exported
-pipeline lands in ``OUTPUT/pipeline`` (``genmod sample OUTPUT --prompt "a small red circle" --out grid.png``).
+Every ``LatentLMConfig`` field is a flag (``--help``); ``--time_budget_minutes M`` stops cleanly (checkpoint
++ export) after M minutes. The exported pipeline lands in ``OUTPUT/pipeline``
+(``genmod sample OUTPUT --prompt "a small red circle" --out grid.png``).
 """
 
 import sys
 
-
-def main(argv: list[str]):
-    from genmod.latentlm.family import LatentLMConfig, LatentLMFamily
-    from genmod.train import Trainer, parse_config
-
-    config = parse_config(LatentLMConfig, argv)
-    family = LatentLMFamily(config)
-    summary = Trainer(config, family, callbacks=[family.trainer_callback]).train()
-    print(f"trained latentlm for {summary.final_step} steps (last loss {summary.last_loss:.4f})")
-    print(f"  pipeline: {summary.pipeline}\n  metrics:  {summary.metrics_file}")
-    return summary
-
+from genmod.cli import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(["train", "latentlm", *sys.argv[1:]]))

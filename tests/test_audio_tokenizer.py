@@ -8,7 +8,7 @@ import torch
 
 from evals.audio import (audio_baselines, mu_law_decode, mu_law_encode, reconstruction_scores, resampled_mu_law,
                          si_sdr)
-from tokenizers_vq.family import TokenizerConfig, TokenizerFamily, evaluate_tokenizer, token_rate
+from genmod.tokenizer import TokenizerConfig, TokenizerFamily, evaluate_tokenizer, token_rate
 from tokenizers_vq.models import SigmaVAE, VQTokenizer
 from tokenizers_vq.models.blocks import Decoder1d, Encoder1d, ResnetBlock
 

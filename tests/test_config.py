@@ -96,7 +96,7 @@ def test_help_lists_every_field(capsys):
 
 def test_optional_bool_takes_flag_forms_and_keeps_none_as_auto():
     """``Optional[bool]`` fields: --flag, --no-flag, --flag none; the msvq tokenizer resolves none to cosine codes."""
-    from tokenizers_vq.family import TokenizerConfig, resolved_cosine
+    from genmod.tokenizer import TokenizerConfig, resolved_cosine
 
     assert parse_config(TokenizerConfig, []).cosine is None
     assert parse_config(TokenizerConfig, ["--cosine"]).cosine is True

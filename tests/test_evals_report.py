@@ -114,3 +114,75 @@ def test_cli_rejects_unknown_metric(capsys):
     with pytest.raises(SystemExit):
         main_eval(["somewhere", "--metrics", "fid,bogus"])
     assert "unknown metric(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_domain_fidelity_equals_the_hand_written_fid_kid_and_floor(blob_net):
+    """``evals.report.domain_fidelity`` (demo, VAR, benchmarks) gives the numbers of the direct
+    torch-fidelity calls it replaced: same features, same KID subsets, the floor at the same N."""
+    from evals.generator_adapter import SampleDataset
+    from evals.metrics import fidelity_metrics
+    from evals.report import domain_fidelity
+
+    fake, labels = _blobs(80, 7, shift=0.2)
+    reference, _ = _blobs(80, 8)
+    floor, _ = _blobs(80, 9)
+    extractor = fn.register_feature_net(blob_net)
+
+    def direct(a, b):
+        return fidelity_metrics(SampleDataset(to_uint8(a)), SampleDataset(to_uint8(b)), metrics=("fid", "kid"),
+                                feature_extractor=extractor, kid_subset_size=40)
+
+    model, base = direct(fake, reference), direct(floor, reference)
+    out = domain_fidelity(fake, reference, floor, "blobs", labels=labels, kid_subset_size=40,
+                          feature_net_path=blob_net.path)
+    assert out["domain_fid"] == pytest.approx(model["frechet_inception_distance"], rel=1e-12)
+    assert out["domain_kid"] == pytest.approx(model["kernel_inception_distance_mean"], rel=1e-12)
+    assert out["domain_fid_floor"] == pytest.approx(base["frechet_inception_distance"], rel=1e-12)
+    assert out["domain_kid_floor"] == pytest.approx(base["kernel_inception_distance_mean"], rel=1e-12)
+    assert out["domain_fid"] > out["domain_fid_floor"]  # shifted blobs are further than a second real set
+    assert out["classifier_accuracy"] == fn.classifier_accuracy(blob_net, fake, labels)
+    assert out["feature_net"]["sha256"] == blob_net.checksum
+    # the temporary feature caches are removed again
+    assert os.listdir(os.path.join(os.environ["GENMOD_CACHE"], "fidelity_cache")) == []
+
+
+class _BlobPipeline:
+    """A stand-in class-conditional pipeline: sample i of class k is a blob seeded by its own generator."""
+
+    transformer = SimpleNamespace(config=SimpleNamespace(num_classes=4))
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def sampling_settings(self):
+        return {"guidance_scale": 1.0}
+
+    def __call__(self, class_labels, generator, output_type="pt"):
+        images = []
+        for label, g in zip(class_labels, generator):
+            x = -0.7 + 0.2 * torch.randn(3, 16, 16, generator=g)
+            x[:, (label // 2) * 8:(label // 2 + 1) * 8, (label % 2) * 8:(label % 2 + 1) * 8] += 1.2
+            images.append(x.clamp(-1, 1))
+        return SimpleNamespace(images=(torch.stack(images) + 1) / 2)
+
+
+def test_eval_held_out_cli_is_domain_fidelity_of_class_cycled_samples(blob_net, tmp_path, monkeypatch):
+    from evals import cli as cli_module
+    from evals import report as report_module
+
+    reference, _ = _blobs(40, 8)
+    floor, _ = _blobs(40, 9)
+    monkeypatch.setattr(cli_module, "load_pipeline_for_eval", lambda path: _BlobPipeline())
+    monkeypatch.setattr(report_module, "held_out_pair", lambda dataset, num: (reference[:num], floor[:num]))
+    assert main_eval([str(tmp_path), "--held-out", "--num-samples", "40", "--dataset", "blobs", "--feature-net",
+                      blob_net.path, "--out", str(tmp_path / "eval")]) == 0
+    written = json.load(open(tmp_path / "eval" / "metrics.json"))
+    # the same samples drawn in one batch, seeds 10_000 + i, labels i % 4
+    labels = torch.arange(40) % 4
+    fake = _BlobPipeline()(labels.tolist(), [torch.Generator().manual_seed(10_000 + i) for i in range(40)]).images * 2 - 1
+    expected = report_module.domain_fidelity(fake, reference, floor, "blobs", labels=labels, kid_subset_size=40,
+                                             feature_net_path=blob_net.path)
+    assert written["num_eval"] == 40 and written["settings"] == {"guidance_scale": 1.0}
+    for key in ("domain_fid", "domain_fid_floor", "domain_kid", "domain_kid_floor", "classifier_accuracy"):
+        assert written[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert (tmp_path / "eval" / "grid.png").stat().st_size > 100

@@ -64,7 +64,7 @@ def test_cli_and_pipeline_lists_are_derived_from_the_table():
     from genmod import cli, pipelines, sampling
 
     assert cli.FAMILY_MODULES == {
-        "flow": "genmod.flow.family", "tokenizer": "tokenizers_vq.family", "var": "genmod.var.family",
+        "flow": "genmod.flow.family", "tokenizer": "genmod.tokenizer.family", "var": "genmod.var.family",
         "latentlm": "genmod.latentlm.family", "diffusion-forcing": "genmod.diffusion_forcing.family",
         "causalfusion": "genmod.causalfusion.family"}
     assert cli.SPECIAL_TRAINERS == {"feature-net": ("evals.feature_net", "main")}

@@ -94,7 +94,7 @@ def test_patch_discriminator_outputs_patch_logits():
 
 
 def test_family_gan_step_updates_discriminator_and_uses_adaptive_weight():
-    from tokenizers_vq.family import TokenizerConfig, TokenizerFamily
+    from genmod.tokenizer import TokenizerConfig, TokenizerFamily
 
     torch.manual_seed(0)
     config = TokenizerConfig(quantizer="fsq", fsq_levels=(5, 5, 5), base_channels=8, ch_mult=(1, 2),
@@ -105,7 +105,7 @@ def test_family_gan_step_updates_discriminator_and_uses_adaptive_weight():
     batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
     logs = family.loss(model, batch, torch.Generator().manual_seed(0))
     assert "d_loss" not in logs and family.discriminator is None  # before gan_start
-    family.trainer_callback(None, 1, {})
+    family.set_step(1)  # the trainer tells the family each optimizer step
     logs = family.loss(model, batch, torch.Generator().manual_seed(1))
     disc_before = {k: v.clone() for k, v in family.discriminator.state_dict().items()}
     logs = family.loss(model, batch, torch.Generator().manual_seed(2))

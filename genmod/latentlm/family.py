@@ -78,8 +78,6 @@ class LatentLMConfig(TrainConfig):
     num_head_steps: int = 10
     guidance_scale: float = 3.0
     temperature: float = 1.0
-    # scripts/train_latentlm.py stops cleanly after this many minutes of training (0 = off)
-    time_budget_minutes: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -153,17 +151,6 @@ class LatentLMFamily(Family):
         self._dataset = None
         self._raw_dataset = None
         self._info = None
-
-    def trainer_callback(self, trainer, step: int, metrics: dict) -> None:
-        """Ends training after ``time_budget_minutes`` (lowering ``max_steps``; the trainer then exports)."""
-        import time
-
-        if self.config.time_budget_minutes <= 0:
-            return
-        if not hasattr(self, "_deadline"):
-            self._deadline = time.monotonic() + 60 * self.config.time_budget_minutes
-        if time.monotonic() > self._deadline:
-            trainer.config.max_steps = step
 
     # -- data ----------------------------------------------------------------------------------
     def raw_dataset(self):

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from typing import Optional
 
 from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, read_trainer_state
 from .config import ConfigError, TrainConfig, config_help, load_config, parse_config, save_config
@@ -24,12 +26,16 @@ __all__ = [
     "Family", "register_family", "get_family", "registered_families", "unwrap_model",
     "EMA", "Trainer", "TrainSummary", "TrainingDivergedError", "EpochBatchSampler", "stable_seed", "read_metrics",
     "CheckpointError", "find_checkpoint", "list_checkpoints", "run_family", "pipeline_from_checkpoint",
-    "load_family_from_checkpoint",
+    "load_family_from_checkpoint", "evaluate_family",
 ]
 
 
 def run_family(name: str, argv: list[str]) -> TrainSummary:
-    """``genmod train NAME ...``: parse the family's config from flags, build it, train, print paths."""
+    """``genmod train NAME ...``: parse the family's config from flags, train, evaluate, print paths.
+
+    The family's per-step callbacks and ``time_budget_minutes`` act inside the trainer; its
+    ``evaluate`` runs after training on the main process and lands in ``OUTPUT/eval/metrics.json``.
+    """
     entry = get_family(name)
     config = parse_config(entry.config_class, argv)
     family = entry(config)
@@ -38,15 +44,39 @@ def run_family(name: str, argv: list[str]) -> TrainSummary:
     except TrainingDivergedError as err:
         print(f"genmod train {name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {name} for {summary.final_step} steps (last loss {summary.last_loss:.4f})")
-        print(f"  checkpoint:  {summary.checkpoint}")
-        if summary.final_model:
-            print(f"  final model: {summary.final_model}")
-        if summary.pipeline:
-            print(f"  pipeline:    {summary.pipeline}")
-        print(f"  metrics:     {summary.metrics_file}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return summary
+    _print_summary(name, summary)
+    summary.evaluation = evaluate_family(family, summary)
+    if summary.evaluation is not None:
+        print(json.dumps(summary.evaluation, indent=2, default=str))
+        print(f"  evaluation:  {os.path.join(family.eval_dir(), 'metrics.json')}")
     return summary
+
+
+def evaluate_family(family: Family, summary: TrainSummary) -> Optional[dict]:
+    """``family.evaluate(summary)`` with the run's step count and timing, written to ``OUTPUT/eval/metrics.json``."""
+    metrics = family.evaluate(summary)
+    if metrics is None:
+        return None
+    metrics = {"steps": summary.final_step, "last_loss": summary.last_loss, "pipeline": summary.pipeline,
+               "stopped_early": summary.stopped_early, "train_wall_minutes": summary.train_wall_minutes,
+               "train_cpu_minutes": summary.train_cpu_minutes, **metrics}
+    os.makedirs(family.eval_dir(), exist_ok=True)
+    with open(os.path.join(family.eval_dir(), "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    return metrics
+
+
+def _print_summary(name: str, summary: TrainSummary) -> None:
+    stopped = " (time budget spent)" if summary.stopped_early else ""
+    print(f"trained {name} for {summary.final_step} steps{stopped} (last loss {summary.last_loss:.4f})")
+    print(f"  checkpoint:  {summary.checkpoint}")
+    if summary.final_model:
+        print(f"  final model: {summary.final_model}")
+    if summary.pipeline:
+        print(f"  pipeline:    {summary.pipeline}")
+    print(f"  metrics:     {summary.metrics_file}")
 
 
 def load_family_from_checkpoint(path: str, use_ema: bool = True):

@@ -43,6 +43,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     max_steps: int = 1000
+    time_budget_minutes: float = 0.0  # stop cleanly (checkpoint + export) after this much training; 0 = off
     # batch_size is per process; the global batch is batch_size * processes * grad_accum_steps
     batch_size: int = 32
     grad_accum_steps: int = 1
@@ -78,7 +79,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Range checks that types alone cannot express; raises ConfigError naming the field."""
         positive = ["max_steps", "batch_size", "grad_accum_steps"]
-        non_negative = ["warmup_steps", "grad_clip", "checkpoint_every", "keep_last", "sample_every",
+        non_negative = ["time_budget_minutes", "warmup_steps", "grad_clip", "checkpoint_every", "keep_last", "sample_every",
                         "num_preview", "log_every", "num_workers", "weight_decay", "adam_eps"]
         for name in positive:
             if getattr(self, name) <= 0:

@@ -30,6 +30,7 @@ Rules the trainer relies on:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -83,6 +84,23 @@ class Family:
 
     def load_state_dict(self, state: dict, device=None) -> None:
         """Restore what :meth:`state_dict` returned, on resume."""
+
+    def callbacks(self) -> list[Callable]:
+        """Per-step functions ``fn(trainer, step, metrics)`` the trainer runs beside its own (none by default)."""
+        return []
+
+    # -- after training ---------------------------------------------------------------------------
+    def evaluate(self, summary) -> Optional[dict]:
+        """Metrics of the trained result (the ``TrainSummary`` names its files), or None to skip.
+
+        Run by ``run_family`` on the main process after training; pictures go to :meth:`eval_dir`,
+        the returned numbers to ``OUTPUT/eval/metrics.json``. Families size it with ``eval_samples``.
+        """
+        return None
+
+    def eval_dir(self) -> str:
+        """``OUTPUT/eval``, where :meth:`evaluate` writes."""
+        return os.path.join(self.config.output_dir, "eval")
 
     def build_pipeline(self, model: torch.nn.Module):
         """A ``DiffusionPipeline`` around the trained model for export, or None."""

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -131,6 +132,10 @@ class TrainSummary:
     pipeline: Optional[str]
     metrics_file: str
     samples_seen: int
+    stopped_early: bool = False  # the time budget ended the run before max_steps
+    train_wall_minutes: float = 0.0
+    train_cpu_minutes: float = 0.0
+    evaluation: Optional[dict] = None  # Family.evaluate's numbers, filled in by run_family
 
 
 def _to_device(batch, device):
@@ -158,7 +163,8 @@ class Trainer:
     """``Trainer(config, family, dataset).train()``; ``dataset`` defaults to ``family.build_dataset()``.
 
     ``callbacks``: functions ``fn(trainer, step, metrics)`` called on every process after each
-    optimizer step (after logging, before previews and checkpoints).
+    optimizer step (after logging, before previews and checkpoints), after the family's own
+    (``family.callbacks()``). ``config.time_budget_minutes`` ends the run early, cleanly.
     """
 
     def __init__(self, config: TrainConfig, family: Family, dataset=None,
@@ -170,7 +176,7 @@ class Trainer:
         self.config = config
         self.family = family
         self.dataset = dataset if dataset is not None else family.build_dataset()
-        self.callbacks = list(callbacks or [])
+        self.callbacks = list(family.callbacks()) + list(callbacks or [])
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -321,6 +327,7 @@ class Trainer:
         return path
 
     def _resume(self):
+        """Continue from ``config.resume``: weights, optimizer, family state, RNG, step and data position."""
         config = self.config
         try:
             path = find_checkpoint(config.output_dir, config.resume)
@@ -333,6 +340,37 @@ class Trainer:
         state = read_trainer_state(path)
         if self.is_main:
             self._warn_config_changes(path)
+        # 1) model and EMA weights
+        self._load_weights(path, state)
+        # 2) optimizer, schedule (re-aimed at this run's options), grad scaler
+        training_state = load_training_state(path)
+        self.optimizer.load_state_dict(training_state["optimizer"])
+        self.lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+        self._apply_optimizer_config()
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and training_state.get("grad_scaler") is not None:
+            scaler.load_state_dict(training_state["grad_scaler"])
+        # 3) family state, then RNG: rebuilding a family part (a GAN discriminator) must not draw from
+        #    the restored RNG
+        self.family.load_state_dict(training_state.get("family") or {}, device=self.accelerator.device)
+        rank_rng = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if self.rank > 0 and os.path.isfile(rank_rng):
+            set_rng_state(torch.load(rank_rng, map_location="cpu", weights_only=True))
+        else:
+            set_rng_state(training_state["rng"])
+        # 4) step and data position
+        self.step = state["step"]
+        self.family.set_step(self.step)
+        self._restore_position(path, state)
+        self.last_loss = state.get("last_loss", float("nan"))
+        self.last_checkpoint = path
+        if self.is_main:
+            self._truncate_metrics(self.step)
+            logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch,
+                        self.batch_in_epoch)
+
+    def _load_weights(self, path: str, state: dict) -> None:
+        """The checkpoint's model weights and EMA shadow (the model's when no ``ema/`` was saved)."""
         model = unwrap_model(self.model)
         try:
             model.load_state_dict(load_weights(os.path.join(path, "model")), strict=True)
@@ -344,37 +382,19 @@ class Trainer:
             raise CheckpointError(f"{path}: weights do not match the model ({str(err).splitlines()[0]})") from None
         if self.ema is not None:
             self.ema.num_updates = int(state.get("ema_num_updates", state["step"]))
-        training_state = load_training_state(path)
-        self.optimizer.load_state_dict(training_state["optimizer"])
-        self.lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-        self._apply_optimizer_config()
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and training_state.get("grad_scaler") is not None:
-            scaler.load_state_dict(training_state["grad_scaler"])
-        rank_rng = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if self.rank > 0 and os.path.isfile(rank_rng):
-            set_rng_state(torch.load(rank_rng, map_location="cpu", weights_only=True))
-        else:
-            set_rng_state(training_state["rng"])
 
-        self.family.load_state_dict(training_state.get("family") or {}, device=self.accelerator.device)
-        self.step = state["step"]
-        self.family.set_step(self.step)
+    def _restore_position(self, path: str, state: dict) -> None:
+        """Epoch and batch to continue from; with another batch layout, from the number of samples seen."""
+        config = self.config
         same_layout = (state.get("world_size") == self.world_size and state.get("batch_size") == config.batch_size
                        and state.get("grad_accum_steps") == config.grad_accum_steps)
         if same_layout:
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        else:  # another batch layout: continue from the same number of samples seen
-            micro_batches = state["samples_seen"] // (config.batch_size * self.world_size)
-            self.epoch, self.batch_in_epoch = divmod(micro_batches, self.sampler.batches_per_epoch)
-            if self.is_main:
-                logger.warning("%s: saved with another batch layout; data position recomputed from samples seen", path)
-        self.last_loss = state.get("last_loss", float("nan"))
-        self.last_checkpoint = path
+            return
+        micro_batches = state["samples_seen"] // (config.batch_size * self.world_size)
+        self.epoch, self.batch_in_epoch = divmod(micro_batches, self.sampler.batches_per_epoch)
         if self.is_main:
-            self._truncate_metrics(self.step)
-            logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch,
-                        self.batch_in_epoch)
+            logger.warning("%s: saved with another batch layout; data position recomputed from samples seen", path)
 
     def _apply_optimizer_config(self) -> None:
         """After a resume, the optimizer and schedule follow *this* run's config, not the checkpoint's.
@@ -402,7 +422,7 @@ class Trainer:
                 saved = json.load(f)
         except (OSError, ValueError):
             return
-        ignored = {"resume", "output_dir"}
+        ignored = {"resume", "output_dir", "time_budget_minutes"}
         changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.config).items()
                    if k in saved and k not in ignored and saved[k] != v]
         if changed:
@@ -486,15 +506,38 @@ class Trainer:
         raise TrainingDivergedError(message)
 
     def train(self) -> TrainSummary:
+        """Build, resume, take optimizer steps up to ``max_steps`` (or the time budget), checkpoint, export."""
+        # 1) model, optimizer and data; the checkpoint to continue from; config and log files
+        self._start()
+        progress, metrics_out = self._open_logs()
+        try:
+            while self.step < self.config.max_steps:
+                # 2) one optimizer step, then its logs, callbacks, preview and checkpoint
+                metrics = self._train_step()
+                self._after_step(metrics, progress, metrics_out)
+                # 3) past the time budget: stop here as if max_steps were reached
+                if self._out_of_time():
+                    break
+            # 4) a checkpoint of the last step, the final (EMA) model and the pipeline
+            final_dir, pipeline_dir = self._finish()
+        finally:
+            self._close_logs(progress, metrics_out)
+        self.accelerator.end_training()
+        return self._summary(final_dir, pipeline_dir)
+
+    def _start(self) -> None:
+        """Set up the run: build, make the output folder, resume, save the config, open TensorBoard."""
         config = self.config
+        self._wall_start, self._cpu_start = time.monotonic(), time.process_time()
+        self._deadline = self._wall_start + 60 * config.time_budget_minutes
+        self.stopped_early = False
         self._build()
-        accelerator = self.accelerator
         self.metrics_file = os.path.join(config.output_dir, "metrics.jsonl")
         self.last_loss = float("nan")
         self.last_checkpoint = None
         if self.is_main:
             os.makedirs(config.output_dir, exist_ok=True)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         if config.resume:
             self._resume()
         if self.is_main:
@@ -507,90 +550,142 @@ class Trainer:
 
             self.writer = SummaryWriter(log_dir=os.path.join(config.output_dir, "logs"))
 
+    def _open_logs(self):
+        """The progress bar (main process) and ``metrics.jsonl`` opened for appending (main process)."""
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=config.max_steps, initial=self.step, desc="train", disable=not self.is_main,
+        progress = tqdm(total=self.config.max_steps, initial=self.step, desc="train", disable=not self.is_main,
                         dynamic_ncols=True)
         metrics_out = open(self.metrics_file, "a") if self.is_main else None
-        accum = config.grad_accum_steps
-        fp16 = accelerator.mixed_precision == "fp16"
-        try:
-            while self.step < config.max_steps:
-                sums: dict[str, torch.Tensor] = {}
-                for micro in range(accum):
-                    batch = self._next_batch()
-                    micro_step = self.step * accum + micro
-                    generator = torch.Generator(device=self.device).manual_seed(
-                        stable_seed(config.seed, micro_step, self.rank))
-                    # gradients are all-reduced only on the last micro-batch of the step
-                    sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(self.model)
-                    with sync:
-                        with accelerator.autocast():
-                            out = self.family.loss(self.model, batch, generator)
-                        if not isinstance(out, dict) or "loss" not in out:
-                            raise TypeError(f"{type(self.family).__name__}.loss must return a dict with 'loss'")
-                        accelerator.backward(out["loss"] / accum)
-                    for key, value in out.items():
-                        value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-                        sums[key] = sums.get(key, 0.0) + value.to(self.device).reshape(())
-                keys = list(sums)
-                means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / accum, reduction="mean")
-                clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(self.trainable, clip)
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                # One host sync per step, after the step's work is queued (as loss.item() in a plain
-                # loop). Weights stepped with a NaN/inf are never checkpointed: the guard raises first.
-                values = torch.cat([means.float(), torch.as_tensor(grad_norm).float().reshape(1).to(means.device)])
-                values = values.tolist()
-                logs, grad_norm = dict(zip(keys, values[:-1])), values[-1]
-                if not math.isfinite(logs["loss"]):
-                    self._diverged("the loss", logs["loss"])
-                if not math.isfinite(grad_norm) and not fp16:  # fp16: the grad scaler skipped the step
-                    self._diverged("the gradient norm", grad_norm)
-                if not accelerator.optimizer_step_was_skipped:
-                    self.lr_scheduler.step()
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.update(unwrap_model(self.model))
-                self.last_loss = logs["loss"]
-                self.family.set_step(self.step)
+        return progress, metrics_out
 
-                metrics = {"step": self.step, **logs, "lr": lr, "grad_norm": grad_norm, "epoch": self.epoch}
-                if self.is_main:
-                    metrics_out.write(json.dumps(metrics) + "\n")
-                    metrics_out.flush()
-                    progress.update(1)
-                    if config.log_every and (self.step % config.log_every == 0 or self.step == 1):
-                        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
-                        if self.writer is not None:
-                            for key, value in metrics.items():
-                                if key != "step":
-                                    self.writer.add_scalar(f"train/{key}", value, self.step)
-                for callback in self.callbacks:
-                    callback(self, self.step, metrics)
-                if config.sample_every and self.step % config.sample_every == 0 and self.is_main:
-                    self.save_preview()
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
-            if self.last_checkpoint is None or not self.last_checkpoint.endswith(checkpoint_name(self.step)):
-                self.save_checkpoint()
-            final_dir = pipeline_dir = None
-            if self.is_main:
-                final_dir, pipeline_dir = self._export()
-            accelerator.wait_for_everyone()
-        finally:
-            progress.close()
-            if metrics_out is not None:
-                metrics_out.close()
+    def _close_logs(self, progress, metrics_out) -> None:
+        progress.close()
+        if metrics_out is not None:
+            metrics_out.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def _accumulate_gradients(self) -> dict[str, torch.Tensor]:
+        """Forward + backward over ``grad_accum_steps`` micro-batches; the summed logged scalars (on device)."""
+        accelerator, config = self.accelerator, self.config
+        accum = config.grad_accum_steps
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            # 1) the next batch and this micro-step's noise, seeded by (seed, micro_step, rank)
+            batch = self._next_batch()
+            micro_step = self.step * accum + micro
+            generator = torch.Generator(device=self.device).manual_seed(stable_seed(config.seed, micro_step, self.rank))
+            # 2) loss and backward; gradients are all-reduced only on the last micro-batch of the step
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(self.model)
+            with sync:
+                with accelerator.autocast():
+                    out = self.family.loss(self.model, batch, generator)
+                if not isinstance(out, dict) or "loss" not in out:
+                    raise TypeError(f"{type(self.family).__name__}.loss must return a dict with 'loss'")
+                accelerator.backward(out["loss"] / accum)
+            # 3) the micro-batch's scalars, summed without a host sync
+            for key, value in out.items():
+                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+                sums[key] = sums.get(key, 0.0) + value.to(self.device).reshape(())
+        return sums
+
+    def _host_values(self, keys: list[str], means: torch.Tensor, grad_norm) -> tuple[dict, float]:
+        """The step's logs and grad norm as floats: one host sync per step, after the step's work is
+        queued (as ``loss.item()`` in a plain loop). A NaN/inf raises before any checkpoint holds it."""
+        values = torch.cat([means.float(), torch.as_tensor(grad_norm).float().reshape(1).to(means.device)]).tolist()
+        logs, grad_norm = dict(zip(keys, values[:-1])), values[-1]
+        if not math.isfinite(logs["loss"]):
+            self._diverged("the loss", logs["loss"])
+        fp16 = self.accelerator.mixed_precision == "fp16"
+        if not math.isfinite(grad_norm) and not fp16:  # fp16: the grad scaler skipped the step
+            self._diverged("the gradient norm", grad_norm)
+        return logs, grad_norm
+
+    def _train_step(self) -> dict:
+        """One optimizer step (accumulate, clip, step, NaN guard, schedule, EMA); returns its metrics."""
+        accelerator, config = self.accelerator, self.config
+        # 1) gradients of grad_accum_steps micro-batches; their logged means across processes
+        sums = self._accumulate_gradients()
+        keys = list(sums)
+        means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / config.grad_accum_steps, reduction="mean")
+        # 2) clip and take the optimizer step
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(self.trainable, clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # 3) to the host; stop on NaN/inf
+        logs, grad_norm = self._host_values(keys, means, grad_norm)
+        # 4) schedule, step count, EMA and the family's step
+        if not accelerator.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(unwrap_model(self.model))
+        self.last_loss = logs["loss"]
+        self.family.set_step(self.step)
+        return {"step": self.step, **logs, "lr": lr, "grad_norm": grad_norm, "epoch": self.epoch}
+
+    def _log(self, metrics: dict, progress, metrics_out) -> None:
+        """Main process: a ``metrics.jsonl`` line, the progress bar and TensorBoard every ``log_every``."""
+        metrics_out.write(json.dumps(metrics) + "\n")
+        metrics_out.flush()
+        progress.update(1)
+        log_every = self.config.log_every
+        if log_every and (self.step % log_every == 0 or self.step == 1):
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             if self.writer is not None:
-                self.writer.close()
-        accelerator.end_training()
+                for key, value in metrics.items():
+                    if key != "step":
+                        self.writer.add_scalar(f"train/{key}", value, self.step)
+
+    def _after_step(self, metrics: dict, progress, metrics_out) -> None:
+        """Logs, then the callbacks (the family's first), then previews and checkpoints at their intervals."""
+        config = self.config
+        if self.is_main:
+            self._log(metrics, progress, metrics_out)
+        for callback in self.callbacks:
+            callback(self, self.step, metrics)
+        if config.sample_every and self.step % config.sample_every == 0 and self.is_main:
+            self.save_preview()
+        if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _out_of_time(self) -> bool:
+        """True once ``time_budget_minutes`` have passed since :meth:`train` began, decided alike on
+        every process (any process past the deadline stops all of them, so none waits on the others)."""
+        if self.config.time_budget_minutes <= 0 or self.step >= self.config.max_steps:
+            return False
+        late = time.monotonic() > self._deadline
+        if self.world_size > 1:
+            flag = torch.tensor([float(late)], device=self.device)
+            late = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if late and self.is_main:
+            logger.info("time budget of %g minutes spent: stopping at step %d", self.config.time_budget_minutes,
+                        self.step)
+        self.stopped_early = late
+        return late
+
+    def _finish(self) -> tuple[Optional[str], Optional[str]]:
+        """A checkpoint of the last step (unless one was just written) and, on the main process, the export."""
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(checkpoint_name(self.step)):
+            self.save_checkpoint()
+        final_dir = pipeline_dir = None
+        if self.is_main:
+            final_dir, pipeline_dir = self._export()
+        self.accelerator.wait_for_everyone()
+        return final_dir, pipeline_dir
+
+    def _summary(self, final_dir: Optional[str], pipeline_dir: Optional[str]) -> TrainSummary:
+        config = self.config
         return TrainSummary(final_step=self.step, last_loss=self.last_loss, output_dir=config.output_dir,
                             checkpoint=self.last_checkpoint, final_model=final_dir, pipeline=pipeline_dir,
                             metrics_file=self.metrics_file,
-                            samples_seen=self.step * accum * config.batch_size * self.world_size)
+                            samples_seen=self.step * config.grad_accum_steps * config.batch_size * self.world_size,
+                            stopped_early=self.stopped_early,
+                            train_wall_minutes=(time.monotonic() - self._wall_start) / 60,
+                            train_cpu_minutes=(time.process_time() - self._cpu_start) / 60)
 
 
 def read_metrics(output_dir: str) -> list[dict]:

@@ -58,8 +58,7 @@ class VARConfig(TrainConfig):
     top_k: Optional[int] = None
     top_p: Optional[float] = 0.96
     temperature: float = 1.0
-    # scripts/train_var.py: stop cleanly past this many minutes (0 = off); domain metrics on N samples after
-    time_budget_minutes: float = 0.0
+    # after training: held-out domain metrics of N class-cycled samples (VARFamily.evaluate; 0 = off)
     eval_samples: int = 0
 
     def validate(self) -> None:
@@ -207,6 +206,19 @@ class VARFamily(Family):
         _, class_names = self._classes()
         id2label = {i: name for i, name in enumerate(class_names)}
         return VARPipeline(transformer=model, vqvae=self.tokenizer, id2label=id2label, **self.sampling_settings())
+
+    def evaluate(self, summary) -> Optional[dict]:
+        """Held-out metrics of ``eval_samples`` class-cycled samples from the exported pipeline
+        (``evals.report.held_out_report``; domain FID/KID and the floor on ``shapes``), ``eval/grid.png``."""
+        from evals.report import held_out_report
+        from genmod.pipelines import load_pipeline
+
+        if self.config.eval_samples <= 0 or not summary.pipeline:
+            return None
+        pipe = load_pipeline(summary.pipeline)
+        pipe.set_progress_bar_config(disable=True)
+        dataset = self.config.dataset if self.config.dataset == "shapes" else None  # the one domain net we train
+        return held_out_report(pipe, self.config.eval_samples, self.eval_dir(), dataset)
 
 
 register_family("var", VARFamily)

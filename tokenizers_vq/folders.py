@@ -1,0 +1,24 @@
+"""Where a saved tokenizer lives: a model folder (``config.json``) or a training run holding ``final_model/``."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+__all__ = ["resolve_tokenizer_dir"]
+
+
+def resolve_tokenizer_dir(path: str) -> tuple[str, Optional[dict]]:
+    """A tokenizer folder (config.json) or a run folder holding ``final_model/``; plus its run's config."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"TOKENIZER_DIR: {path!r} is not a folder")
+    model_dir = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "final_model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"TOKENIZER_DIR: no config.json in {path!r} or its final_model/")
+    run_config = None
+    for candidate in (os.path.join(model_dir, "..", "train_config.json"), os.path.join(path, "train_config.json")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                run_config = json.load(f)
+            break
+    return model_dir, run_config
