@@ -34,7 +34,9 @@ def test_table_row_matches_what_its_module_registers(row):
     importlib.import_module(row.module)
     entry = get_family(row.name)
     assert entry.name == row.name
-    assert entry.config_class.__module__ == row.module  # the config class lives in the registering module
+    assert entry.factory.__module__ == row.module  # the family class lives in the registering module
+    package = row.module.rpartition(".")[0]
+    assert entry.config_class.__module__.startswith(package + ".")  # and its config in the family's package
 
 
 def test_every_registered_family_has_a_row():
