@@ -39,8 +39,8 @@ def digit_accuracies(models: dict, sample_rate: int = 16000, batch_size: int = 3
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from latentlm_tts import SingleDigits, single_digit_classifier
 
-    from evals.audio import audio_baselines
-    from evals.feature_net import classifier_accuracy
+    from genmod.evals.audio import audio_baselines
+    from genmod.evals.feature_net import classifier_accuracy
 
     with torch.enable_grad():  # trains the classifier on the first call
         net = single_digit_classifier()
@@ -100,11 +100,11 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from evals.audio import save_mel_comparison
+    from genmod.evals.audio import save_mel_comparison
     from genmod.data.folders import load_audio
     from genmod.tokenizer import evaluate_tokenizer, load_eval_dataset
-    from tokenizers_vq.folders import resolve_tokenizer_dir
-    from tokenizers_vq.models import load_tokenizer
+    from genmod.tokenizers_vq.folders import resolve_tokenizer_dir
+    from genmod.tokenizers_vq.models import load_tokenizer
 
     torch.set_grad_enabled(False)
     os.makedirs(args.out, exist_ok=True)

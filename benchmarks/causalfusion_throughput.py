@@ -45,7 +45,7 @@ def main(argv=None):
 
     from genmod.causalfusion import CausalFusionTransformer, sample_tokens
     from genmod.flow.transformer import FlowTransformer
-    from samplers import get_time_grid, sample_ode
+    from genmod.samplers import get_time_grid, sample_ode
 
     torch.manual_seed(0)
     size = dict(in_channels=3, sample_size=32, patch_size=4, hidden_size=args.hidden_size, depth=args.depth,

@@ -10,7 +10,7 @@ and PSNR against the horizon, for several stabilisation levels ``t_c`` (0 = no c
 Baselines in the same run: repeating the last context frame, and the real-vs-real floor of two
 different clips. MSE against the exact continuation punishes any drift of position, so frame
 *quality* is measured too, independent of the trajectory: a domain classifier trained on real
-``moving_shapes`` frames (``evals.feature_net``; its test accuracy is reported) gives, per block of
+``moving_shapes`` frames (``genmod.evals.feature_net``; its test accuracy is reported) gives, per block of
 ``window`` generated frames, its accuracy on the clip's shape class and the domain-FID of the frames
 against as many real frames, next to the same numbers for the true continuation (the floor).
 Writes ``OUT/stability.png`` (curves), ``OUT/rollout.gif`` (model vs truth) and JSON.
@@ -109,7 +109,7 @@ class _Frames(torch.utils.data.Dataset):
 def frame_quality(rollouts, truth, dataset, idx, args, window) -> dict:
     """Per block of ``window`` generated frames: the frame classifier's accuracy on the clip's class
     and the domain-FID against real frames of other clips, for each rollout and for the truth."""
-    from evals.metrics import frechet_distance
+    from genmod.evals.metrics import frechet_distance
 
     size = dataset.image_size
     net = _frame_net(size)
@@ -149,7 +149,7 @@ def _frames(split, num_clips, size):
 
 def _frame_net(size):
     """The frame classifier: trained once on real frames (a few CPU minutes), then cached."""
-    from evals.feature_net import INFO_FILE, default_feature_net_dir, load_feature_net, train_feature_net
+    from genmod.evals.feature_net import INFO_FILE, default_feature_net_dir, load_feature_net, train_feature_net
 
     name = f"moving_shapes_frames_{size}px"
     path = default_feature_net_dir(name)

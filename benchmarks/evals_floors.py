@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from evals.report import evaluate_images, real_floor, resolve_spaces
+from genmod.evals.report import evaluate_images, real_floor, resolve_spaces
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@
 For each number of head steps (default 5, 10, 25, 50) the pipeline generates ``--num`` images from the
 captions of held-out shapes (text-to-image) and reports the shapes domain classifier's accuracy
 against the prompt's shape, domain FID / KID against held-out real images, and the real-vs-real floor
-at the same N (``evals.feature_net``). Captioning: the same model captions ``--num`` held-out real
+at the same N (``genmod.evals.feature_net``). Captioning: the same model captions ``--num`` held-out real
 images greedily; a caption counts as right when it names the true shape (and, separately, the exact
 caption). With ``--grid-dir`` it also draws ``prompt_grid.png``: one row per shape, one column per colour,
 for the prompt "a large <colour> <shape> in the center". Prints a markdown table and writes JSON.
@@ -44,8 +44,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid-dir", default=None, help="write one PNG grid per step count here")
     args = parser.parse_args(argv)
 
-    from evals.feature_net import classifier_accuracy, get_feature_net
-    from evals.report import domain_fidelity
+    from genmod.evals.feature_net import classifier_accuracy, get_feature_net
+    from genmod.evals.report import domain_fidelity
     from genmod.data import get_dataset
     from genmod.data.io import save_image_grid
     from genmod.latentlm.pipeline import LatentLMPipeline
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     net = get_feature_net("shapes")
 
     def fidelity(fake):
-        """Domain FID / KID (and the floor) of ``fake``; the one implementation in ``evals.report``."""
+        """Domain FID / KID (and the floor) of ``fake``; the one implementation in ``genmod.evals.report``."""
         return domain_fidelity(fake, real_a, real_b, "shapes", kid_subset_size=n)
 
     rows = []

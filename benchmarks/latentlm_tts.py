@@ -43,7 +43,7 @@ class SingleDigits(torch.utils.data.Dataset):
 
 def single_digit_classifier():
     """The spoken-digit domain classifier (trained once on the single-digit clips, then loaded from the cache)."""
-    from evals.feature_net import INFO_FILE, default_feature_net_dir, load_feature_net, train_feature_net
+    from genmod.evals.feature_net import INFO_FILE, default_feature_net_dir, load_feature_net, train_feature_net
 
     path = default_feature_net_dir("speech_digits_single")
     if os.path.isfile(os.path.join(path, INFO_FILE)):
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--classifier", action="store_true", help="train/load a spoken-digit classifier and score the clips")
     args = parser.parse_args(argv)
 
-    from evals.feature_net import classifier_accuracy
+    from genmod.evals.feature_net import classifier_accuracy
     from genmod.data.io import save_wav
     from genmod.latentlm.pipeline import LatentLMPipeline
 
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     for s, clip in zip(sequences, seq_out.audios):
         save_wav(os.path.join(args.out, s.replace(" ", "_") + ".wav"), torch.from_numpy(clip), rate)
     # log-mel spectrograms, row k = digit k: a real held-out clip next to the first generated one
-    from evals.audio import save_mel_comparison
+    from genmod.evals.audio import save_mel_comparison
 
     real = SingleDigits("test")
     first_real = {}

@@ -42,7 +42,7 @@ def current_rss_kib() -> int:
 
 def build(impl: str, kind: str, size: int):
     if impl == "ours":
-        from tokenizers_vq.quantizers import FSQ, VectorQuantizer
+        from genmod.tokenizers_vq.quantizers import FSQ, VectorQuantizer
 
         if kind == "fsq":
             return FSQ(FSQ_LEVELS[size], dim=DIM)
@@ -139,7 +139,7 @@ def train_quality(impl: str, kind: str, size: int, steps: int, tricks: bool) -> 
     threshold = TOKENS / size / 16 if tricks else 0.0
     if kind == "vq":
         if impl == "ours":
-            from tokenizers_vq.quantizers import VectorQuantizer
+            from genmod.tokenizers_vq.quantizers import VectorQuantizer
 
             module = VectorQuantizer(DIM, size, codebook_update="ema", ema_decay=0.99, kmeans_init=tricks,
                                      dead_code_threshold=threshold)

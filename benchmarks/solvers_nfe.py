@@ -24,7 +24,7 @@ import torch
 
 from genmod.flow.gmm import GaussianMixture, three_mode_mixture_2d
 from genmod.core.paths import get_path
-from samplers import SOLVERS, get_time_grid, sample_ode, sample_sde, velocity_singular_at_zero
+from genmod.samplers import SOLVERS, get_time_grid, sample_ode, sample_sde, velocity_singular_at_zero
 
 GRIDS = {"uniform": {}, "shifted": {"shift": 3.0}, "karras": {}, "cosine": {}}
 THRESHOLDS = (1e-1, 3e-2, 1e-2, 1e-3)

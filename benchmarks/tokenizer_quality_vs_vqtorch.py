@@ -1,7 +1,7 @@
 """Tokenizer reconstruction quality and codebook usage on real images: our quantizers vs
 vector-quantize-pytorch's, inside the SAME small convolutional tokenizer (issue 3).
 
-Every run builds ``tokenizers_vq.models.VQTokenizer`` (conv encoder -> quantizer -> conv decoder,
+Every run builds ``genmod.tokenizers_vq.models.VQTokenizer`` (conv encoder -> quantizer -> conv decoder,
 ``base_channels`` 16, ``ch_mult`` 1,2,2: Fashion-MNIST 32x32 -> 8x8 latent = 64 tokens per image)
 from the same seed, so encoder and decoder start from identical weights; only the quantizer differs.
 "theirs" replaces ``model.quantize_layer`` by a thin adapter around ``vector_quantize_pytorch``
@@ -15,10 +15,10 @@ first batch), dead-code restart below ``dead_code_threshold`` EMA hits per batch
 weight 0.25, straight-through gradient (their ``rotation_trick=False``). Their restarts draw
 batch vectors uniformly, ours by D^2 sampling, and a restarted code starts from the EMA count
 tokens / K in ours (``restart_count``; ``--restart_count threshold`` gives their / the old reset)
-instead of the threshold (tokenizers_vq.quantizers.vector_quantizer).
+instead of the threshold (genmod.tokenizers_vq.quantizers.vector_quantizer).
 
 Held-out metrics on the whole Fashion-MNIST test split (10000 images = 640000 tokens: 156 per
-code at 4096, 39 at 16384, so 100% usage is reachable): PSNR, SSIM, LPIPS-alex (evals.lpips, at
+code at 4096, 39 at 16384, so 100% usage is reachable): PSNR, SSIM, LPIPS-alex (genmod.evals.lpips, at
 32x32, grey repeated to RGB), codebook usage (codes hit at least once over the set), perplexity
 (exp entropy of the whole-set histogram), training seconds (1 thread, shared CPU: indicative).
 
@@ -47,8 +47,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenizers_vq.models import VQTokenizer  # noqa: E402
-from tokenizers_vq.quantizers.base import QuantizerOutput  # noqa: E402
+from genmod.tokenizers_vq.models import VQTokenizer  # noqa: E402
+from genmod.tokenizers_vq.quantizers.base import QuantizerOutput  # noqa: E402
 
 RUN_ROOT = "runs/tokenizer_quality"
 RESULT_DIR = "benchmarks/results/tokenizer_quality"
@@ -154,8 +154,8 @@ def build(impl: str, kind: str, size: int, args, extra: dict) -> VQTokenizer:
 
 @torch.no_grad()
 def evaluate(model: VQTokenizer, images: torch.Tensor, codebook_size: int, batch_size: int = 250) -> dict:
-    from evals.lpips import load_lpips
-    from evals.recon import psnr, ssim
+    from genmod.evals.lpips import load_lpips
+    from genmod.evals.recon import psnr, ssim
 
     model.eval()
     try:

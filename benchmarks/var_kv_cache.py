@@ -46,7 +46,7 @@ def timed(fns: dict, repeats: int, device: str) -> dict:
 
 def build(args):
     from genmod.var import VARTransformer
-    from tokenizers_vq.quantizers import MultiScaleResidualVQ
+    from genmod.tokenizers_vq.quantizers import MultiScaleResidualVQ
 
     scales = [int(s) for s in args.scales.split(",")]
     torch.manual_seed(0)

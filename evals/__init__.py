@@ -9,7 +9,7 @@
     audio               multi-resolution STFT, mel distance, SI-SDR, domain-feature Frechet distance
     report, cli         eval_pipeline / eval_folders: JSON + markdown (+ sweep PNG); genmod eval / eval-folder
 
-Submodules are imported on first attribute access so ``import evals`` stays light.
+Submodules are imported on first attribute access so ``import genmod.evals`` stays light.
 """
 
 import importlib
@@ -24,7 +24,7 @@ _EXPORTS = {
     "classify": "feature_net", "classifier_accuracy": "feature_net",
     "psnr": "recon", "ssim": "recon", "codebook_usage": "recon", "reconstruction_metrics": "recon",
     "load_lpips": "lpips", "si_sdr": "audio", "multi_resolution_stft_distance": "audio", "mel_distance": "audio",
-    "audio_frechet_distance": "audio", "eval_pipeline": "report", "eval_folders": "report",
+    "audio_frechet_distance": "audio", "eval_pipeline": "cli", "eval_folders": "report",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,5 +32,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"evals.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'evals' has no attribute {name!r}")
+        return getattr(importlib.import_module(f"genmod.evals.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'genmod.evals' has no attribute {name!r}")

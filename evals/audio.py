@@ -75,11 +75,11 @@ def mel_distance(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: i
 
 
 def audio_frechet_distance(fake_audio: torch.Tensor, real_audio: torch.Tensor, feature_net, batch_size: int = 64) -> dict:
-    """Frechet distance and KID in the embedding of a domain classifier (:mod:`evals.feature_net`)
+    """Frechet distance and KID in the embedding of a domain classifier (:mod:`genmod.evals.feature_net`)
     trained on the built-in audio data, the offline stand-in for FAD (VGGish needs a download)."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    from evals.metrics import frechet_distance
+    from genmod.evals.metrics import frechet_distance
 
     model = feature_net.model if hasattr(feature_net, "model") else feature_net
 

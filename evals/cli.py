@@ -1,15 +1,105 @@
-"""Entry points of ``genmod eval`` and ``genmod eval-folder`` (wired in ``genmod/cli.py``)."""
+"""Entry points of ``genmod eval`` and ``genmod eval-folder`` (wired in ``genmod/cli.py``).
+
+``eval_pipeline`` loads a checkpoint or pipeline folder the way ``genmod sample`` does and runs the
+metrics of :mod:`genmod.evals.report` on its samples; this is the one module of ``genmod.evals`` that
+stands above the generators (docs/DESIGN.md, "Layers").
+"""
 
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 
-from evals.report import DEFAULT_METRICS, dataset_of, eval_folders, eval_pipeline, held_out_report, load_pipeline_for_eval
+import torch
+
+from genmod.evals.generator_adapter import generate_samples, pipeline_sampler
+from genmod.evals.report import (DEFAULT_METRICS, eval_folders, evaluate_images, held_out_report, markdown_table,
+                                 pipeline_num_classes, plot_sweep, real_floor, resolve_spaces, versions, write_report)
 
 METRIC_CHOICES = ("fid", "isc", "kid", "prc", "pppr", "dc")
+
+
+def load_pipeline_for_eval(path: str):
+    """A pipeline from a pipeline folder or a training checkpoint (the ``genmod sample`` loader)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or pipeline folder")
+    try:
+        from genmod.sampling import load_for_sampling
+    except ImportError:
+        load_for_sampling = None
+    if load_for_sampling is not None:
+        return load_for_sampling(path)
+    try:
+        from genmod.pipelines import load_pipeline
+    except ImportError:
+        raise ValueError("genmod.pipelines.load_pipeline is not available in this install; cannot load "
+                         f"{path} (evaluate a folder of samples with eval_folders instead)") from None
+    return load_pipeline(path)
+
+
+def dataset_of(path: str) -> str | None:
+    """The dataset name recorded in a run's ``train_config.json`` (searched upwards from ``path``)."""
+    folder = os.path.abspath(path)
+    for _ in range(4):
+        config = os.path.join(folder, "train_config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                return json.load(f).get("dataset")
+        folder = os.path.dirname(folder)
+    return None
+
+
+def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, steps=20, guidance=1.0, *,
+                  dataset: str | None = None, features=("domain", "inception"), seed: int = 0, batch_size: int = 64,
+                  out_dir: str | None = None, feature_net_path: str | None = None,
+                  inception_weights: str | None = None, save_samples: bool = True, pipeline=None) -> dict:
+    """Evaluate a checkpoint or pipeline folder: ``num_samples`` class-balanced samples per setting.
+
+    ``steps`` and ``guidance`` may be lists: every combination is evaluated (a sweep) and a PNG of
+    FID/KID against the swept parameter is written. Writes ``report.json`` / ``report.md`` (and
+    ``samples_*.npz``) into ``out_dir`` (default ``<path>/eval``). Returns the report dict.
+    """
+    pipe = pipeline if pipeline is not None else load_pipeline_for_eval(path)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    dataset = dataset or dataset_of(path)
+    if dataset is None and "domain" in features:
+        raise ValueError(f"dataset: no train_config.json with a dataset found near {path}; pass --dataset")
+    out_dir = out_dir or os.path.join(path, "eval")
+    steps_list = list(steps) if isinstance(steps, (list, tuple)) else [steps]
+    guidance_list = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
+    spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
+    reference, reference_name, floor, floor_name = real_floor(dataset, num_samples, seed) if dataset else (None,) * 4
+    num_classes = pipeline_num_classes(pipe)
+    runs = []
+    for num_steps in steps_list:
+        for scale in guidance_list:
+            sampler = pipeline_sampler(pipe, num_inference_steps=num_steps, guidance_scale=scale)
+            fake, labels = generate_samples(sampler, num_samples, num_classes=num_classes, seed=seed,
+                                            batch_size=batch_size, desc=f"sampling steps={num_steps} w={scale}")
+            run = evaluate_images(fake, reference, spaces, metrics=metrics, real_cache=reference_name,
+                                  floor_uint8=floor, floor_cache=floor_name)
+            run["settings"] = {"path": os.path.abspath(path), "dataset": dataset, "steps": num_steps,
+                               "guidance": scale, "num_samples": num_samples, "seed": seed, "metrics": list(metrics)}
+            if labels is not None and "domain" in features:
+                from genmod.evals.feature_net import classifier_accuracy, get_feature_net
+
+                run["classifier_accuracy"] = classifier_accuracy(get_feature_net(dataset, feature_net_path), fake, labels)
+            if save_samples:
+                from genmod.evals.generator_adapter import save_npz
+
+                save_npz(os.path.join(out_dir, f"samples_steps{num_steps}_w{scale}.npz"), fake, labels)
+            runs.append(run)
+    report = {"versions": versions(), "runs": runs}
+    markdown = "\n".join(markdown_table(run, f"{dataset}: steps={run['settings']['steps']}, guidance={run['settings']['guidance']}")
+                         for run in runs)
+    report["markdown"] = markdown
+    if len(runs) > 1:
+        parameter = "steps" if len(steps_list) > 1 else "guidance"
+        report["plot"] = plot_sweep(runs, parameter, os.path.join(out_dir, f"sweep_{parameter}.png"))
+    report["files"] = write_report(report, out_dir)
+    return report
 
 
 def _metrics(text: str) -> list[str]:

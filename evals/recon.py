@@ -82,7 +82,7 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
     if min(originals.shape[-2:]) >= 11:
         out["ssim"] = ssim(originals, reconstructions).mean().item()
     if lpips_net is not None and originals.shape[1] in (1, 3):
-        from evals.lpips import load_lpips
+        from genmod.evals.lpips import load_lpips
 
         try:
             model = load_lpips(lpips_net)
@@ -95,8 +95,8 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
                           for s in range(0, len(originals), batch_size)]
             out[f"lpips_{lpips_net}"] = torch.cat(values).mean().item()
     if rfid_extractor is not None:
-        from evals.generator_adapter import SampleDataset, to_uint8
-        from evals.metrics import fidelity_metrics
+        from genmod.evals.generator_adapter import SampleDataset, to_uint8
+        from genmod.evals.metrics import fidelity_metrics
 
         rgb = rfid_extractor.startswith("genmod-inception")
         result = fidelity_metrics(SampleDataset(to_uint8(reconstructions), rgb=rgb), SampleDataset(to_uint8(originals), rgb=rgb),

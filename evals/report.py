@@ -1,8 +1,8 @@
 """Samples -> numbers, stated honestly: N, the real-vs-real floor at the same N, KID beside FID.
 
 :func:`evaluate_images` is the core: generated uint8 images against real ones in one or more
-feature spaces ("domain": the dataset's trained classifier, :mod:`evals.feature_net`; "inception":
-the standard FID InceptionV3, :mod:`evals.inception`). torch-fidelity computes FID / KID / IS /
+feature spaces ("domain": the dataset's trained classifier, :mod:`genmod.evals.feature_net`; "inception":
+the standard FID InceptionV3, :mod:`genmod.evals.inception`). torch-fidelity computes FID / KID / IS /
 improved precision-recall (its input and feature caches are used, so reference features are
 computed once); P-precision/P-recall and density/coverage are computed on the same cached features.
 When a second real set is given, the same numbers for real-vs-real at the same N are the floor
@@ -22,9 +22,9 @@ import uuid
 
 import torch
 
-from evals.generator_adapter import SampleDataset, generate_samples, pipeline_sampler, to_uint8
-from evals.metrics import density_coverage, fidelity_metrics, p_precision_recall
-from evals.paths import fidelity_cache_dir
+from genmod.evals.generator_adapter import SampleDataset, to_uint8
+from genmod.evals.metrics import density_coverage, fidelity_metrics, p_precision_recall
+from genmod.evals.paths import fidelity_cache_dir
 
 TORCH_FIDELITY_METRICS = ("fid", "isc", "kid", "prc")
 FEATURE_METRICS = ("pppr", "dc")
@@ -65,7 +65,7 @@ class FeatureSpace:
 
 
 def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSpace:
-    from evals.feature_net import get_feature_net, register_feature_net
+    from genmod.evals.feature_net import get_feature_net, register_feature_net
 
     net = get_feature_net(dataset, feature_net_path)
     return FeatureSpace("domain", register_feature_net(net), rgb=False, layer="feat",
@@ -73,8 +73,8 @@ def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSp
 
 
 def inception_space(weights_path: str | None = None) -> FeatureSpace:
-    from evals import inception
-    from evals.inception_convert import file_sha256
+    from genmod.evals import inception
+    from genmod.evals.inception_convert import file_sha256
 
     path = inception.resolve_inception_weights(weights_path)
     logits = inception.has_logits(inception.load_state_dict_file(path))
@@ -228,7 +228,7 @@ def domain_fidelity(fake: torch.Tensor, reference: torch.Tensor, floor: torch.Te
     ``reference``, same N), in the dataset's classifier feature space; with ``labels``, the classifier's
     accuracy on ``fake``. Images in [-1, 1] (or uint8). Flat keys ``domain_fid``, ``domain_fid_floor``,
     ``domain_kid``, ``domain_kid_floor``, ``classifier_accuracy``, ``feature_net``."""
-    from evals.feature_net import classifier_accuracy
+    from genmod.evals.feature_net import classifier_accuracy
 
     space = domain_space(dataset, feature_net_path)
     as_uint8 = [x if x.dtype == torch.uint8 else to_uint8(x) for x in (fake, reference, floor)]
@@ -347,88 +347,6 @@ def plot_sweep(runs: list[dict], parameter: str, path: str) -> str:
 # pipelines and folders
 
 
-def load_pipeline_for_eval(path: str):
-    """A pipeline from a pipeline folder or a training checkpoint (the ``genmod sample`` loader)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or pipeline folder")
-    try:
-        from genmod.sampling import load_for_sampling
-    except ImportError:
-        load_for_sampling = None
-    if load_for_sampling is not None:
-        return load_for_sampling(path)
-    try:
-        from genmod.pipelines import load_pipeline
-    except ImportError:
-        raise ValueError("genmod.pipelines.load_pipeline is not available in this install; cannot load "
-                         f"{path} (evaluate a folder of samples with eval_folders instead)") from None
-    return load_pipeline(path)
-
-
-def dataset_of(path: str) -> str | None:
-    """The dataset name recorded in a run's ``train_config.json`` (searched upwards from ``path``)."""
-    folder = os.path.abspath(path)
-    for _ in range(4):
-        config = os.path.join(folder, "train_config.json")
-        if os.path.isfile(config):
-            with open(config) as f:
-                return json.load(f).get("dataset")
-        folder = os.path.dirname(folder)
-    return None
-
-
-def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, steps=20, guidance=1.0, *,
-                  dataset: str | None = None, features=("domain", "inception"), seed: int = 0, batch_size: int = 64,
-                  out_dir: str | None = None, feature_net_path: str | None = None,
-                  inception_weights: str | None = None, save_samples: bool = True, pipeline=None) -> dict:
-    """Evaluate a checkpoint or pipeline folder: ``num_samples`` class-balanced samples per setting.
-
-    ``steps`` and ``guidance`` may be lists: every combination is evaluated (a sweep) and a PNG of
-    FID/KID against the swept parameter is written. Writes ``report.json`` / ``report.md`` (and
-    ``samples_*.npz``) into ``out_dir`` (default ``<path>/eval``). Returns the report dict.
-    """
-    pipe = pipeline if pipeline is not None else load_pipeline_for_eval(path)
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
-    dataset = dataset or dataset_of(path)
-    if dataset is None and "domain" in features:
-        raise ValueError(f"dataset: no train_config.json with a dataset found near {path}; pass --dataset")
-    out_dir = out_dir or os.path.join(path, "eval")
-    steps_list = list(steps) if isinstance(steps, (list, tuple)) else [steps]
-    guidance_list = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
-    spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
-    reference, reference_name, floor, floor_name = real_floor(dataset, num_samples, seed) if dataset else (None,) * 4
-    num_classes = pipeline_num_classes(pipe)
-    runs = []
-    for num_steps in steps_list:
-        for scale in guidance_list:
-            sampler = pipeline_sampler(pipe, num_inference_steps=num_steps, guidance_scale=scale)
-            fake, labels = generate_samples(sampler, num_samples, num_classes=num_classes, seed=seed,
-                                            batch_size=batch_size, desc=f"sampling steps={num_steps} w={scale}")
-            run = evaluate_images(fake, reference, spaces, metrics=metrics, real_cache=reference_name,
-                                  floor_uint8=floor, floor_cache=floor_name)
-            run["settings"] = {"path": os.path.abspath(path), "dataset": dataset, "steps": num_steps,
-                               "guidance": scale, "num_samples": num_samples, "seed": seed, "metrics": list(metrics)}
-            if labels is not None and "domain" in features:
-                from evals.feature_net import classifier_accuracy, get_feature_net
-
-                run["classifier_accuracy"] = classifier_accuracy(get_feature_net(dataset, feature_net_path), fake, labels)
-            if save_samples:
-                from evals.generator_adapter import save_npz
-
-                save_npz(os.path.join(out_dir, f"samples_steps{num_steps}_w{scale}.npz"), fake, labels)
-            runs.append(run)
-    report = {"versions": versions(), "runs": runs}
-    markdown = "\n".join(markdown_table(run, f"{dataset}: steps={run['settings']['steps']}, guidance={run['settings']['guidance']}")
-                         for run in runs)
-    report["markdown"] = markdown
-    if len(runs) > 1:
-        parameter = "steps" if len(steps_list) > 1 else "guidance"
-        report["plot"] = plot_sweep(runs, parameter, os.path.join(out_dir, f"sweep_{parameter}.png"))
-    report["files"] = write_report(report, out_dir)
-    return report
-
-
 def pipeline_num_classes(pipe) -> int:
     """The class count of a class-conditional pipeline's transformer (0 when it has none)."""
     return int(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_classes", 0) or 0)
@@ -465,7 +383,7 @@ def held_out_report(pipe, num: int, out_dir: str, dataset: str | None = "shapes"
 
 
 def _load_image_input(path: str, channels: int | None = None) -> torch.Tensor:
-    from evals.generator_adapter import load_npz, load_png_folder
+    from genmod.evals.generator_adapter import load_npz, load_png_folder
 
     if os.path.isfile(path) and path.endswith(".npz"):
         return load_npz(path)[0]

@@ -27,10 +27,10 @@ COMMANDS = {
     "demo": ("genmod.demo", "main", "train, sample and evaluate a small class-conditional flow model on built-in data"),
     "train": ("genmod.cli", "train_main", "train a family: flow, tokenizer, feature-net, ... (genmod train FAMILY --help)"),
     "sample": ("genmod.sampling", "main", "sample from a checkpoint or pipeline folder into a PNG grid / PNGs / .npz"),
-    "eval": ("evals.cli", "main_eval", "FID / IS / KID / precision-recall of a checkpoint or pipeline"),
-    "eval-folder": ("evals.cli", "main_eval_folder", "metrics between two folders of images"),
+    "eval": ("genmod.evals.cli", "main_eval", "FID / IS / KID / precision-recall of a checkpoint or pipeline"),
+    "eval-folder": ("genmod.evals.cli", "main_eval_folder", "metrics between two folders of images"),
     "eval-tokenizer": ("genmod.tokenizer.cli", "main_eval_tokenizer", "reconstruction metrics of a tokenizer"),
-    "tokenize": ("tokenizers_vq.cache", "main", "encode a dataset once into cached latents / indices"),
+    "tokenize": ("genmod.tokenizers_vq.cache", "main", "encode a dataset once into cached latents / indices"),
     "make-speech-digits": ("genmod.data.speech_digits", "main", "generate the spoken-digits corpus with espeak-ng"),
     "export-diffusers": ("genmod.pipelines.export", "main", "export a pipeline as a self-contained diffusers folder"),
 }

@@ -89,7 +89,7 @@ FAMILIES = (
               (*_STEPS_AND_GUIDANCE, "num_frames", "num_context_frames", "schedule")),
     FamilyRow("causalfusion", "genmod.causalfusion.family", "genmod.causalfusion.pipeline:CausalFusionPipeline",
               (*_STEPS_AND_GUIDANCE, "num_ar_steps", "solver")),
-    FamilyRow("feature-net", trainer="evals.feature_net:main"),
+    FamilyRow("feature-net", trainer="genmod.evals.feature_net:main"),
 )
 
 

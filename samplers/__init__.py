@@ -4,9 +4,9 @@ A solver integrates a velocity callable ``velocity_fn(x, t)`` (``t`` of shape ``
 time grid from t = 1 (noise) to t = 0 (data), in the package convention of docs/DESIGN.md §1.
 """
 
-from samplers.autoregressive import filter_logits, sample_logits
-from samplers.guidance import classifier_free_guidance, combine_guidance
-from samplers.ode import (
+from genmod.samplers.autoregressive import filter_logits, sample_logits
+from genmod.samplers.guidance import classifier_free_guidance, combine_guidance
+from genmod.samplers.ode import (
     SOLVERS,
     NFECounter,
     SolverStats,
@@ -20,9 +20,9 @@ from samplers.ode import (
     sample_ode,
     solve,
 )
-from samplers.steppers import ODESolver, evaluation_times, run_step, velocity_singular_at_zero
-from samplers.sde import diffusion_coefficient, sample_sde
-from samplers.time_grids import (
+from genmod.samplers.steppers import ODESolver, evaluation_times, run_step, velocity_singular_at_zero
+from genmod.samplers.sde import diffusion_coefficient, sample_sde
+from genmod.samplers.time_grids import (
     TIME_GRIDS,
     cosine_grid,
     get_time_grid,

@@ -1,7 +1,7 @@
 """ODE solvers for ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 (data) over a time grid.
 
 A solver only sees ``velocity_fn(x, t)`` (``t`` of shape ``[B]``, filled with one time) and a grid; it
-knows nothing of the network. Each method is written once, as a stepper in ``samplers.steppers`` that
+knows nothing of the network. Each method is written once, as a stepper in ``genmod.samplers.steppers`` that
 asks for one velocity at a time; ``sample_ode`` drives it with a velocity function, and the diffusers
 scheduler ``genmod.flow.scheduler.FlowMatchSolverScheduler`` drives the same stepper one network call
 per ``step()``. Network evaluations (NFE) are counted by ``NFECounter``.
@@ -33,14 +33,14 @@ import torch
 from tqdm.auto import tqdm
 
 from genmod.core.paths import AffinePath, LinearPath
-from samplers.steppers import (
+from genmod.samplers.steppers import (
     METHODS,
     SOLVER_ALIASES,
     ODESolver,
     evaluation_times,
     intervals,
     run_step,
-    velocity_singular_at_zero,  # noqa: F401  (re-exported: samplers.ode.velocity_singular_at_zero)
+    velocity_singular_at_zero,  # noqa: F401  (re-exported: genmod.samplers.ode.velocity_singular_at_zero)
 )
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -59,8 +59,8 @@ def sample_sde(
 
     Returns ``x`` (and ``SolverStats`` when ``return_stats``); one velocity call per step.
     """
-    from samplers.ode import NFECounter, SolverStats  # local: avoid a cycle in samplers/__init__
-    from samplers.steppers import intervals, time_batch
+    from genmod.samplers.ode import NFECounter, SolverStats  # local: avoid a cycle in samplers/__init__
+    from genmod.samplers.steppers import intervals, time_batch
 
     path = path or LinearPath()
     if noise_scale < 0:

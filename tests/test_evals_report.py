@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evals import feature_net as fn
-from evals.cli import main_eval, main_eval_folder
-from evals.generator_adapter import save_png_folder, to_uint8
-from evals.metrics import frechet_distance, p_precision_recall
+from genmod.evals import feature_net as fn
+from genmod.evals.cli import main_eval, main_eval_folder
+from genmod.evals.generator_adapter import save_png_folder, to_uint8
+from genmod.evals.metrics import frechet_distance, p_precision_recall
 
 
 
@@ -79,13 +79,13 @@ def test_eval_folder_cli_report(blob_net, tmp_path):
 
 def test_eval_pipeline_sweep_with_floor(blob_net, tmp_path, monkeypatch):
     """A stand-in pipeline whose samples get closer to the data with more steps; the floor is real-vs-real."""
-    from evals import report as report_module
+    from genmod.evals import cli as cli_module
 
     def fake_real_floor(dataset, num, seed=0):
         assert dataset == "blobs"
         return to_uint8(_blobs(num, 100)[0]), f"blobs-train-n{num}", to_uint8(_blobs(num, 101)[0]), f"blobs-test-n{num}"
 
-    monkeypatch.setattr(report_module, "real_floor", fake_real_floor)
+    monkeypatch.setattr(cli_module, "real_floor", fake_real_floor)
 
     class StandIn:
         transformer = SimpleNamespace(config=SimpleNamespace(num_classes=4))
@@ -96,7 +96,7 @@ def test_eval_pipeline_sweep_with_floor(blob_net, tmp_path, monkeypatch):
             pool, _ = _blobs(4 * len(labels), seed, shift=0.4 / num_inference_steps)  # item j has class j % 4
             return SimpleNamespace(images=(pool[4 * torch.arange(len(labels)) + labels] + 1) / 2)
 
-    out = report_module.eval_pipeline(str(tmp_path), metrics=["fid", "kid"], num_samples=64, steps=[1, 4],
+    out = cli_module.eval_pipeline(str(tmp_path), metrics=["fid", "kid"], num_samples=64, steps=[1, 4],
                                       dataset="blobs", features=("domain",), feature_net_path=blob_net.path,
                                       out_dir=str(tmp_path / "eval"), pipeline=StandIn(), batch_size=32)
     runs = out["runs"]
@@ -117,11 +117,11 @@ def test_cli_rejects_unknown_metric(capsys):
 
 
 def test_domain_fidelity_equals_the_hand_written_fid_kid_and_floor(blob_net):
-    """``evals.report.domain_fidelity`` (demo, VAR, benchmarks) gives the numbers of the direct
+    """``genmod.evals.report.domain_fidelity`` (demo, VAR, benchmarks) gives the numbers of the direct
     torch-fidelity calls it replaced: same features, same KID subsets, the floor at the same N."""
-    from evals.generator_adapter import SampleDataset
-    from evals.metrics import fidelity_metrics
-    from evals.report import domain_fidelity
+    from genmod.evals.generator_adapter import SampleDataset
+    from genmod.evals.metrics import fidelity_metrics
+    from genmod.evals.report import domain_fidelity
 
     fake, labels = _blobs(80, 7, shift=0.2)
     reference, _ = _blobs(80, 8)
@@ -167,8 +167,8 @@ class _BlobPipeline:
 
 
 def test_eval_held_out_cli_is_domain_fidelity_of_class_cycled_samples(blob_net, tmp_path, monkeypatch):
-    from evals import cli as cli_module
-    from evals import report as report_module
+    from genmod.evals import cli as cli_module
+    from genmod.evals import report as report_module
 
     reference, _ = _blobs(40, 8)
     floor, _ = _blobs(40, 9)

@@ -69,7 +69,7 @@ def test_cli_and_pipeline_lists_are_derived_from_the_table():
         "flow": "genmod.flow.family", "tokenizer": "genmod.tokenizer.family", "var": "genmod.var.family",
         "latentlm": "genmod.latentlm.family", "diffusion-forcing": "genmod.diffusion_forcing.family",
         "causalfusion": "genmod.causalfusion.family"}
-    assert cli.SPECIAL_TRAINERS == {"feature-net": ("evals.feature_net", "main")}
+    assert cli.SPECIAL_TRAINERS == {"feature-net": ("genmod.evals.feature_net", "main")}
     assert pipelines.PIPELINE_MODULES == {
         "FlowMatchingPipeline": "genmod.flow.pipeline", "VARPipeline": "genmod.var.pipeline",
         "LatentLMPipeline": "genmod.latentlm.pipeline", "DiffusionForcingPipeline": "genmod.diffusion_forcing.pipeline",
@@ -154,6 +154,9 @@ def test_saved_config_with_old_field_names_still_loads(tmp_path):
 # presets
 
 
+VAR_PRESETS = preset_files("var")
+
+
 def _all_presets():
     for row in GENERATORS:
         for name, path in preset_files(row.name).items():
@@ -172,7 +175,7 @@ def test_every_preset_parses_and_its_values_land_in_the_config(row, name, path):
     cls = get_family(row.name).config_class
     with open(path) as f:
         data = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    config = parse_config(cls, ["--preset", name])
+    config = parse_config(cls, ["--preset", name], presets=preset_files(row.name))
     for key, value in data.items():
         got = getattr(config, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
@@ -182,12 +185,12 @@ def test_every_preset_parses_and_its_values_land_in_the_config(row, name, path):
 def test_flags_override_the_preset_and_unknown_presets_list_the_known():
     from genmod.var.family import VARConfig
 
-    config = parse_config(VARConfig, ["--depth", "5", "--preset", "shapes-recognisable", "--lr=2e-3"])
+    config = parse_config(VARConfig, ["--depth", "5", "--preset", "shapes-recognisable", "--lr=2e-3"], presets=VAR_PRESETS)
     assert (config.depth, config.lr, config.width, config.max_steps) == (5, 2e-3, 128, 3500)
     with pytest.raises(ConfigError, match=r"^--preset: unknown preset 'shapes' for VARConfig \(known: shapes-recognisable\)$"):
-        parse_config(VARConfig, ["--preset", "shapes"])
+        parse_config(VARConfig, ["--preset", "shapes"], presets=VAR_PRESETS)
     with pytest.raises(ConfigError, match=r"^--preset: expected a preset name$"):
-        parse_config(VARConfig, ["--preset"])
+        parse_config(VARConfig, ["--preset"], presets=VAR_PRESETS)
 
 
 def test_saved_config_overrides_the_preset_and_flags_override_both(tmp_path):
@@ -195,7 +198,8 @@ def test_saved_config_overrides_the_preset_and_flags_override_both(tmp_path):
     from genmod.var.family import VARConfig
 
     save_config(VARConfig(tokenizer="tok", depth=3, lr=5e-3), tmp_path / "c.json")
-    config = parse_config(VARConfig, ["--preset", "shapes-recognisable", "--config", str(tmp_path / "c.json"), "--depth", "2"])
+    config = parse_config(VARConfig, ["--preset", "shapes-recognisable", "--config", str(tmp_path / "c.json"), "--depth", "2"],
+                          presets=VAR_PRESETS)
     assert (config.depth, config.lr, config.tokenizer, config.width) == (2, 5e-3, "tok", None)
 
 

@@ -83,7 +83,7 @@ TOKENIZER_FLAGS = ["--quantizer", "fsq", "--fsq_levels", "5,5,5", "--latent_chan
 def test_tokenizer_evaluate_runs_from_the_cli_path(tmp_path):
     import genmod.tokenizer  # noqa: F401  (registers "tokenizer", as the CLI does)
     from genmod.tokenizer import evaluate_tokenizer, load_eval_dataset
-    from tokenizers_vq.models import load_tokenizer
+    from genmod.tokenizers_vq.models import load_tokenizer
 
     out = tmp_path / "tok"
     summary = run_family("tokenizer", [*TOKENIZER_FLAGS, "--output_dir", str(out), "--max_steps", "2",

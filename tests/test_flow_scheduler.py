@@ -77,8 +77,8 @@ def test_stage_timesteps_and_errors():
 @pytest.mark.parametrize("solver,method", [("euler", "euler"), ("midpoint", "midpoint"), ("heun", "heun"),
                                            ("rk4", "rk4"), ("dpmsolver++2m", "dpm_solver_pp_2m")])
 def test_scheduler_steps_equal_the_network_agnostic_solver(solver, method):
-    """The step-by-step scheduler and samplers.sample_ode are one method, not two."""
-    from samplers import get_time_grid, sample_ode
+    """The step-by-step scheduler and genmod.samplers.sample_ode are one method, not two."""
+    from genmod.samplers import get_time_grid, sample_ode
 
     x1 = torch.linspace(-2.5, 2.5, 101, dtype=torch.float32)
     stepped = run(FlowMatchSolverScheduler(solver=solver), 7, x1.clone())
@@ -91,7 +91,7 @@ def test_scheduler_steps_equal_the_network_agnostic_solver(solver, method):
 # ------------------------------------------------------------------------------------------------
 from genmod.core.paths import get_path  # noqa: E402
 from genmod.flow.gmm import three_mode_mixture_2d  # noqa: E402
-from samplers import nfe_per_solve, sample_ode  # noqa: E402
+from genmod.samplers import nfe_per_solve, sample_ode  # noqa: E402
 
 MIXTURE = three_mode_mixture_2d()
 

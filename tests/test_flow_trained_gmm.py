@@ -6,7 +6,7 @@ from genmod.flow.gmm import three_mode_mixture_2d
 from genmod.core.loss import flow_matching_loss
 from genmod.core.paths import LinearPath
 from genmod.core.time_sampling import sample_logit_normal_t
-from samplers import get_time_grid, sample_ode
+from genmod.samplers import get_time_grid, sample_ode
 
 
 class VelocityMLP(torch.nn.Module):

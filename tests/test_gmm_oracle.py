@@ -5,7 +5,7 @@ import torch
 
 from genmod.flow.gmm import GaussianMixture, three_mode_mixture_2d
 from genmod.core.paths import CosinePath, LinearPath, VPPath
-from samplers import get_time_grid, sample_ode, sample_sde
+from genmod.samplers import get_time_grid, sample_ode, sample_sde
 
 MIXTURE = three_mode_mixture_2d()
 NUM = 4000

@@ -216,7 +216,7 @@ def test_mixed_sequence_routes_ce_and_diffusion_to_the_right_positions():
 
 
 def tiny_sigma_vae(modality="image"):
-    from tokenizers_vq.models import SigmaVAE
+    from genmod.tokenizers_vq.models import SigmaVAE
 
     torch.manual_seed(0)
     if modality == "image":

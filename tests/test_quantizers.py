@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tokenizers_vq.quantizers import (
+from genmod.tokenizers_vq.quantizers import (
     FSQ,
     MultiScaleResidualVQ,
     ResidualVQ,

@@ -8,7 +8,7 @@ import torch
 
 from genmod.flow.gmm import GaussianMixture
 from genmod.core.paths import CosinePath, LinearPath, VPPath
-from samplers import (
+from genmod.samplers import (
     NFECounter,
     classifier_free_guidance,
     filter_logits,
@@ -23,7 +23,7 @@ from samplers import (
     shifted_grid,
     uniform_grid,
 )
-from samplers.time_grids import TIME_GRIDS
+from genmod.samplers.time_grids import TIME_GRIDS
 
 
 

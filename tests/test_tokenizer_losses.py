@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tokenizers_vq.losses import (MultiResolutionSTFTLoss, MultiScaleMelLoss, PatchDiscriminator, adaptive_gan_weight,
+from genmod.tokenizers_vq.losses import (MultiResolutionSTFTLoss, MultiScaleMelLoss, PatchDiscriminator, adaptive_gan_weight,
                                   feature_matching_loss, gan_factor, hinge_d_loss, hinge_g_loss, lsgan_d_loss,
                                   lsgan_g_loss, mel_filterbank, reconstruction_loss, si_sdr)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tokenizers_vq.cache import CachedLatentDataset, tokenize_dataset
-from tokenizers_vq.models import KLVAE, SigmaVAE, VQTokenizer, gaussian_kl, load_tokenizer
-from tokenizers_vq.models.blocks import Decoder1d, Decoder2d, Encoder1d, Encoder2d
+from genmod.tokenizers_vq.cache import CachedLatentDataset, tokenize_dataset
+from genmod.tokenizers_vq.models import KLVAE, SigmaVAE, VQTokenizer, gaussian_kl, load_tokenizer
+from genmod.tokenizers_vq.models.blocks import Decoder1d, Decoder2d, Encoder1d, Encoder2d
 
 TINY = dict(base_channels=8, ch_mult=(1, 2), num_res_blocks=1)
 

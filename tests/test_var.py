@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from genmod.nn.masks import block_ids_from_sizes
 from genmod.var import VARPipeline, VARTransformer, guidance_weight, scale_keep_masks, var_generate, var_loss
-from tokenizers_vq.models import VQTokenizer
+from genmod.tokenizers_vq.models import VQTokenizer
 
 SQUARE = (1, 2, 3, 4)
 RECT = ((1, 2), (2, 3), (3, 4), (4, 6))

@@ -27,7 +27,7 @@ import torch
 from genmod.core.paths import AffinePath, get_path
 from genmod.core.settings import with_options
 from genmod.nn.attention import KVCache
-from samplers import classifier_free_guidance, get_time_grid, sample_ode
+from genmod.samplers import classifier_free_guidance, get_time_grid, sample_ode
 
 
 def even_step_sizes(num_tokens: int, num_ar_steps: int) -> list[int]:

@@ -19,7 +19,6 @@ grouped into ``T`` frames of ``k = frame_stack`` steps (DF's frame stacking).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from genmod.core.paths import AffinePath, broadcast_like, get_path
 from genmod.core.settings import with_options
 from genmod.diffusion_forcing.schedules import get_scheduling_matrix, level_times
-from samplers import combine_guidance, get_time_grid
+from genmod.samplers import combine_guidance, get_time_grid
 
 KV_CACHE_MODES = (None, "reencode", "incremental")
 PREDICTIONS = ("velocity", "x0", "epsilon")

@@ -24,7 +24,7 @@ from genmod.flow.transformer import FlowTransformer
 from genmod.flow.unet import FlowUNet
 from genmod.train import TrainConfig, register_family, unwrap_model
 from genmod.train.image_family import ImageFamily
-from samplers import classifier_free_guidance
+from genmod.samplers import classifier_free_guidance
 
 
 @dataclass
@@ -115,7 +115,7 @@ class FlowFamily(ImageFamily):
                guidance_scale=None) -> torch.Tensor:
         """``num`` images in [-1, 1] (classes cycled unless ``labels``), decoded if in latent space.
 
-        Runs the exported pipeline's own loop (scheduler -> ``samplers.steppers``), so previews and
+        Runs the exported pipeline's own loop (scheduler -> ``genmod.samplers.steppers``), so previews and
         ``genmod sample`` cannot diverge.
         """
         cfg = model.config

@@ -19,7 +19,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genmod.pipelines.base import GenmodPipeline
-from samplers import combine_guidance
+from genmod.samplers import combine_guidance
 
 
 class FlowMatchingPipeline(GenmodPipeline):

@@ -1,4 +1,4 @@
-"""A diffusers scheduler that drives genmod's ODE steppers (``samplers.steppers``) one network call per ``step()``.
+"""A diffusers scheduler that drives genmod's ODE steppers (``genmod.samplers.steppers``) one network call per ``step()``.
 
 With the defaults (``path="linear"``, ``prediction_type="velocity"``) the boundary is diffusers' flow
 convention (docs/DESIGN.md §1): sigma = t, sigma = 1 is noise, ``x_t = sigma * noise + (1 - sigma) * x0``,
@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from genmod.core.paths import get_path
-from samplers.steppers import ODESolver, evaluation_times, time_batch
+from genmod.samplers.steppers import ODESolver, evaluation_times, time_batch
 
 SOLVERS = ("euler", "midpoint", "heun", "rk4", "dpmsolver++2m")
 PREDICTION_TYPES = ("velocity", "x0", "epsilon")

@@ -139,7 +139,7 @@ class LatentLMFamily(Family):
 
     def __init__(self, config: LatentLMConfig):
         super().__init__(config)
-        from tokenizers_vq.models import load_tokenizer
+        from genmod.tokenizers_vq.models import load_tokenizer
 
         if not os.path.isdir(config.tokenizer or ""):
             raise FileNotFoundError(f"--tokenizer: {config.tokenizer}: no such tokenizer folder")

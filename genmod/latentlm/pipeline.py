@@ -10,7 +10,6 @@ noise. See ``genmod.latentlm.sampling``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from genmod.core.paths import get_path
 from genmod.latentlm.text import EOS, LATENT, PAD, pack_sequences
-from samplers import combine_guidance, get_time_grid, sample_logits, sample_ode
+from genmod.samplers import combine_guidance, get_time_grid, sample_logits, sample_ode
 
 
 def randn_per_sample(shape: Sequence[int], generator, batch: int, device) -> torch.Tensor:

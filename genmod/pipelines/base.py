@@ -2,8 +2,8 @@
 
 diffusers 0.42 never imports a library just because ``model_index.json`` names it (a 2026 security
 hardening), so ``DiffusionPipeline.from_pretrained`` cannot find genmod's component classes unless
-their modules are already imported. ``GenmodPipeline.from_pretrained`` imports the ``genmod.*``,
-``tokenizers_vq.*`` and ``samplers.*`` modules the index names (our own packages only) first.
+their modules are already imported. ``GenmodPipeline.from_pretrained`` imports the ``genmod.*`` modules the index
+names (our own package only) first.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
-TRUSTED_PREFIXES = ("genmod.", "tokenizers_vq.", "samplers.")
+TRUSTED_PREFIXES = ("genmod.",)
 
 
 def _import_named_components(path: str | os.PathLike) -> dict:

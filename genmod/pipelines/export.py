@@ -4,7 +4,7 @@ diffusers loads custom code that ships inside a pipeline folder when asked with
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``: ``model_index.json`` names
 ``["file_stem", "Class"]`` and the file lies at the folder root (the pipeline) or in the component's
 subfolder. This module copies the source of every genmod module a component needs (found by following
-its ``genmod.*`` / ``tokenizers_vq.*`` / ``samplers.*`` imports) next to it, flattened to one level and
+its ``genmod.*`` imports) next to it, flattened to one level and
 with the imports rewritten to relative ones, so people without genmod installed can load the folder.
 """
 
@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-OWN_PACKAGES = ("genmod", "tokenizers_vq", "samplers")
+OWN_PACKAGES = ("genmod",)
 
 
 def _flat_name(module: str) -> str:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from tokenizers_vq.folders import resolve_tokenizer_dir
+from genmod.tokenizers_vq.folders import resolve_tokenizer_dir
 
 from .evaluation import evaluate_tokenizer, load_eval_dataset
 
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main_eval_tokenizer(argv: list[str]) -> int:
     """``genmod eval-tokenizer TOKENIZER_DIR [--dataset NAME] [--split test] [--num_samples N] [--out DIR]``."""
-    from tokenizers_vq.models import load_tokenizer
+    from genmod.tokenizers_vq.models import load_tokenizer
 
     parser = _parser()
     args = parser.parse_args(argv)

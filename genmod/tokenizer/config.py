@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from genmod.train import ConfigError, TrainConfig
-from tokenizers_vq.models import KLVAE, SigmaVAE, VQTokenizer
+from genmod.tokenizers_vq.models import KLVAE, SigmaVAE, VQTokenizer
 
 __all__ = ["TokenizerConfig", "resolved_cosine", "build_tokenizer"]
 

@@ -1,7 +1,7 @@
 """Reconstruction metrics of a trained tokenizer (``evaluate_tokenizer``), images and audio.
 
 Images: PSNR, SSIM and LPIPS (Zhang et al. 2018) per image, averaged. Audio: SI-SDR, multi-resolution
-STFT and log-mel distances (``evals.audio``), DAC's multi-scale mel distance (Kumar et al. 2023,
+STFT and log-mel distances (``genmod.evals.audio``), DAC's multi-scale mel distance (Kumar et al. 2023,
 Sec. 3.4) and reference codecs at known bitrates. Discrete tokenizers add codebook usage and
 perplexity (:mod:`genmod.tokenizer.codebook`).
 """
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tokenizers_vq.losses import MultiScaleMelLoss, PerceptualLoss
-from tokenizers_vq.models.common import batch_input
+from genmod.tokenizers_vq.losses import MultiScaleMelLoss, PerceptualLoss
+from genmod.tokenizers_vq.models.common import batch_input
 
 from .codebook import code_histograms, token_rate, usage_metrics
 
@@ -74,7 +74,7 @@ def _save_side_by_side(out_dir: str, shown: list[tuple], num_show: int) -> None:
 def evaluate_image_tokenizer(model, dataset, out_dir: str, num_samples: int, batch_size: int = 64, num_show: int = 8,
                              lpips: bool = True, lpips_net: str = "alex") -> dict:
     """PSNR / SSIM / LPIPS averaged over the first ``num_samples`` images, codebook usage, a side-by-side PNG."""
-    from evals.recon import psnr as psnr_fn, ssim as ssim_fn
+    from genmod.evals.recon import psnr as psnr_fn, ssim as ssim_fn
 
     device = next(model.parameters()).device
     lpips_fn = _lpips_or_none(lpips, lpips_net, device)
@@ -143,7 +143,7 @@ def _equal_length_groups(clips: list[torch.Tensor], batch_size: int) -> list[lis
 def _score_audio_batch(model, x_BCT: torch.Tensor, sample_rate: int, multiscale_mel, tally: _AudioTally,
                        baselines: bool, num_show: int) -> None:
     """Reconstruct one batch and add its per-clip scores (and the baselines') to ``tally``."""
-    from evals.audio import audio_baselines, reconstruction_scores
+    from genmod.evals.audio import audio_baselines, reconstruction_scores
 
     out = model(x_BCT)
     x_hat_BCT = out.sample.clamp(-1, 1)
@@ -177,7 +177,7 @@ def _audio_metrics(model, tally: _AudioTally, clips: list, sample_rate: int, bas
 
 def _write_audio_examples(out_dir: str, tally: _AudioTally, sample_rate: int) -> None:
     """``input_XX.wav`` / ``recon_XX.wav`` and ``mel_spectrograms.png`` (inputs vs reconstructions)."""
-    from evals.audio import save_mel_comparison
+    from genmod.evals.audio import save_mel_comparison
     from genmod.data.io import save_wav
 
     for i in range(len(tally.shown_in)):
@@ -195,8 +195,8 @@ def evaluate_audio_tokenizer(model, dataset, out_dir: str, num_samples: int = 10
     to a multiple of the hop; clips of different lengths are run one at a time).
 
     Per clip, averaged: SI-SDR (dB), multi-resolution STFT distance and 80-band log-mel distance
-    (``evals.audio``), and DAC's multi-scale mel distance (the training loss). With ``baselines`` the same
-    numbers for silence and resampled mu-law codecs (``evals.audio.DEFAULT_BASELINES``) on the same
+    (``genmod.evals.audio``), and DAC's multi-scale mel distance (the training loss). With ``baselines`` the same
+    numbers for silence and resampled mu-law codecs (``genmod.evals.audio.DEFAULT_BASELINES``) on the same
     clips, so the tokenizer's numbers can be read against known bitrates. Writes ``metrics.json``,
     ``input_XX.wav`` / ``recon_XX.wav`` and ``mel_spectrograms.png`` (inputs vs reconstructions)."""
     device = next(model.parameters()).device

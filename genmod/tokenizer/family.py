@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from genmod.train import Family, register_family, unwrap_model
-from tokenizers_vq.losses import (MultiBandSTFTDiscriminator, MultiPeriodDiscriminator, MultiResolutionSTFTLoss,
+from genmod.tokenizers_vq.losses import (MultiBandSTFTDiscriminator, MultiPeriodDiscriminator, MultiResolutionSTFTLoss,
                                   MultiScaleMelLoss, PatchDiscriminator, PerceptualLoss, adaptive_gan_weight,
                                   feature_matching_loss, gan_factor, hinge_d_loss, hinge_g_loss, lsgan_d_loss,
                                   lsgan_g_loss, reconstruction_loss)
-from tokenizers_vq.models.common import batch_input
+from genmod.tokenizers_vq.models.common import batch_input
 
 from .config import TokenizerConfig, build_tokenizer
 from .evaluation import evaluate_tokenizer, load_eval_dataset
@@ -229,7 +229,7 @@ class TokenizerFamily(Family):
     # ------------------------------------------------------------------ after training
     def evaluate(self, summary) -> Optional[dict]:
         """Reconstruction metrics of the exported model on ``--eval_split`` (``--eval_samples`` items; 0 = off)."""
-        from tokenizers_vq.models import load_tokenizer
+        from genmod.tokenizers_vq.models import load_tokenizer
 
         config = self.config
         if config.eval_samples <= 0 or not summary.final_model:

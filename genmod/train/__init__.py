@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Optional
 
+from genmod.presets import preset_files
+
 from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, read_trainer_state
 from .config import ConfigError, TrainConfig, config_help, load_config, parse_config, save_config
 from .ema import EMA
@@ -37,7 +39,7 @@ def run_family(name: str, argv: list[str]) -> TrainSummary:
     ``evaluate`` runs after training on the main process and lands in ``OUTPUT/eval/metrics.json``.
     """
     entry = get_family(name)
-    config = parse_config(entry.config_class, argv)
+    config = parse_config(entry.config_class, argv, presets=preset_files(name))
     family = entry(config)
     try:
         summary = Trainer(config, family).train()

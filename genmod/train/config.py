@@ -227,8 +227,8 @@ def _check_instance_types(config) -> None:
 # CLI
 
 
-def config_help(cls) -> str:
-    """One line per field (flag, type, default), then the family's presets if it has any."""
+def config_help(cls, presets: Optional[dict] = None) -> str:
+    """One line per field (flag, type, default), then the names of ``presets`` if there are any."""
     lines = [f"options of {cls.__name__} (every field is a flag; --config FILE.json loads a saved config):"]
     defaults = cls()
     for name, tp in _field_types(cls).items():
@@ -237,7 +237,6 @@ def config_help(cls) -> str:
             default = ",".join(str(v) for v in default)
         flag = f"--{name}" + ("/--no-" + name if _is_flag(tp) else "")
         lines.append(f"  {flag:<34} {_type_name(tp):<40} default: {default}")
-    presets = _presets_of(cls)
     if presets:
         lines.append(f"presets (--preset NAME; flags override it): {', '.join(sorted(presets))}")
     return "\n".join(lines)
@@ -298,21 +297,22 @@ def _flag_name(key: str, flags: dict, types_by_name: dict) -> tuple[str, bool]:
     return name, negated
 
 
-def parse_config(cls, argv: list[str] | None = None):
+def parse_config(cls, argv: list[str] | None = None, presets: Optional[dict] = None):
     """Build ``cls`` from ``--field value`` / ``--field=value`` / ``--flag`` / ``--no-flag`` flags.
 
-    Layers, later wins: the class defaults, ``--preset NAME`` (a JSON recipe shipped under
-    ``genmod/presets/<family>/``), ``--config FILE`` (a saved config), then the other flags,
-    wherever they stand in argv. ``-h``/``--help`` prints :func:`config_help` and exits with 0.
+    Layers, later wins: the class defaults, ``--preset NAME`` (one of ``presets``, ``{name: JSON
+    path}``: the family's recipes, ``genmod.presets.preset_files(family)``), ``--config FILE`` (a saved
+    config), then the other flags, wherever they stand in argv. ``-h``/``--help`` prints
+    :func:`config_help` and exits with 0.
     """
     argv = list(argv or [])
     if "-h" in argv or "--help" in argv:
-        print(config_help(cls))
+        print(config_help(cls, presets))
         raise SystemExit(0)
     flag_values, config_file, preset = _parse_flags(cls, argv)
     values = {}
     if preset is not None:
-        values.update(read_config_values(cls, _preset_file(cls, preset)))
+        values.update(read_config_values(cls, _preset_file(cls, preset, presets or {})))
     if config_file is not None:
         values.update(read_config_values(cls, config_file))
     config = cls(**{**values, **flag_values})
@@ -320,18 +320,7 @@ def parse_config(cls, argv: list[str] | None = None):
     return config
 
 
-def _presets_of(cls) -> dict:
-    """``{preset name: JSON path}`` of the family whose config class is ``cls`` (none for others)."""
-    from genmod.presets import preset_files
-
-    from .family import family_of_config
-
-    family = family_of_config(cls)
-    return preset_files(family) if family else {}
-
-
-def _preset_file(cls, name: str) -> str:
-    presets = _presets_of(cls)
+def _preset_file(cls, name: str, presets: dict) -> str:
     if name not in presets:
         raise ConfigError(f"--preset: unknown preset {name!r} for {cls.__name__} (known: {', '.join(sorted(presets)) or 'none'})")
     return presets[name]

@@ -38,7 +38,7 @@ import torch
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["Family", "register_family", "get_family", "registered_families", "family_of_config", "unwrap_model",
+__all__ = ["Family", "register_family", "get_family", "registered_families", "unwrap_model",
            "RegisteredFamily"]
 
 
@@ -153,9 +153,3 @@ def get_family(name: str) -> RegisteredFamily:
 
 def registered_families() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def family_of_config(config_class: type) -> str | None:
-    """The registered family whose config class is ``config_class`` (its presets' folder name), or None."""
-    names = [name for name, entry in _REGISTRY.items() if entry.config_class is config_class]
-    return names[0] if names else None

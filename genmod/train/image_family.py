@@ -20,7 +20,7 @@ class ImageFamily(Family):
         self._dataset = None
         self.tokenizer = None
         if getattr(config, "tokenizer", None):
-            from tokenizers_vq.models import load_tokenizer
+            from genmod.tokenizers_vq.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(config.tokenizer).eval().requires_grad_(False)
 

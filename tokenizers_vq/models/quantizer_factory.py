@@ -1,11 +1,11 @@
-"""Build the quantizer a :class:`VQTokenizer` config names from ``tokenizers_vq.quantizers``."""
+"""Build the quantizer a :class:`VQTokenizer` config names from ``genmod.tokenizers_vq.quantizers``."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch.nn as nn
 
-from tokenizers_vq.quantizers import FSQ, MultiScaleResidualVQ, ResidualVQ, VectorQuantizer
+from genmod.tokenizers_vq.quantizers import FSQ, MultiScaleResidualVQ, ResidualVQ, VectorQuantizer
 
 QUANTIZER_KINDS = ("vq", "fsq", "rvq", "rfsq", "msvq", "simvq")
 
