@@ -50,13 +50,14 @@ def dataset_of(path: str) -> str | None:
     return None
 
 
-def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, steps=20, guidance=1.0, *,
+def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, num_inference_steps=20,
+                  guidance_scale=1.0, *,
                   dataset: str | None = None, features=("domain", "inception"), seed: int = 0, batch_size: int = 64,
                   out_dir: str | None = None, feature_net_path: str | None = None,
                   inception_weights: str | None = None, save_samples: bool = True, pipeline=None) -> dict:
     """Evaluate a checkpoint or pipeline folder: ``num_samples`` class-balanced samples per setting.
 
-    ``steps`` and ``guidance`` may be lists: every combination is evaluated (a sweep) and a PNG of
+    ``num_inference_steps`` and ``guidance_scale`` may be lists: every combination is evaluated (a sweep) and a PNG of
     FID/KID against the swept parameter is written. Writes ``report.json`` / ``report.md`` (and
     ``samples_*.npz``) into ``out_dir`` (default ``<path>/eval``). Returns the report dict.
     """
@@ -67,8 +68,8 @@ def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, s
     if dataset is None and "domain" in features:
         raise ValueError(f"dataset: no train_config.json with a dataset found near {path}; pass --dataset")
     out_dir = out_dir or os.path.join(path, "eval")
-    steps_list = list(steps) if isinstance(steps, (list, tuple)) else [steps]
-    guidance_list = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
+    steps_list = list(num_inference_steps) if isinstance(num_inference_steps, (list, tuple)) else [num_inference_steps]
+    guidance_list = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
     spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
     reference, reference_name, floor, floor_name = real_floor(dataset, num_samples, seed) if dataset else (None,) * 4
     num_classes = pipeline_num_classes(pipe)
@@ -129,16 +130,18 @@ def _numbers(cast):
 
 
 def main_eval(argv: list[str] | None = None) -> int:
-    """``genmod eval CHECKPOINT_OR_PIPELINE --metrics fid,isc,kid,prc --num-samples N --steps S --guidance G``"""
+    """``genmod eval CHECKPOINT_OR_PIPELINE --metrics fid,isc,kid,prc --num-samples N --num-inference-steps S --guidance-scale G``"""
     parser = argparse.ArgumentParser(prog="genmod eval", description="FID / IS / KID / precision-recall of a model, "
-                                     "next to the real-vs-real floor at the same N. Comma lists of --steps or "
-                                     "--guidance make a sweep (and a PNG plot).")
+                                     "next to the real-vs-real floor at the same N. Comma lists of --num-inference-steps "
+                                     "or --guidance-scale make a sweep (and a PNG plot).")
     parser.add_argument("path", help="pipeline folder (model_index.json) or training checkpoint")
     parser.add_argument("--metrics", type=_metrics, default=list(DEFAULT_METRICS),
                         help="comma list of fid,isc,kid,prc,pppr,dc (default: all)")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--steps", type=_numbers(int), default=20, help="solver steps, or a comma list to sweep")
-    parser.add_argument("--guidance", type=_numbers(float), default=1.0, help="guidance scale w, or a comma list")
+    parser.add_argument("--num-inference-steps", "--steps", type=_numbers(int), default=20,
+                        help="solver steps, or a comma list to sweep")
+    parser.add_argument("--guidance-scale", "--guidance", type=_numbers(float), default=1.0,
+                        help="guidance scale w, or a comma list")
     parser.add_argument("--dataset", default=None, help="reference dataset (default: from train_config.json)")
     parser.add_argument("--features", type=_features, default=["domain", "inception"],
                         help="feature spaces: domain,inception (default both)")
@@ -155,7 +158,8 @@ def main_eval(argv: list[str] | None = None) -> int:
         parser.error("--num-samples must be at least 2")
     if args.held_out:
         return _main_held_out(args)
-    report = eval_pipeline(args.path, args.metrics, args.num_samples, args.steps, args.guidance, dataset=args.dataset,
+    report = eval_pipeline(args.path, args.metrics, args.num_samples, args.num_inference_steps, args.guidance_scale,
+                           dataset=args.dataset,
                            features=args.features, seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
                            feature_net_path=args.feature_net, inception_weights=args.inception_weights)
     print(report["markdown"])

@@ -96,7 +96,7 @@ def test_eval_pipeline_sweep_with_floor(blob_net, tmp_path, monkeypatch):
             pool, _ = _blobs(4 * len(labels), seed, shift=0.4 / num_inference_steps)  # item j has class j % 4
             return SimpleNamespace(images=(pool[4 * torch.arange(len(labels)) + labels] + 1) / 2)
 
-    out = cli_module.eval_pipeline(str(tmp_path), metrics=["fid", "kid"], num_samples=64, steps=[1, 4],
+    out = cli_module.eval_pipeline(str(tmp_path), metrics=["fid", "kid"], num_samples=64, num_inference_steps=[1, 4],
                                       dataset="blobs", features=("domain",), feature_net_path=blob_net.path,
                                       out_dir=str(tmp_path / "eval"), pipeline=StandIn(), batch_size=32)
     runs = out["runs"]

@@ -218,3 +218,27 @@ def test_family_previews_equal_the_exported_pipeline(path, prediction, solver):
     velocity = family.velocity_fn(model, torch.tensor([0, 1, 2]), 2.0)
     integrated = sample_ode(velocity, noise, pipe.scheduler.sigmas, method=solver, path=family.path)
     torch.testing.assert_close(integrated, latents, atol=1e-3, rtol=1e-3)
+
+
+def test_folder_saved_with_pre_namespace_module_names_loads(tmp_path):
+    """Folders saved when tokenizers_vq/samplers installed at the top level name those modules; they still load."""
+    import json
+
+    from genmod.pipelines import load_pipeline
+    from genmod.tokenizers_vq.models import KLVAE
+
+    torch.manual_seed(0)
+    vae = KLVAE(base_channels=8, ch_mult=(1, 2), latent_channels=4)
+    transformer = FlowTransformer(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                                  num_classes=0)
+    pipe = FlowMatchingPipeline(transformer=transformer, scheduler=FlowMatchSolverScheduler(), vae=vae)
+    pipe.save_pretrained(tmp_path)
+    index_file = tmp_path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    assert index["vae"][0] == "genmod.tokenizers_vq.models.kl_vae"
+    index["vae"][0] = "tokenizers_vq.models.kl_vae"
+    index_file.write_text(json.dumps(index))
+    loaded = load_pipeline(tmp_path)
+    assert type(loaded.vae) is KLVAE
+    run = dict(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(**run).images, pipe(**dict(run, generator=torch.Generator().manual_seed(0))).images)

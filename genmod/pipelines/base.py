@@ -11,11 +11,25 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 
 import torch
 from diffusers import DiffusionPipeline
 
 TRUSTED_PREFIXES = ("genmod.",)
+# Before genmod 0.2 these packages installed at the top level; folders saved then name e.g.
+# "tokenizers_vq.models.kl_vae". They load under their installed names.
+LEGACY_PREFIXES = {"tokenizers_vq.": "genmod.tokenizers_vq.", "samplers.": "genmod.samplers.", "evals.": "genmod.evals."}
+
+
+def _import_component_module(name: str) -> None:
+    """Import one of our modules named in a ``model_index.json`` (a legacy name is aliased to the installed one)."""
+    for old, new in LEGACY_PREFIXES.items():
+        if name.startswith(old):
+            sys.modules.setdefault(name, importlib.import_module(new + name[len(old):]))
+            return
+    if name.startswith(TRUSTED_PREFIXES):
+        importlib.import_module(name)
 
 
 def _import_named_components(path: str | os.PathLike) -> dict:
@@ -28,8 +42,8 @@ def _import_named_components(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{index_file}: invalid JSON ({err})") from None
     for value in index.values():
-        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith(TRUSTED_PREFIXES):
-            importlib.import_module(value[0])
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            _import_component_module(value[0])
     return index
 
 
