@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
 
     from genmod.data import get_dataset
 
-    from .folders import resolve_tokenizer_dir
+    from .folders import tokenizer_and_dataset
     from .models import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="genmod tokenize", description="encode a dataset once into cached latents / indices")
@@ -156,10 +156,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num_samples", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    model_dir, run_config = resolve_tokenizer_dir(args.tokenizer_dir)
-    dataset_name = args.dataset or (run_config or {}).get("dataset")
-    if dataset_name is None:
-        parser.error("--dataset is required (no train_config.json next to the tokenizer)")
+    model_dir, dataset_name = tokenizer_and_dataset(args.tokenizer_dir, args.dataset)
     model = load_tokenizer(model_dir).to(args.device)
     out_dir = args.out or os.path.join(model_dir, "..", f"cache-{dataset_name}-{args.split}")
     index = tokenize_dataset(model, get_dataset(dataset_name, split=args.split), out_dir, batch_size=args.batch_size,

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Optional
 
-__all__ = ["resolve_tokenizer_dir"]
+__all__ = ["resolve_tokenizer_dir", "tokenizer_and_dataset"]
 
 
 def resolve_tokenizer_dir(path: str) -> tuple[str, Optional[dict]]:
@@ -22,3 +22,12 @@ def resolve_tokenizer_dir(path: str) -> tuple[str, Optional[dict]]:
                 run_config = json.load(f)
             break
     return model_dir, run_config
+
+
+def tokenizer_and_dataset(path: str, dataset: Optional[str] = None) -> tuple[str, str]:
+    """``(model folder, dataset name)`` of a saved tokenizer; the dataset defaults to its run's ``train_config.json``."""
+    model_dir, run_config = resolve_tokenizer_dir(path)
+    dataset = dataset or (run_config or {}).get("dataset")
+    if dataset is None:
+        raise ValueError("--dataset is required (no train_config.json next to the tokenizer)")
+    return model_dir, dataset

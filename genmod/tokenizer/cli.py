@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from genmod.tokenizers_vq.folders import resolve_tokenizer_dir
+from genmod.tokenizers_vq.folders import tokenizer_and_dataset
 
 from .evaluation import evaluate_tokenizer, load_eval_dataset
 
@@ -35,12 +35,8 @@ def main_eval_tokenizer(argv: list[str]) -> int:
     """``genmod eval-tokenizer TOKENIZER_DIR [--dataset NAME] [--split test] [--num_samples N] [--out DIR]``."""
     from genmod.tokenizers_vq.models import load_tokenizer
 
-    parser = _parser()
-    args = parser.parse_args(argv)
-    model_dir, run_config = resolve_tokenizer_dir(args.tokenizer_dir)
-    dataset_name = args.dataset or (run_config or {}).get("dataset")
-    if dataset_name is None:
-        parser.error("--dataset is required (no train_config.json next to the tokenizer)")
+    args = _parser().parse_args(argv)
+    model_dir, dataset_name = tokenizer_and_dataset(args.tokenizer_dir, args.dataset)
     model = load_tokenizer(model_dir).to(args.device)
     out_dir = args.out or os.path.join(model_dir, "..", "eval")
     dataset = load_eval_dataset(dataset_name, args.split, model.config.modality, args.duration)
