@@ -8,6 +8,7 @@
     genmod eval-tokenizer TOKENIZER_DIR            PSNR / SSIM / LPIPS / codebook usage of a tokenizer
     genmod tokenize TOKENIZER_DIR                  cache a dataset's latents / indices
     genmod make-speech-digits --out DIR            generate the spoken-digits corpus with espeak-ng
+    genmod import KIND CHECKPOINT --out DIR        a released checkpoint (VAR, SiT, ...) as a genmod pipeline folder
     genmod export-diffusers PIPELINE_DIR OUT       self-contained folder for DiffusionPipeline(trust_remote_code)
 
 Every error is one line (``genmod: error: ...``); set GENMOD_DEBUG=1 for the traceback.
@@ -32,6 +33,7 @@ COMMANDS = {
     "eval-tokenizer": ("genmod.tokenizer.cli", "main_eval_tokenizer", "reconstruction metrics of a tokenizer"),
     "tokenize": ("genmod.tokenizers_vq.cache", "main", "encode a dataset once into cached latents / indices"),
     "make-speech-digits": ("genmod.data.speech_digits", "main", "generate the spoken-digits corpus with espeak-ng"),
+    "import": ("genmod.importers.cli", "main", "import a released checkpoint (VAR, SiT, ...) as a genmod pipeline folder"),
     "export-diffusers": ("genmod.pipelines.export", "main", "export a pipeline as a self-contained diffusers folder"),
 }
 

@@ -26,7 +26,7 @@ LAYERS = {
     "genmod.train": 2, "genmod.pipelines": 2, "genmod.families": 2, "genmod.presets": 2,
     "genmod.flow": 3, "genmod.var": 3, "genmod.causalfusion": 3, "genmod.diffusion_forcing": 3,
     "genmod.latentlm": 3, "genmod.tokenizer": 3,
-    "genmod.cli": 4, "genmod.sampling": 4, "genmod.demo": 4, "genmod.evals.cli": 4,
+    "genmod.cli": 4, "genmod.importers": 4, "genmod.sampling": 4, "genmod.demo": 4, "genmod.evals.cli": 4,
 }
 LAYER_NAMES = ["foundation", "building blocks", "machinery", "families", "entry points"]
 

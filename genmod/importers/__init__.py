@@ -1,0 +1,19 @@
+"""Importers of released checkpoints: ``genmod import KIND CHECKPOINT [...] --out PIPELINE_DIR``.
+
+Each importer maps an official checkpoint's tensors onto a genmod model and writes an ordinary
+genmod pipeline folder (safetensors + ``model_index.json``) that ``genmod sample``, ``genmod eval``,
+``XPipeline.from_pretrained`` and fine-tuning use like any other. The rules every importer follows
+live in :mod:`genmod.importers.files`: pickled ``.pt/.pth`` files are read with
+``torch.load(weights_only=True)`` only, a hub id downloads through ``huggingface_hub`` only when
+online, a checkpoint of the wrong model is one line, and nothing half-written stays at ``--out``.
+
+The table below names each KIND's ``"module:function"``; a function takes the parsed arguments
+(``checkpoints``: list of paths or hub ids, ``out``, plus its own options) and returns the folder.
+"""
+
+from __future__ import annotations
+
+# KIND -> ("module:function", one-line help). Importers register here, nowhere else.
+IMPORTERS: dict[str, tuple[str, str]] = {}
+
+__all__ = ["IMPORTERS"]

@@ -1,0 +1,115 @@
+"""Reading released checkpoints safely and writing pipeline folders atomically.
+
+* ``load_state_dict(path)``: ``.safetensors`` through safetensors; ``.pt/.pth/.ckpt/.bin`` through
+  ``torch.load(weights_only=True)`` only. A file that needs code execution to unpickle is refused in
+  one line that says so (never retried unsafely). ``key`` picks a sub-dict (``"ema"``, ``"model"``,
+  ``"state_dict"``) when the file holds several.
+* ``resolve_file(spec, repo_file)``: a local path, or ``hub:REPO_ID/FILE`` downloaded through
+  ``huggingface_hub`` when it is installed and online; offline the error names the file to fetch by
+  hand and where to pass it.
+* ``check_keys(...)``: the one-line "wrong model" error (missing / unexpected counts and the KIND
+  that the keys look like).
+* ``atomic_output(out)``: a context manager that yields a staging folder beside ``out`` and renames it
+  into place only when the import finished, so nothing half-written stays at ``--out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import uuid
+from typing import Iterable, Optional
+
+import torch
+
+HUB_PREFIX = "hub:"
+
+
+class ImportError_(ValueError):
+    """A user-facing import error (one line)."""
+
+
+def resolve_file(spec: str, what: str = "checkpoint") -> str:
+    """A local file for ``spec``: an existing path, or ``hub:ORG/REPO/PATH/IN/REPO`` fetched through huggingface_hub."""
+    if not spec.startswith(HUB_PREFIX):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"{what}: no such file {spec!r}")
+        return spec
+    repo_and_file = spec[len(HUB_PREFIX):]
+    parts = repo_and_file.split("/")
+    if len(parts) < 3:
+        raise ValueError(f"{what}: expected hub:ORG/REPO/FILE, got {spec!r}")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    manual = (f"download https://huggingface.co/{repo_id}/resolve/main/{filename} by hand and pass its local path "
+              f"instead of {spec!r}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ImportError_(f"{what}: huggingface_hub is not installed; {manual}") from None
+    try:
+        return hf_hub_download(repo_id, filename)
+    except Exception as err:  # offline, 404, auth: one line with the manual route
+        raise ImportError_(f"{what}: could not download {filename} from {repo_id} ({type(err).__name__}); {manual}") from None
+
+
+def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, read without executing code; ``key`` (or the first present of several) picks a sub-dict."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ImportError_(f"{path}: refused: unpickling it would execute code ({str(err).splitlines()[0][:120]}); "
+                               f"only weights-only checkpoints are read") from None
+        except Exception as err:
+            raise ImportError_(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    keys = [key] if isinstance(key, str) else list(key or [])
+    for name in keys:
+        if isinstance(state, dict) and isinstance(state.get(name), dict):
+            state = state[name]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise ImportError_(f"{path}: expected a state dict of tensors (under one of {keys or 'the top level'}), found {found}")
+    return state
+
+
+def check_keys(path: str, kind: str, expected: Iterable[str], found: Iterable[str], guess: Optional[str] = None) -> None:
+    """One line when ``found`` keys are not ``expected``: how many missing / unexpected, and the KIND they look like."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if not missing and not unexpected:
+        return
+    hint = f"; it looks like a {guess} checkpoint (genmod import {guess} ...)" if guess and guess != kind else ""
+    example = (missing or unexpected)[0]
+    raise ImportError_(f"{path}: not a {kind} checkpoint: {len(missing)} keys missing, {len(unexpected)} unexpected "
+                       f"(e.g. {example!r}){hint}")
+
+
+@contextlib.contextmanager
+def atomic_output(out: str):
+    """Yield a staging folder next to ``out``; on success it replaces ``out``, on failure it is removed."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out: {out} exists and is not a folder")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(out)}.importing-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        trash = staging + ".old"
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
