@@ -55,7 +55,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     os.makedirs(args.out, exist_ok=True)
 
-    from genmod.evals.report import domain_fidelity, held_out_pair
+    from genmod.evals.held_out import domain_fidelity, held_out_pair
     from genmod.data import get_dataset
 
     n = args.num_eval
@@ -63,7 +63,7 @@ def main(argv=None):
     real_a, real_b = held_out_pair(args.dataset, n)
 
     def fidelity(images, labels):
-        """Domain FID / KID (and the floor) of ``images``; the one implementation in ``genmod.evals.report``."""
+        """Domain FID / KID (and the floor) of ``images``; the one implementation in ``genmod.evals.held_out``."""
         return domain_fidelity(images, real_a, real_b, args.dataset, labels=labels, kid_subset_size=min(n, 1000))
 
     cf = load(args.cf)

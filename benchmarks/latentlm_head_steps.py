@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from genmod.evals.feature_net import classifier_accuracy, get_feature_net
-    from genmod.evals.report import domain_fidelity
+    from genmod.evals.held_out import domain_fidelity
     from genmod.data import get_dataset
     from genmod.data.io import save_image_grid
     from genmod.latentlm.pipeline import LatentLMPipeline
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     net = get_feature_net("shapes")
 
     def fidelity(fake):
-        """Domain FID / KID (and the floor) of ``fake``; the one implementation in ``genmod.evals.report``."""
+        """Domain FID / KID (and the floor) of ``fake``; the one implementation in ``genmod.evals.held_out``."""
         return domain_fidelity(fake, real_a, real_b, "shapes", kid_subset_size=n)
 
     rows = []

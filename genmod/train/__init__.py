@@ -18,9 +18,10 @@ from typing import Optional
 from genmod.presets import preset_files
 
 from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, read_trainer_state
-from .config import ConfigError, TrainConfig, config_help, load_config, parse_config, save_config
+from .config import ConfigError, TrainConfig, load_config, save_config
 from .ema import EMA
 from .family import Family, get_family, register_family, registered_families, unwrap_model
+from .flags import config_help, parse_config
 from .trainer import EpochBatchSampler, Trainer, TrainingDivergedError, TrainSummary, read_metrics, stable_seed
 
 __all__ = [

@@ -209,8 +209,8 @@ class VARFamily(Family):
 
     def evaluate(self, summary) -> Optional[dict]:
         """Held-out metrics of ``eval_samples`` class-cycled samples from the exported pipeline
-        (``genmod.evals.report.held_out_report``; domain FID/KID and the floor on ``shapes``), ``eval/grid.png``."""
-        from genmod.evals.report import held_out_report
+        (``genmod.evals.held_out.held_out_report``; domain FID/KID and the floor on ``shapes``), ``eval/grid.png``."""
+        from genmod.evals.held_out import held_out_report
         from genmod.pipelines import load_pipeline
 
         if self.config.eval_samples <= 0 or not summary.pipeline:
