@@ -17,12 +17,14 @@ from typing import Optional
 
 from genmod.presets import preset_files
 
+from .batches import EpochBatchSampler, stable_seed
 from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, read_trainer_state
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .ema import EMA
 from .family import Family, get_family, register_family, registered_families, unwrap_model
 from .flags import config_help, parse_config
-from .trainer import EpochBatchSampler, Trainer, TrainingDivergedError, TrainSummary, read_metrics, stable_seed
+from .logs import read_metrics
+from .trainer import Trainer, TrainingDivergedError, TrainSummary
 
 __all__ = [
     "TrainConfig", "ConfigError", "parse_config", "save_config", "load_config", "config_help",

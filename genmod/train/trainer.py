@@ -16,14 +16,19 @@ Multi-process: ``ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 s
 or ``accelerate launch`` on GPUs. When the environment announces several processes but Accelerate
 sees one (plain ``torchrun`` on CPU, ``accelerate launch --cpu --num_processes 2``), the processes
 would train independently into the same folder; the trainer refuses to start.
+
+This file holds the build and the loop; the rest of the trainer lives beside it: data order and
+seeds in :mod:`~genmod.train.batches`, optimizer and lr schedule in :mod:`~genmod.train.optim`,
+checkpoint contents and resume in :mod:`~genmod.train.resume` (file I/O in
+:mod:`~genmod.train.checkpoint`), previews and export in :mod:`~genmod.train.export`, logs in
+:mod:`~genmod.train.logs`.
 """
+
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import math
 import os
@@ -32,14 +37,18 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from .checkpoint import (CheckpointError, checkpoint_name, checkpoints_root, find_checkpoint, load_training_state,
-                         load_weights, prepare_staging, read_trainer_state, save_rank_rng, set_rng_state,
-                         write_checkpoint)
+from .batches import EpochBatchSampler, default_collate_fn, stable_seed, to_device
+# save_checkpoint stays here: tests replace this module's write_checkpoint to kill a run mid-write
+from .checkpoint import checkpoint_name, checkpoints_root, prepare_staging, save_rank_rng, write_checkpoint
 from .config import ConfigError, TrainConfig, _check_instance_types
 from .ema import EMA
+from .export import ExportMixin
 from .family import Family, unwrap_model
+from .logs import LogMixin
+from .optim import LRSchedule, build_optimizer  # LRSchedule: still importable from here
+from .resume import ResumeMixin
 
 __all__ = ["Trainer", "TrainSummary", "TrainingDivergedError", "EpochBatchSampler", "LRSchedule", "stable_seed"]
 
@@ -48,78 +57,6 @@ logger = logging.getLogger("genmod.train")
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradient became NaN/inf; no checkpoint was written with those weights."""
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, identical on every machine and Python run."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class EpochBatchSampler(Sampler):
-    """Per-process batches of a seeded per-epoch permutation.
-
-    Global batch ``i`` of epoch ``e`` is ``perm_e[i*B*W : (i+1)*B*W]`` (B = per-process batch,
-    W = processes); process ``r`` takes its ``r``-th slice of B. So W processes x B samples see
-    exactly the samples that 1 process x W*B would. The last incomplete global batch is dropped.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, num_processes: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.num_processes = num_processes
-        self.rank = rank
-        self.seed = seed
-        self.shuffle = shuffle
-        self.global_batch = batch_size * num_processes
-        self.batches_per_epoch = num_samples // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"--batch_size: the dataset has {num_samples} samples, fewer than one global batch "
-                              f"({batch_size} x {num_processes} processes)")
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        return max(self.batches_per_epoch - self.start_batch, 0)
-
-    def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(stable_seed(self.seed, "epoch", self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.arange(self.num_samples)
-        for index in range(self.start_batch, self.batches_per_epoch):
-            start = index * self.global_batch + self.rank * self.batch_size
-            yield order[start:start + self.batch_size].tolist()
-
-
-class LRSchedule:
-    """Learning-rate factor: linear warmup ``(step+1)/warmup``, then constant, cosine or linear decay.
-
-    Cosine: ``0.5 * (1 + cos(pi * p))`` with ``p`` the post-warmup progress in [0, 1] (SGDR,
-    Loshchilov & Hutter 2017, without restarts); linear: ``1 - p``. A plain object so that
-    ``LambdaLR.state_dict()`` stores only numbers.
-    """
-
-    def __init__(self, schedule: str, warmup_steps: int, total_steps: int):
-        self.schedule = schedule
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        progress = min((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 1.0)
-        if self.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
 
 
 @dataclass
@@ -138,33 +75,16 @@ class TrainSummary:
     evaluation: Optional[dict] = None  # Family.evaluate's numbers, filled in by run_family
 
 
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _default_collate():
-    try:  # the data package's collate knows about captions and other non-tensor fields
-        from genmod.data import collate
-
-        return collate
-    except ImportError:
-        from torch.utils.data import default_collate
-
-        return default_collate
-
-
-class Trainer:
+class Trainer(ResumeMixin, ExportMixin, LogMixin):
     """``Trainer(config, family, dataset).train()``; ``dataset`` defaults to ``family.build_dataset()``.
 
     ``callbacks``: functions ``fn(trainer, step, metrics)`` called on every process after each
     optimizer step (after logging, before previews and checkpoints), after the family's own
     (``family.callbacks()``). ``config.time_budget_minutes`` ends the run early, cleanly.
+
+    Checkpoint contents and resume come from :class:`~genmod.train.resume.ResumeMixin`, previews and
+    the final export from :class:`~genmod.train.export.ExportMixin`, the logs from
+    :class:`~genmod.train.logs.LogMixin`.
     """
 
     def __init__(self, config: TrainConfig, family: Family, dataset=None,
@@ -224,10 +144,7 @@ class Trainer:
             # fp16 grads cannot be unscaled; accelerate autocasts the forward instead
             raise ConfigError(f"{type(self.family).__name__}.build_model: trainable parameters must be float32 "
                               "(use --mixed_precision for bf16/fp16 training)")
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
-                                      weight_decay=config.weight_decay)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, LRSchedule(config.lr_schedule, config.warmup_steps, config.max_steps))
+        optimizer, self.lr_scheduler = build_optimizer(trainable, config)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = trainable
 
@@ -243,7 +160,7 @@ class Trainer:
         # an explicit generator keeps DataLoader's base-seed draw off the global RNG
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
-                                 collate_fn=_default_collate(), generator=self.loader_generator,
+                                 collate_fn=default_collate_fn(), generator=self.loader_generator,
                                  pin_memory=self.device.type == "cuda" and config.num_workers > 0)
         self._data_iter = None
 
@@ -264,41 +181,13 @@ class Trainer:
                 self.batch_in_epoch = 0
                 continue
             self.batch_in_epoch += 1
-            return _to_device(batch, self.device)
+            return to_device(batch, self.device)
 
     # ----------------------------------------------------------------------------------------
     # checkpoints
 
-    def _ema_weights_model(self):
-        """The EMA copy with current EMA weights and the live model's buffers (or the raw model)."""
-        live = unwrap_model(self.model)
-        if self.ema is None:
-            return live
-        self.ema.copy_to(self.ema_model)
-        with torch.no_grad():
-            for target, source in zip(self.ema_model.buffers(), live.buffers()):
-                target.copy_(source)
-        return self.ema_model
-
-    def _trainer_state(self) -> dict:
-        family_cls = type(self.family)
-        return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "micro_step": self.step * self.config.grad_accum_steps,
-            "samples_seen": self.step * self.config.grad_accum_steps * self.config.batch_size * self.world_size,
-            "world_size": self.world_size, "batch_size": self.config.batch_size,
-            "grad_accum_steps": self.config.grad_accum_steps,
-            "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
-            "family": getattr(self.family, "name", family_cls.__name__),
-            "family_class": f"{family_cls.__module__}:{family_cls.__qualname__}",
-            "config_class": f"{type(self.config).__module__}:{type(self.config).__qualname__}",
-            "last_loss": self.last_loss,
-        }
-
     def save_checkpoint(self) -> str:
         """Write ``checkpoints/step-XXXXXXXX`` atomically (collective: call on every process)."""
-        from .checkpoint import get_rng_state
-
         accelerator = self.accelerator
         staging = os.path.join(checkpoints_root(self.config.output_dir), f".tmp-{checkpoint_name(self.step)}")
         accelerator.wait_for_everyone()
@@ -310,14 +199,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         path = os.path.join(checkpoints_root(self.config.output_dir), checkpoint_name(self.step))
         if self.is_main:
-            scaler = getattr(accelerator, "scaler", None)
-            training_state = {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": get_rng_state(),
-                "family": self.family.state_dict(),
-            }
+            training_state = self._training_state()
             path = write_checkpoint(staging, self.step, model=unwrap_model(self.model),
                                     ema_model=self._ema_weights_model() if self.ema is not None else None,
                                     training_state=training_state, trainer_state=self._trainer_state(),
@@ -325,174 +207,6 @@ class Trainer:
         accelerator.wait_for_everyone()
         self.last_checkpoint = path
         return path
-
-    def _resume(self):
-        """Continue from ``config.resume``: weights, optimizer, family state, RNG, step and data position."""
-        config = self.config
-        try:
-            path = find_checkpoint(config.output_dir, config.resume)
-        except CheckpointError:
-            if config.resume == "latest" and not os.path.isdir(checkpoints_root(config.output_dir)):
-                if self.is_main:
-                    logger.warning("resume=latest: no checkpoint in %s yet, starting from step 0", config.output_dir)
-                return
-            raise
-        state = read_trainer_state(path)
-        if self.is_main:
-            self._warn_config_changes(path)
-        # 1) model and EMA weights
-        self._load_weights(path, state)
-        # 2) optimizer, schedule (re-aimed at this run's options), grad scaler
-        training_state = load_training_state(path)
-        self.optimizer.load_state_dict(training_state["optimizer"])
-        self.lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-        self._apply_optimizer_config()
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and training_state.get("grad_scaler") is not None:
-            scaler.load_state_dict(training_state["grad_scaler"])
-        # 3) family state, then RNG: rebuilding a family part (a GAN discriminator) must not draw from
-        #    the restored RNG
-        self.family.load_state_dict(training_state.get("family") or {}, device=self.accelerator.device)
-        rank_rng = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if self.rank > 0 and os.path.isfile(rank_rng):
-            set_rng_state(torch.load(rank_rng, map_location="cpu", weights_only=True))
-        else:
-            set_rng_state(training_state["rng"])
-        # 4) step and data position
-        self.step = state["step"]
-        self.family.set_step(self.step)
-        self._restore_position(path, state)
-        self.last_loss = state.get("last_loss", float("nan"))
-        self.last_checkpoint = path
-        if self.is_main:
-            self._truncate_metrics(self.step)
-            logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch,
-                        self.batch_in_epoch)
-
-    def _load_weights(self, path: str, state: dict) -> None:
-        """The checkpoint's model weights and EMA shadow (the model's when no ``ema/`` was saved)."""
-        model = unwrap_model(self.model)
-        try:
-            model.load_state_dict(load_weights(os.path.join(path, "model")), strict=True)
-            if self.ema is not None:
-                ema_dir = os.path.join(path, "ema")
-                source = ema_dir if os.path.isdir(ema_dir) else os.path.join(path, "model")
-                self.ema.load_shadow(load_weights(source), where=source)
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: weights do not match the model ({str(err).splitlines()[0]})") from None
-        if self.ema is not None:
-            self.ema.num_updates = int(state.get("ema_num_updates", state["step"]))
-
-    def _restore_position(self, path: str, state: dict) -> None:
-        """Epoch and batch to continue from; with another batch layout, from the number of samples seen."""
-        config = self.config
-        same_layout = (state.get("world_size") == self.world_size and state.get("batch_size") == config.batch_size
-                       and state.get("grad_accum_steps") == config.grad_accum_steps)
-        if same_layout:
-            self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-            return
-        micro_batches = state["samples_seen"] // (config.batch_size * self.world_size)
-        self.epoch, self.batch_in_epoch = divmod(micro_batches, self.sampler.batches_per_epoch)
-        if self.is_main:
-            logger.warning("%s: saved with another batch layout; data position recomputed from samples seen", path)
-
-    def _apply_optimizer_config(self) -> None:
-        """After a resume, the optimizer and schedule follow *this* run's config, not the checkpoint's.
-
-        ``LambdaLR.load_state_dict`` restores the saved ``LRSchedule`` (its ``total_steps``) and base
-        lr, and ``Optimizer.load_state_dict`` the saved lr / betas / eps / weight decay, so without
-        this a run resumed with a larger ``--max_steps`` would keep the old cosine, already at 0. With
-        the options unchanged every value is recomputed to the same float (exact resume holds)."""
-        config = self.config
-        schedule = LRSchedule(config.lr_schedule, config.warmup_steps, config.max_steps)
-        self.lr_scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
-        self.lr_scheduler.base_lrs = [config.lr] * len(self.optimizer.param_groups)
-        factor = schedule(self.lr_scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=config.lr, lr=config.lr * factor, betas=tuple(config.adam_betas),
-                         eps=config.adam_eps, weight_decay=config.weight_decay)
-        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def _warn_config_changes(self, path: str) -> None:
-        """Log the fields that differ from the checkpoint's config (legitimate for max_steps, lr, ...)."""
-        from .config import config_to_dict
-
-        try:
-            with open(os.path.join(path, "train_config.json")) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            return
-        ignored = {"resume", "output_dir", "time_budget_minutes"}
-        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.config).items()
-                   if k in saved and k not in ignored and saved[k] != v]
-        if changed:
-            logger.warning("resuming %s with changed options: %s", path, "; ".join(changed))
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines after ``step`` (written by the killed run) so the file reads as one run."""
-        if not os.path.isfile(self.metrics_file):
-            return
-        kept = []
-        with open(self.metrics_file) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError):
-                    continue  # a line cut by the kill
-        tmp = self.metrics_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.metrics_file)
-
-    # ----------------------------------------------------------------------------------------
-    # previews and export
-
-    @torch.no_grad()
-    def save_preview(self) -> Optional[str]:
-        """Main process: ``samples/step-XXXXXX.png`` from the EMA model (family.sample)."""
-        config = self.config
-        if config.num_preview <= 0:
-            return None
-        model = self._ema_weights_model()
-        was_training = model.training
-        model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        try:
-            samples = self.family.sample(model, config.num_preview, generator)
-        finally:
-            model.train(was_training)
-        if samples is None:
-            return None
-        folder = os.path.join(config.output_dir, "samples")
-        os.makedirs(folder, exist_ok=True)
-        stem = os.path.join(folder, f"step-{self.step:06d}")
-        if hasattr(self.family, "save_preview"):
-            self.family.save_preview(samples, stem)
-            return stem
-        from torchvision.utils import save_image
-
-        samples = samples.detach().float().cpu()
-        nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
-        save_image(samples, stem + ".png", nrow=nrow, normalize=True, value_range=(-1, 1))
-        if self.writer is not None:
-            self.writer.add_images("preview", ((samples.clamp(-1, 1) + 1) / 2), self.step)
-        return stem + ".png"
-
-    def _export(self) -> tuple[Optional[str], Optional[str]]:
-        """Main process: final (EMA) model and, if the family builds one, the pipeline."""
-        final_dir = os.path.join(self.config.output_dir, "final_model")
-        model = copy.deepcopy(self._ema_weights_model()).eval()
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(final_dir, safe_serialization=True)
-        else:
-            final_dir = None
-        pipeline = self.family.build_pipeline(model)
-        pipeline_dir = None
-        if pipeline is not None:
-            pipeline_dir = os.path.join(self.config.output_dir, "pipeline")
-            pipeline.save_pretrained(pipeline_dir, safe_serialization=True)
-        return final_dir, pipeline_dir
 
     # ----------------------------------------------------------------------------------------
     # the loop
@@ -549,22 +263,6 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=os.path.join(config.output_dir, "logs"))
-
-    def _open_logs(self):
-        """The progress bar (main process) and ``metrics.jsonl`` opened for appending (main process)."""
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=self.config.max_steps, initial=self.step, desc="train", disable=not self.is_main,
-                        dynamic_ncols=True)
-        metrics_out = open(self.metrics_file, "a") if self.is_main else None
-        return progress, metrics_out
-
-    def _close_logs(self, progress, metrics_out) -> None:
-        progress.close()
-        if metrics_out is not None:
-            metrics_out.close()
-        if self.writer is not None:
-            self.writer.close()
 
     def _accumulate_gradients(self) -> dict[str, torch.Tensor]:
         """Forward + backward over ``grad_accum_steps`` micro-batches; the summed logged scalars (on device)."""
@@ -627,19 +325,6 @@ class Trainer:
         self.family.set_step(self.step)
         return {"step": self.step, **logs, "lr": lr, "grad_norm": grad_norm, "epoch": self.epoch}
 
-    def _log(self, metrics: dict, progress, metrics_out) -> None:
-        """Main process: a ``metrics.jsonl`` line, the progress bar and TensorBoard every ``log_every``."""
-        metrics_out.write(json.dumps(metrics) + "\n")
-        metrics_out.flush()
-        progress.update(1)
-        log_every = self.config.log_every
-        if log_every and (self.step % log_every == 0 or self.step == 1):
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if self.writer is not None:
-                for key, value in metrics.items():
-                    if key != "step":
-                        self.writer.add_scalar(f"train/{key}", value, self.step)
-
     def _after_step(self, metrics: dict, progress, metrics_out) -> None:
         """Logs, then the callbacks (the family's first), then previews and checkpoints at their intervals."""
         config = self.config
@@ -686,9 +371,3 @@ class Trainer:
                             stopped_early=self.stopped_early,
                             train_wall_minutes=(time.monotonic() - self._wall_start) / 60,
                             train_cpu_minutes=(time.process_time() - self._cpu_start) / 60)
-
-
-def read_metrics(output_dir: str) -> list[dict]:
-    """The per-step metrics a run appended to ``OUTPUT/metrics.jsonl``."""
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
