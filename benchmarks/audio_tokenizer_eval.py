@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     import torch
 
     from genmod.evals.audio import save_mel_comparison
-    from genmod.data.folders import load_audio
+    from genmod.data.audio_folder import load_audio
     from genmod.tokenizer import evaluate_tokenizer, load_eval_dataset
     from genmod.tokenizers_vq.folders import resolve_tokenizer_dir
     from genmod.tokenizers_vq.models import load_tokenizer

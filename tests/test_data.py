@@ -19,13 +19,15 @@ from scipy.optimize import least_squares
 import genmod.data as D
 from genmod.data import fashion_mnist as fm
 from genmod.data.oscillators import damped_oscillation
-from genmod.data.shapes import COLOURS, POSITION_WORDS, SHAPE_NAMES, SIZE_RANGES, bounce
+from genmod.data.moving_shapes import bounce
+from genmod.data.render import SHAPE_NAMES
+from genmod.data.shapes import COLOURS, POSITION_WORDS, SIZE_RANGES
 
 # ----------------------------------------------------------------------------------------------
 # Shapes
 # ----------------------------------------------------------------------------------------------
 
-# Area of each outline at unit radius (see the SDFs in genmod/data/shapes.py).
+# Area of each outline at unit radius (see the SDFs in genmod/data/render.py).
 UNIT_AREAS = {
     "circle": math.pi,
     "square": 1.6**2,

@@ -13,13 +13,17 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
+from .audio_folder import AudioFolderDataset
 from .fashion_mnist import FashionMNIST, read_idx, write_idx
-from .folders import AudioFolderDataset, ImageFolderDataset, TorchvisionDataset, UnreadableFileError
+from .folders import UnreadableFileError
+from .image_folder import ImageFolderDataset
 from .io import make_image_grid, save_gif, save_image_grid, save_wav
+from .moving_shapes import MovingShapesDataset
 from .oscillators import DampedOscillatorDataset
-from .shapes import MovingShapesDataset, ShapesDataset
+from .shapes import ShapesDataset
 from .speech_digits import SpeechDigitsDataset
 from .tones import ToneDataset
+from .torchvision_datasets import TorchvisionDataset
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "shapes": ShapesDataset,
