@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 TRUSTED_PREFIXES = ("genmod.",)
-# Before genmod 0.2 these packages installed at the top level; folders saved then name e.g.
+# Before the namespace move these packages installed at the top level; folders saved then name e.g.
 # "tokenizers_vq.models.kl_vae". They load under their installed names.
 LEGACY_PREFIXES = {"tokenizers_vq.": "genmod.tokenizers_vq.", "samplers.": "genmod.samplers.", "evals.": "genmod.evals."}
 
