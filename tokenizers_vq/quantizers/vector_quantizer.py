@@ -47,6 +47,27 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch
     return q.detach() + (out - out.detach())
 
 
+def _check_arguments(dim, codebook_size, codebook_update, ema_decay, kmeans_init, dead_code_threshold,
+                     restart_count, gradient, simvq) -> None:
+    """One-line errors for :class:`VectorQuantizer` arguments that cannot work together."""
+    if dim < 1 or codebook_size < 1:
+        raise ValueError(f"VectorQuantizer: dim and codebook_size must be >= 1, got {dim}, {codebook_size}")
+    if gradient not in GRADIENT_ESTIMATORS:
+        raise ValueError(f"VectorQuantizer: gradient must be one of {GRADIENT_ESTIMATORS}, got {gradient!r}")
+    if codebook_update not in CODEBOOK_UPDATES:
+        raise ValueError(f"VectorQuantizer: codebook_update must be one of {CODEBOOK_UPDATES}, got {codebook_update!r}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"VectorQuantizer: ema_decay must be in [0, 1), got {ema_decay}")
+    if dead_code_threshold < 0:
+        raise ValueError(f"VectorQuantizer: dead_code_threshold must be >= 0, got {dead_code_threshold}")
+    if simvq and (codebook_update != "loss" or kmeans_init or dead_code_threshold > 0):
+        raise ValueError("VectorQuantizer: simvq=True needs codebook_update='loss', kmeans_init=False and "
+                         "dead_code_threshold=0 (its codes all move through W; there is no per-code state)")
+    if restart_count is not None and restart_count < dead_code_threshold:
+        raise ValueError(f"VectorQuantizer: restart_count ({restart_count}) must be >= dead_code_threshold "
+                         f"({dead_code_threshold}), or a restarted code is dead at once")
+
+
 class VectorQuantizer(QuantizerBase):
     """Nearest-neighbour vector quantizer over channel-last inputs ``(..., dim)``.
 
@@ -105,19 +126,8 @@ class VectorQuantizer(QuantizerBase):
         code_chunk: int | None = DEFAULT_CODE_CHUNK,
     ):
         super().__init__()
-        if dim < 1 or codebook_size < 1:
-            raise ValueError(f"VectorQuantizer: dim and codebook_size must be >= 1, got {dim}, {codebook_size}")
-        if gradient not in GRADIENT_ESTIMATORS:
-            raise ValueError(f"VectorQuantizer: gradient must be one of {GRADIENT_ESTIMATORS}, got {gradient!r}")
-        if codebook_update not in CODEBOOK_UPDATES:
-            raise ValueError(f"VectorQuantizer: codebook_update must be one of {CODEBOOK_UPDATES}, got {codebook_update!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"VectorQuantizer: ema_decay must be in [0, 1), got {ema_decay}")
-        if dead_code_threshold < 0:
-            raise ValueError(f"VectorQuantizer: dead_code_threshold must be >= 0, got {dead_code_threshold}")
-        if simvq and (codebook_update != "loss" or kmeans_init or dead_code_threshold > 0):
-            raise ValueError("VectorQuantizer: simvq=True needs codebook_update='loss', kmeans_init=False and "
-                             "dead_code_threshold=0 (its codes all move through W; there is no per-code state)")
+        _check_arguments(dim, codebook_size, codebook_update, ema_decay, kmeans_init, dead_code_threshold,
+                         restart_count, gradient, simvq)
         self.dim = dim
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim or dim
@@ -128,9 +138,6 @@ class VectorQuantizer(QuantizerBase):
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
-        if restart_count is not None and restart_count < dead_code_threshold:
-            raise ValueError(f"VectorQuantizer: restart_count ({restart_count}) must be >= dead_code_threshold "
-                             f"({dead_code_threshold}), or a restarted code is dead at once")
         self.restart_count = restart_count
         self.cosine = cosine
         self.gradient = gradient
@@ -139,26 +146,29 @@ class VectorQuantizer(QuantizerBase):
         self.token_chunk = token_chunk
         self.code_chunk = code_chunk
 
-        d = self.codebook_dim
-        self.factorised = d != dim
-        if self.factorised:
-            self.project_in = nn.Linear(dim, d)
-            self.project_out = nn.Linear(d, dim)
+        self._build_codebook()
 
-        init = torch.randn(codebook_size, d)
-        if simvq:
+    def _build_codebook(self) -> None:
+        """The optional factorised projections, then the codes (parameter, EMA buffers or SimVQ's W(B))."""
+        d = self.codebook_dim
+        self.factorised = d != self.dim
+        if self.factorised:
+            self.project_in = nn.Linear(self.dim, d)
+            self.project_out = nn.Linear(d, self.dim)
+        init = torch.randn(self.codebook_size, d)
+        if self.simvq:
             self.register_buffer("base_codebook", init / d ** 0.5)  # frozen, std d^-1/2 as in SimVQ
             self.codebook_map = nn.Linear(d, d, bias=False)
-        elif codebook_update == "loss":
+        elif self.codebook_update == "loss":
             self.codebook = nn.Parameter(init)
         else:
-            if cosine:
+            if self.cosine:
                 init = F.normalize(init, dim=1)
             self.register_buffer("codebook", init)
             # pretend every code was hit once at itself: unused codes then stay where they are
             self.register_buffer("ema_embed_sum", init.clone())
-        self.register_buffer("cluster_size_ema", torch.ones(codebook_size))
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("cluster_size_ema", torch.ones(self.codebook_size))
+        self.register_buffer("initialized", torch.tensor(not self.kmeans_init))
         # EMA of a constant 1 (Adam's / Sonnet's zero-debiasing weight 1 - decay^t since the k-means
         # start); 1 = fully warmed, i.e. the plain EMA of VQ-VAE App. A.1
         self.register_buffer("ema_weight", torch.ones(()))
