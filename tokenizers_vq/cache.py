@@ -26,6 +26,45 @@ INDEX_FILE = "index.json"
 
 
 @torch.no_grad()
+def _resolve_store(store: str, tokenizer) -> str:
+    """``store`` with ``"auto"`` resolved: both for discrete tokenizers, latents otherwise."""
+    if store not in ("auto", "latents", "indices", "both"):
+        raise ValueError(f"store must be 'auto', 'latents', 'indices' or 'both', got {store!r}")
+    discrete = hasattr(tokenizer, "encode_indices")
+    if store == "auto":
+        store = "both" if discrete else "latents"
+    if store in ("indices", "both") and not discrete:
+        raise ValueError(f"store={store!r}: {type(tokenizer).__name__} is continuous and has no indices")
+    return store
+
+
+class _ShardWriter:
+    """Buffers encoded batches and writes them as ``shard-NNNNN.safetensors`` files of ``shard_size`` items."""
+
+    def __init__(self, out_dir: str, shard_size: int):
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.shards: list[dict] = []
+        self.buffer: dict[str, list[torch.Tensor]] = {"latents": [], "indices": [], "labels": []}
+
+    def add(self, **tensors: torch.Tensor) -> None:
+        for key, value in tensors.items():
+            self.buffer[key].append(value)
+        while sum(len(t) for t in self.buffer["labels"]) >= self.shard_size:
+            self.flush(self.shard_size)
+
+    def flush(self, limit: Optional[int] = None) -> None:
+        """Write the first ``limit`` buffered items (all when None) as one shard; keep the rest."""
+        if not self.buffer["labels"]:
+            return
+        tensors = {k: torch.cat(v) for k, v in self.buffer.items() if v}
+        count = tensors["labels"].shape[0] if limit is None else limit
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({k: v[:count].contiguous() for k, v in tensors.items()}, os.path.join(self.out_dir, name))
+        self.shards.append({"file": name, "count": int(count)})
+        for key, value in tensors.items():
+            self.buffer[key] = [value[count:]] if value.shape[0] > count else []
+
+
 def tokenize_dataset(tokenizer, dataset, out_dir: str, batch_size: int = 64, shard_size: int = 10000,
                      store: str = "auto", num_samples: Optional[int] = None, tokenizer_path: Optional[str] = None,
                      device=None) -> str:
@@ -34,50 +73,28 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str, batch_size: int = 64, sha
     ``store``: ``"latents"``, ``"indices"``, ``"both"`` or ``"auto"`` (both for discrete tokenizers,
     latents otherwise). Returns the path of ``index.json``.
     """
-    if store not in ("auto", "latents", "indices", "both"):
-        raise ValueError(f"store must be 'auto', 'latents', 'indices' or 'both', got {store!r}")
-    discrete = hasattr(tokenizer, "encode_indices")
-    if store == "auto":
-        store = "both" if discrete else "latents"
-    if store in ("indices", "both") and not discrete:
-        raise ValueError(f"store={store!r}: {type(tokenizer).__name__} is continuous and has no indices")
+    store = _resolve_store(store, tokenizer)
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError("batch_size and shard_size must be positive")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.eval()
     device = device or next(tokenizer.parameters()).device
-    modality = tokenizer.config.modality
     total = len(dataset) if num_samples is None else min(num_samples, len(dataset))
-    shards, labels, captions = [], [], []
-    buffer: dict[str, list[torch.Tensor]] = {"latents": [], "indices": [], "labels": []}
-
-    def flush(limit: Optional[int]):
-        """Write the first ``limit`` buffered items (all when None) as one shard; keep the rest."""
-        if not buffer["labels"]:
-            return
-        tensors = {k: torch.cat(v) for k, v in buffer.items() if v}
-        count = tensors["labels"].shape[0] if limit is None else limit
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file({k: v[:count].contiguous() for k, v in tensors.items()}, os.path.join(out_dir, name))
-        shards.append({"file": name, "count": int(count)})
-        for key, value in tensors.items():
-            buffer[key] = [value[count:]] if value.shape[0] > count else []
-
+    writer, labels, captions = _ShardWriter(out_dir, shard_size), [], []
     for start in tqdm(range(0, total, batch_size), desc="tokenize"):
         items = [dataset[i] for i in range(start, min(start + batch_size, total))]
-        x = torch.stack([batch_input(item, modality) for item in items]).to(device)
+        x = torch.stack([batch_input(item, tokenizer.config.modality) for item in items]).to(device)
+        encoded = {}
         if store in ("latents", "both"):
-            buffer["latents"].append(tokenizer.encode(x).float().cpu())
+            encoded["latents"] = tokenizer.encode(x).float().cpu()
         if store in ("indices", "both"):
-            buffer["indices"].append(tokenizer.encode_indices(x).long().cpu())
+            encoded["indices"] = tokenizer.encode_indices(x).long().cpu()
         batch_labels = torch.tensor([int(item.get("label", -1)) for item in items], dtype=torch.int64)
-        buffer["labels"].append(batch_labels)
+        writer.add(**encoded, labels=batch_labels)
         labels.extend(batch_labels.tolist())
         captions.extend(str(item.get("caption", "")) for item in items)
-        while sum(len(t) for t in buffer["labels"]) >= shard_size:
-            flush(shard_size)
-    flush(None)
-    first = load_file(os.path.join(out_dir, shards[0]["file"]))
+    writer.flush()
+    first = load_file(os.path.join(out_dir, writer.shards[0]["file"]))
     index = {
         "num_samples": total,
         "store": store,
@@ -86,7 +103,7 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str, batch_size: int = 64, sha
         "tokenizer_config": dict(tokenizer.config),
         "latent_shape": list(first["latents"].shape[1:]) if "latents" in first else None,
         "indices_shape": list(first["indices"].shape[1:]) if "indices" in first else None,
-        "shards": shards,
+        "shards": writer.shards,
         "labels": labels,
         "captions": captions,
         "class_names": list(getattr(dataset, "class_names", [])),
