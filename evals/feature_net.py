@@ -174,18 +174,7 @@ def train_feature_net(dataset, out: str | None = None, *, epochs: int = 3, batch
     if out is None:
         out = default_feature_net_dir(name)
     torch.manual_seed(seed)
-    first = train_set[0]
-    modality = _modality(first)
-    num_classes = int(getattr(train_set, "num_classes", 0) or 0) or int(max(int(train_set[i]["label"]) for i in range(len(train_set))) + 1)
-    if modality == "image":
-        channels, size = first["image"].shape[0], first["image"].shape[-1]
-        model = DomainClassifier("image", in_channels=channels, input_size=size, num_classes=num_classes, width=width)
-        audio_samples = None
-    else:
-        sample_rate = int(first.get("sample_rate", 16000))
-        audio_samples = int(max(train_set[i]["audio"].shape[-1] for i in range(min(64, len(train_set)))))
-        model = DomainClassifier("audio", in_channels=1, num_classes=num_classes, width=width,
-                                 sample_rate=sample_rate, audio_samples=audio_samples)
+    model, modality, num_classes, audio_samples = _build_classifier(train_set, width)
 
     train_indices = _subset_indices(len(train_set), max_train, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -209,19 +198,39 @@ def train_feature_net(dataset, out: str | None = None, *, epochs: int = 3, batch
         torch.set_num_threads(threads)
     accuracy = (test_logits.argmax(1) == test_labels).float().mean().item()
 
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    info = {
+    _save(model, out, {
         "dataset": name, "modality": modality, "num_classes": num_classes,
         "class_names": list(getattr(train_set, "class_names", []) or []),
         "test_accuracy": accuracy, "num_test": len(test_indices), "num_train": len(train_indices),
         "epochs": epochs, "seed": seed, "train_seconds": round(time.time() - started, 1),
-        "sha256": file_sha256(os.path.join(out, WEIGHTS_FILE)),
-    }
-    with open(os.path.join(out, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
+    })
     print(f"[evals] feature net {name}: test accuracy {accuracy:.4f} on {len(test_indices)}, saved to {out}")
     return load_feature_net(out)
+
+
+def _build_classifier(train_set, width: int):
+    """``(model, modality, num_classes, audio_samples)``: a :class:`DomainClassifier` sized from the data."""
+    first = train_set[0]
+    modality = _modality(first)
+    num_classes = int(getattr(train_set, "num_classes", 0) or 0) or int(max(int(train_set[i]["label"]) for i in range(len(train_set))) + 1)
+    if modality == "image":
+        channels, size = first["image"].shape[0], first["image"].shape[-1]
+        model = DomainClassifier("image", in_channels=channels, input_size=size, num_classes=num_classes, width=width)
+        return model, modality, num_classes, None
+    sample_rate = int(first.get("sample_rate", 16000))
+    audio_samples = int(max(train_set[i]["audio"].shape[-1] for i in range(min(64, len(train_set)))))
+    model = DomainClassifier("audio", in_channels=1, num_classes=num_classes, width=width,
+                             sample_rate=sample_rate, audio_samples=audio_samples)
+    return model, modality, num_classes, audio_samples
+
+
+def _save(model, out: str, info: dict) -> None:
+    """Weights (safetensors) and ``info.json`` (accuracy, sizes, the weights' sha256) into ``out``."""
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    info["sha256"] = file_sha256(os.path.join(out, WEIGHTS_FILE))
+    with open(os.path.join(out, INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2)
 
 
 def _train_loop(model, train_set, train_indices, modality, audio_samples, optimizer, scheduler, generator, epochs,
