@@ -73,7 +73,7 @@ SMOKE = {
     "vq_16k": (vq_vs_peer, dict(codes=128, dim=8, batch=2, tokens=64, warmup=1, steps=2), 10, {}),
     "vq_100k": (vq_vs_peer, dict(codes=512, dim=8, batch=2, tokens=64, warmup=1, steps=2), 10, {}),
     # dynamo tracing without inductor's code generation: the compile path, at a smoke's cost
-    "dit_b2_trainer_vs_bare_compile": (trainer_vs_bare, flow_spec(DIT_TINY, 4, 1, 1, 2), 60, {"backend": "eager"}),
+    "dit_b2_trainer_vs_bare_compile": (trainer_vs_bare, flow_spec(DIT_TINY, 4, 1, 2, 2), 60, {"backend": "eager"}),
 }
 
 
@@ -129,15 +129,28 @@ def goals(cases: dict) -> dict:
     }
 
 
-def run_suite(smoke: bool, budget_s: float, device: torch.device, only: list[str] | None = None) -> dict:
-    """All cases (or ``only``) in order; the report as a JSON-ready dict."""
+def write_json(report: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+
+
+def run_suite(smoke: bool, budget_s: float, device: torch.device, only: list[str] | None = None,
+              out: str | None = None) -> dict:
+    """All cases (or ``only``) in order; the report as a JSON-ready dict, rewritten to ``out`` after every
+    case (a run killed from outside still leaves the cases it finished)."""
     table = SMOKE if smoke else FULL
     env = environment(device)
     suite_budget, start = Budget(budget_s), time.perf_counter()
-    cases = {name: run_case(name, entry, device, suite_budget, env["peak_bf16_flops"])
-             for name, entry in table.items() if not only or name in only}
-    return {"suite": "genmod benchmarks/gpu_suite.py", "mode": "smoke" if smoke else "full", "env": env,
-            "budget_s": budget_s, "elapsed_s": time.perf_counter() - start, "cases": cases, "goals": goals(cases)}
+    report = {"suite": "genmod benchmarks/gpu_suite.py", "mode": "smoke" if smoke else "full", "env": env,
+              "budget_s": budget_s, "elapsed_s": 0.0, "cases": {}, "goals": {}}
+    for name, entry in table.items():
+        if only and name not in only:
+            continue
+        report["cases"][name] = run_case(name, entry, device, suite_budget, env["peak_bf16_flops"])
+        report.update(elapsed_s=time.perf_counter() - start, goals=goals(report["cases"]))
+        write_json(report, out)
+    return report
 
 
 def _fmt(value, scale=1.0, digits=3):
@@ -190,9 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    report = run_suite(args.smoke or device.type != "cuda", args.budget, device, args.only)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+    report = run_suite(args.smoke or device.type != "cuda", args.budget, device, args.only, args.out)
     print(markdown(report))
     print(f"\nwrote {args.out}")
     return report

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 
 from genmod.flow.transformer import FlowTransformer
 from genmod.train import EMA, Family, TrainConfig, Trainer
@@ -177,10 +178,21 @@ def step_flops(spec: dict, device: torch.device) -> tuple[int, int, int]:
     return count_flops(fn, device), analytic, sum(p.numel() for p in model.parameters())
 
 
+def graph_breaks() -> dict:
+    """Dynamo's graph breaks so far, by the first line of their reason."""
+    found = {}
+    for reason, count in torch._dynamo.utils.counters["graph_break"].items():
+        key = str(reason).splitlines()[0][:120]
+        found[key] = found.get(key, 0) + count
+    return found
+
+
 def trainer_vs_bare(spec: dict, device: torch.device, budget: Budget, peak: float | None,
                     backend: str | None = None) -> dict:
     """Samples/s, MFU and the trainer / bare ratio (median over alternating rounds that fit the budget)."""
     counted, analytic, params = step_flops(spec, device)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     ours, bare = [], []
     for round_index in range(spec["rounds"]):
         if round_index and budget.expired():
@@ -199,4 +211,5 @@ def trainer_vs_bare(spec: dict, device: torch.device, budget: Budget, peak: floa
         "ratio_trainer_over_bare": statistics.median(ratios), "round_ratios": ratios,
         "trainer_mfu": mfu(counted, spec["batch"] / trainer_sps, peak),
         "bare_mfu": mfu(counted, spec["batch"] / bare_sps, peak),
+        "graph_breaks": graph_breaks() if backend else None,
     }
