@@ -253,6 +253,17 @@ class LabelEmbedder(nn.Module):
     def null_class_id(self) -> int:
         return self.num_classes
 
+    def _check_ids(self, labels: torch.Tensor) -> None:
+        """A one-line error for ids outside ``[0, num_classes]`` (``num_classes`` = null), on the host only.
+
+        On an accelerator the check would stall the host every forward (and split a compiled graph), so
+        there the pipelines' own check of ``class_labels`` (``GenmodPipeline.class_label_ids``) is the guard.
+        """
+        if labels.device.type != "cpu" or not labels.numel() or torch.compiler.is_compiling():
+            return
+        if int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+            raise ValueError(f"class_labels: ids must be in [0, {self.num_classes}] ({self.num_classes} = null class), got {labels.tolist()}")
+
     def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each label by the null id with probability ``dropout_prob`` (draws from ``generator``)."""
         gen_device = generator.device if generator is not None else labels.device
@@ -261,8 +272,7 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: torch.Tensor, generator: torch.Generator | None = None, force_drop: torch.Tensor | None = None) -> torch.Tensor:
         labels = torch.as_tensor(labels, device=self.embedding_table.weight.device).long()
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"class_labels: ids must be in [0, {self.num_classes}] ({self.num_classes} = null class), got {labels.tolist()}")
+        self._check_ids(labels)
         if self.training and self.dropout_prob > 0:
             labels = self.drop_labels(labels, generator)
         if force_drop is not None:
