@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, ConfigMixin, ModelMixin  # noqa: F401  (pipeline loading looks ModelMixin up here)
 
 
 
