@@ -190,3 +190,14 @@ def test_import_end_to_end_then_genmod_sample(tmp_path, official):
     assert main(["sample", str(out), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s.png"),
                  "--npz", str(npz), "--device", "cpu"]) == 0
     assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_new_options_reject_bad_values_in_one_line():
+    with pytest.raises(ValueError, match=r"^time_convention: expected one of genmod, sit, got 'SiT'$"):
+        FlowTransformer(in_channels=4, sample_size=8, hidden_size=32, depth=1, num_heads=2, time_convention="SiT")
+    with pytest.raises(ValueError, match=r"^guidance_channels: must be in \[1, 4\] or None, got 5$"):
+        FlowTransformer(in_channels=4, sample_size=8, hidden_size=32, depth=1, num_heads=2, guidance_channels=5)
+    with pytest.raises(ValueError, match=r"^last_step: expected one of ode, mean, got 'Mean'$"):
+        sample_sde(lambda x, t: x, torch.zeros(1, 2), [1.0, 0.0], last_step="Mean")
+    defaults = FlowTransformer(in_channels=4, sample_size=8, hidden_size=32, depth=1, num_heads=2)
+    assert defaults.config.time_convention == "genmod" and defaults.config.guidance_channels is None

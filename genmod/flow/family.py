@@ -108,8 +108,9 @@ class FlowFamily(ImageFamily):
         if labels is None or not num_classes:
             return lambda x, t: model_fn(x, t, None)
         null = torch.full_like(labels, num_classes)
-        return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval,
-                                        channels=getattr(model.config, "guidance_channels", None))
+        channels = getattr(model.config, "guidance_channels", None)
+        only = {} if channels is None else {"channels": channels}  # guide the first k channels (SiT)
+        return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval, **only)
 
     @torch.no_grad()
     def sample(self, model, num: int, generator: torch.Generator, labels=None, num_inference_steps=None, solver=None,

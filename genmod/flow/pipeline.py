@@ -150,7 +150,9 @@ class FlowMatchingPipeline(GenmodPipeline):
                                torch.cat([labels, null]), return_dict=False)[0]
         out_cond, out_uncond = out[:, :channels].chunk(2)
         guided_channels = getattr(self.transformer.config, "guidance_channels", None)
-        return combine_guidance(out_cond, out_uncond, guidance[0], channels=guided_channels)
+        if guided_channels is None:  # all channels (every genmod-trained model)
+            return combine_guidance(out_cond, out_uncond, guidance[0])
+        return combine_guidance(out_cond, out_uncond, guidance[0], channels=guided_channels)  # SiT: 3 of 4
 
     def denoise(self, latents, timesteps, labels, guidance, callback_on_step_end, callback_tensor_inputs):
         """The diffusers loop: one network call and one ``scheduler.step`` per timestep, then the callback."""
