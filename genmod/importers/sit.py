@@ -97,6 +97,8 @@ def _read_checkpoint(spec: str) -> tuple[str, dict]:
 
 def build_transformer(path: str, state: dict, num_heads: int | None):
     """A ``FlowTransformer`` holding the checkpoint's weights (keys checked in one line first)."""
+    from diffusers.models.modeling_utils import no_init_weights
+
     from genmod.flow.transformer import FlowTransformer
 
     config = sit_config(state, num_heads)
@@ -104,7 +106,8 @@ def build_transformer(path: str, state: dict, num_heads: int | None):
         model = FlowTransformer(**config)
     mapped = map_sit_state_dict(state)
     check_keys(path, "sit", model.state_dict().keys(), mapped.keys(), guess=_guess_kind(state))
-    model = FlowTransformer(**config)
+    with no_init_weights():  # every parameter is overwritten below: skip the random init (minutes at XL)
+        model = FlowTransformer(**config)
     model.load_state_dict(mapped, strict=True)
     if "pos_embed" in state and not torch.allclose(state["pos_embed"].float(), model.pos_embed.float(), atol=1e-5):
         raise ImportError_(f"{path}: pos_embed is not the 2D sin-cos table FlowTransformer rebuilds")
