@@ -51,6 +51,21 @@ def diffusion_coefficient(path: AffinePath, t: torch.Tensor, schedule: str = "si
     return noise_scale * g
 
 
+def _em_step(x, velocity, t: float, t_batch, dtau: float, path: AffinePath, diffusion: str, noise_scale: float,
+             generator, add_noise: bool = True) -> torch.Tensor:
+    """One Euler-Maruyama step ``x + dtau (-v + g^2/2 score) + g sqrt(dtau) noise`` (no noise: the drift only)."""
+    g = diffusion_coefficient(path, torch.tensor(t, dtype=torch.float64), diffusion, noise_scale).item()
+    if not torch.isfinite(torch.tensor(g)):
+        raise ValueError(f"diffusion: g(t) is infinite at t={t} for diffusion={diffusion!r} on {path!r}; start the grid below it or use 'sigma'")
+    score = path.convert(velocity, x, t_batch, src="velocity", dst="score")
+    x = x + dtau * (-velocity + 0.5 * g**2 * score)
+    if not add_noise:
+        return x
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                        device=generator.device if generator is not None else x.device).to(x.device)
+    return x + g * dtau**0.5 * noise
+
+
 def sample_sde(
     velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_init: torch.Tensor,
@@ -92,15 +107,7 @@ def sample_sde(
             if noise_scale == 0 or (last and last_step == "ode"):
                 x = x - dtau * velocity
             else:
-                g = diffusion_coefficient(path, torch.tensor(t, dtype=torch.float64), diffusion, noise_scale).item()
-                if not torch.isfinite(torch.tensor(g)):
-                    raise ValueError(f"diffusion: g(t) is infinite at t={t} for diffusion={diffusion!r} on {path!r}; start the grid below it or use 'sigma'")
-                score = path.convert(velocity, x, t_batch, src="velocity", dst="score")
-                x = x + dtau * (-velocity + 0.5 * g**2 * score)
-                if not last:
-                    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                        device=generator.device if generator is not None else x.device).to(x.device)
-                    x = x + g * dtau**0.5 * noise
+                x = _em_step(x, velocity, t, t_batch, dtau, path, diffusion, noise_scale, generator, add_noise=not last)
             if callback is not None:
                 callback(i, t_next, x)
     if return_stats:
