@@ -16,15 +16,22 @@ import torch
 from genmod.core.paths import broadcast_like
 
 
-def combine_guidance(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale) -> torch.Tensor:
+def combine_guidance(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale,
+                     channels: int | None = None) -> torch.Tensor:
     """The one classifier-free guidance combine of the package: ``u + w (c - u)`` (Ho & Salimans 2022, eq. 6).
 
     ``guidance_scale`` is a number or a tensor that broadcasts from the left (``[B]`` per sample,
     ``[B, T]`` per token); ``w = 1`` returns ``pred_cond``. Works for velocities, x0 / eps and logits.
+    ``channels=k`` guides only the first k channels (dim 1) and keeps the conditional prediction on the
+    others: the released DiT / SiT samplers guide 3 of 4 latent channels (SiT ``forward_with_cfg``).
     """
     if not torch.is_tensor(guidance_scale):
-        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-    return pred_uncond + broadcast_like(guidance_scale, pred_cond) * (pred_cond - pred_uncond)
+        guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    else:
+        guided = pred_uncond + broadcast_like(guidance_scale, pred_cond) * (pred_cond - pred_uncond)
+    if channels is None or channels >= pred_cond.shape[1]:
+        return guided
+    return torch.cat([guided[:, :channels], pred_cond[:, channels:]], dim=1)
 
 
 def _concat(cond: Any, null: Any):
@@ -50,6 +57,7 @@ def classifier_free_guidance(
     null_cond: Any,
     guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] | None = None,
+    channels: int | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return ``fn(x, t)`` computing ``u + w (c - u)`` from one batched ``model_fn(x, t, cond)`` call.
 
@@ -59,6 +67,7 @@ def classifier_free_guidance(
             null with batch size 1 is broadcast.
         guidance_scale: ``w``; 1 turns guidance off (only the conditional half is run).
         guidance_interval: ``(t_lo, t_hi)``; outside it ``w = 1``.
+        channels: guide only the first k channels (see :func:`combine_guidance`); None = all.
     """
     if guidance_interval is not None:
         t_lo, t_hi = guidance_interval
@@ -78,6 +87,6 @@ def classifier_free_guidance(
         batch = x.shape[0]
         pred = model_fn(torch.cat([x, x]), torch.cat([t, t]), both)
         pred_cond, pred_uncond = pred[:batch], pred[batch:]
-        return combine_guidance(pred_cond, pred_uncond, w)
+        return combine_guidance(pred_cond, pred_uncond, w, channels=channels)
 
     return guided

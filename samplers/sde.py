@@ -12,9 +12,14 @@ Sec. 3.3). The score comes from the velocity through the path: ``score = -E[eps 
 * ``sigma``: ``g = sigma(t)`` (default; finite everywhere, vanishes at the data end),
 * ``path``: the path's own forward-SDE diffusion ``g^2 = 2 sigma sigma' - 2 (alpha'/alpha) sigma^2`` (the
   classic reverse SDE; infinite where alpha = 0, e.g. linear path at t = 1),
-* ``constant``: ``g = 1``.
+* ``constant``: ``g = 1``,
+* ``sit``: ``g = sqrt(2 sigma(t))``, SiT's default (Ma et al. 2024, Sec. 3.3 and eq. 9: diffusion
+  ``w_t = sigma_t`` with drift ``v + w_t * score`` and noise ``sqrt(2 w_t) dW``; its ``diffusion_norm``
+  multiplies ``w_t``, i.e. ``noise_scale = sqrt(diffusion_norm)``).
 
-The last step is a noise-free Euler step of the ODE, so the output carries no fresh noise.
+The last step carries no fresh noise: ``last_step="ode"`` (default) is an Euler step of the ODE,
+``last_step="mean"`` an Euler step of the SDE drift without its noise (SiT's ``last_step="Mean"``, which
+with 250 points to t = 0.04 and a last step of 0.04 gives its published SDE samples).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from tqdm.auto import tqdm
 
 from genmod.core.paths import AffinePath, LinearPath
 
-DIFFUSION_SCHEDULES = ("sigma", "path", "constant")
+DIFFUSION_SCHEDULES = ("sigma", "path", "constant", "sit")
+LAST_STEPS = ("ode", "mean")
 
 
 def diffusion_coefficient(path: AffinePath, t: torch.Tensor, schedule: str = "sigma", noise_scale: float = 1.0) -> torch.Tensor:
@@ -38,9 +44,26 @@ def diffusion_coefficient(path: AffinePath, t: torch.Tensor, schedule: str = "si
         g = torch.sqrt((2 * s * ds - 2 * (da / a) * s**2).clamp(min=0))
     elif schedule == "constant":
         g = torch.ones_like(t)
+    elif schedule == "sit":
+        g = torch.sqrt(2 * path.sigma(t))
     else:
         raise ValueError(f"diffusion: expected one of {', '.join(DIFFUSION_SCHEDULES)}, got {schedule!r}")
     return noise_scale * g
+
+
+def _em_step(x, velocity, t: float, t_batch, dtau: float, path: AffinePath, diffusion: str, noise_scale: float,
+             generator, add_noise: bool = True) -> torch.Tensor:
+    """One Euler-Maruyama step ``x + dtau (-v + g^2/2 score) + g sqrt(dtau) noise`` (no noise: the drift only)."""
+    g = diffusion_coefficient(path, torch.tensor(t, dtype=torch.float64), diffusion, noise_scale).item()
+    if not torch.isfinite(torch.tensor(g)):
+        raise ValueError(f"diffusion: g(t) is infinite at t={t} for diffusion={diffusion!r} on {path!r}; start the grid below it or use 'sigma'")
+    score = path.convert(velocity, x, t_batch, src="velocity", dst="score")
+    x = x + dtau * (-velocity + 0.5 * g**2 * score)
+    if not add_noise:
+        return x
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                        device=generator.device if generator is not None else x.device).to(x.device)
+    return x + g * dtau**0.5 * noise
 
 
 def sample_sde(
@@ -54,9 +77,11 @@ def sample_sde(
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
     progress: bool = False,
     return_stats: bool = False,
+    last_step: str = "ode",
 ):
     """Euler-Maruyama over a decreasing ``time_grid``; noise drawn from ``generator``.
 
+    One ``randn(x.shape)`` per step but the last (``last_step``: ``ode`` | ``mean``, see the module doc).
     Returns ``x`` (and ``SolverStats`` when ``return_stats``); one velocity call per step.
     """
     from genmod.samplers.ode import NFECounter, SolverStats  # local: avoid a cycle in samplers/__init__
@@ -69,6 +94,8 @@ def sample_sde(
     if pairs[0][1] > pairs[0][0]:
         raise ValueError("time_grid: sample_sde integrates from noise to data; give a decreasing grid")
     diffusion_coefficient(path, torch.tensor(0.5), diffusion)  # validates the schedule name early
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
     counter = NFECounter(velocity_fn)
     x = x_init
     with torch.no_grad():
@@ -76,16 +103,11 @@ def sample_sde(
             t_batch = time_batch(x, t)
             velocity = counter(x, t_batch)
             dtau = t - t_next
-            if i == len(pairs) - 1 or noise_scale == 0:
+            last = i == len(pairs) - 1
+            if noise_scale == 0 or (last and last_step == "ode"):
                 x = x - dtau * velocity
             else:
-                g = diffusion_coefficient(path, torch.tensor(t, dtype=torch.float64), diffusion, noise_scale).item()
-                if not torch.isfinite(torch.tensor(g)):
-                    raise ValueError(f"diffusion: g(t) is infinite at t={t} for diffusion={diffusion!r} on {path!r}; start the grid below it or use 'sigma'")
-                score = path.convert(velocity, x, t_batch, src="velocity", dst="score")
-                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                    device=generator.device if generator is not None else x.device).to(x.device)
-                x = x + dtau * (-velocity + 0.5 * g**2 * score) + g * dtau**0.5 * noise
+                x = _em_step(x, velocity, t, t_batch, dtau, path, diffusion, noise_scale, generator, add_noise=not last)
             if callback is not None:
                 callback(i, t_next, x)
     if return_stats:

@@ -91,7 +91,7 @@ class FlowFamily(ImageFamily):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.path.sample(x0, noise, t).x_t
         labels = batch["label"].to(x0.device) if unwrap_model(model).config.num_classes else None
-        out = model(x_t, 1000 * t, labels, dropout_generator=generator).sample
+        out = model(x_t, 1000 * t, labels, dropout_generator=generator).sample[:, : x0.shape[1]]  # learn_sigma: first C
         loss = flow_matching_loss(out, x0, noise, t, path=self.path, prediction=self.config.prediction)
         return {"loss": loss}
 
@@ -100,7 +100,7 @@ class FlowFamily(ImageFamily):
         num_classes = model.config.num_classes
 
         def model_fn(x, t, y):
-            out = model(x, 1000 * t, y).sample
+            out = model(x, 1000 * t, y).sample[:, : x.shape[1]]
             if self.config.prediction != "velocity":
                 out = self.path.convert(out, x, t, src=self.config.prediction, dst="velocity")
             return out
@@ -108,7 +108,9 @@ class FlowFamily(ImageFamily):
         if labels is None or not num_classes:
             return lambda x, t: model_fn(x, t, None)
         null = torch.full_like(labels, num_classes)
-        return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval)
+        channels = getattr(model.config, "guidance_channels", None)
+        only = {} if channels is None else {"channels": channels}  # guide the first k channels (SiT)
+        return classifier_free_guidance(model_fn, labels, null, guidance_scale, guidance_interval, **only)
 
     @torch.no_grad()
     def sample(self, model, num: int, generator: torch.Generator, labels=None, num_inference_steps=None, solver=None,

@@ -140,15 +140,19 @@ class FlowMatchingPipeline(GenmodPipeline):
         The combine ``u + w (c - u)`` is the same on velocity, x0 or epsilon outputs: the path's
         conversion between them is affine in the output at fixed ``(x, t)``.
         """
-        batch_size = x_BCHW.shape[0]
+        batch_size, channels = x_BCHW.shape[:2]
         sigma = timestep / self.scheduler.config.num_train_timesteps
         if guidance is None or not _inside(sigma, guidance[1]):
-            return self.transformer(x_BCHW, timestep.expand(batch_size), labels, return_dict=False)[0]
+            out = self.transformer(x_BCHW, timestep.expand(batch_size), labels, return_dict=False)[0]
+            return out[:, :channels]  # learn_sigma networks: the prediction is the first C channels
         null = torch.full_like(labels, self.transformer.config.num_classes)
         out = self.transformer(torch.cat([x_BCHW, x_BCHW]), timestep.expand(2 * batch_size),
                                torch.cat([labels, null]), return_dict=False)[0]
-        out_cond, out_uncond = out.chunk(2)
-        return combine_guidance(out_cond, out_uncond, guidance[0])
+        out_cond, out_uncond = out[:, :channels].chunk(2)
+        guided_channels = getattr(self.transformer.config, "guidance_channels", None)
+        if guided_channels is None:  # all channels (every genmod-trained model)
+            return combine_guidance(out_cond, out_uncond, guidance[0])
+        return combine_guidance(out_cond, out_uncond, guidance[0], channels=guided_channels)  # SiT: 3 of 4
 
     def denoise(self, latents, timesteps, labels, guidance, callback_on_step_end, callback_tensor_inputs):
         """The diffusers loop: one network call and one ``scheduler.step`` per timestep, then the callback."""

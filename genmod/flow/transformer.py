@@ -5,6 +5,10 @@ Patchify -> fixed 2D sin-cos positions -> ``depth`` adaLN-Zero blocks conditione
 ``timestep`` is ``1000 * t`` (t = 1 noise, package convention); the output is whatever the flow
 family trains it for (the velocity by default). The null class id ``num_classes`` is the
 unconditional input for classifier-free guidance.
+
+``time_convention="sit"`` runs released SiT weights (Ma et al. 2024, Sec. 2: ``x_t = t x + (1 - t) eps``,
+t = 0 noise) behind the package boundary: the embedder is fed SiT's raw ``1 - t`` and the first
+``in_channels`` outputs (SiT's ``x - eps`` velocity) are negated, so callers still see docs/DESIGN.md §1.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from genmod.nn.attention import check_backend
 from genmod.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
 from genmod.nn.layers import AdaLNZeroBlock, FinalLayer, dit_init_
 
+TIME_CONVENTIONS = ("genmod", "sit")
+
 
 class FlowTransformer(ModelMixin, ConfigMixin):
     """DiT-style transformer ``forward(sample [B, C, H, W], timestep [B], class_labels [B]) -> [B, C', H, W]``.
@@ -29,7 +35,12 @@ class FlowTransformer(ModelMixin, ConfigMixin):
         patch_size, hidden_size, depth, num_heads, mlp_ratio: DiT sizes (DiT-S/2: 384, 12, 6, 4).
         num_classes: 0 = unconditional; otherwise ids ``0..num_classes-1`` plus null id ``num_classes``.
         class_dropout_prob: training-time label dropout for CFG (decided by ``dropout_generator``).
-        learn_sigma: DiT's extra ``in_channels`` output channels (a variance; unused by flow matching).
+        learn_sigma: DiT's extra ``in_channels`` output channels (a variance; unused by flow matching: the
+            pipeline, the scheduler and the loss use the first ``in_channels``).
+        time_convention: ``genmod`` (the embedder sees ``timestep = 1000 t``) or ``sit`` (it sees ``1 - t`` and
+            the velocity channels are negated: released SiT weights).
+        guidance_channels: classifier-free guidance on the first k output channels only (the rest stay
+            conditional), as SiT's ``forward_with_cfg`` guides 3 of 4; None = all.
         attention_backend: ``sdpa`` | ``xformers`` | ``math``; qk_norm: None | ``layernorm`` | ``rmsnorm``.
     """
 
@@ -51,6 +62,8 @@ class FlowTransformer(ModelMixin, ConfigMixin):
         learn_sigma: bool = False,
         attention_backend: str = "sdpa",
         qk_norm: str | None = None,
+        time_convention: str = "genmod",
+        guidance_channels: int | None = None,
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
@@ -64,6 +77,10 @@ class FlowTransformer(ModelMixin, ConfigMixin):
         if num_classes < 0:
             raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
         check_backend(attention_backend)
+        if time_convention not in TIME_CONVENTIONS:
+            raise ValueError(f"time_convention: expected one of {', '.join(TIME_CONVENTIONS)}, got {time_convention!r}")
+        if guidance_channels is not None and not 0 < guidance_channels <= in_channels:
+            raise ValueError(f"guidance_channels: must be in [1, {in_channels}] or None, got {guidance_channels}")
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.gradient_checkpointing = False
 
@@ -99,6 +116,8 @@ class FlowTransformer(ModelMixin, ConfigMixin):
             timestep = timestep.expand(batch)
         if timestep.shape != (batch,):
             raise ValueError(f"timestep: expected a scalar or shape ({batch},), got {tuple(timestep.shape)}")
+        if self.config.time_convention == "sit":  # SiT's embedder input: raw t_SiT = 1 - t in [0, 1]
+            timestep = 1.0 - timestep / 1000.0
         c = self.t_embedder(timestep)
         if self.y_embedder is None:
             if class_labels is not None:
@@ -140,6 +159,9 @@ class FlowTransformer(ModelMixin, ConfigMixin):
                 x = block(x, c)
         x = self.final_layer(x, c)
         out = unpatchify(x, p, (height // p, width // p))
+        if self.config.time_convention == "sit":  # SiT predicts x - eps; the package velocity is eps - x
+            channels = self.config.in_channels
+            out = torch.cat([-out[:, :channels], out[:, channels:]], dim=1)
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)

@@ -14,6 +14,8 @@ The table below names each KIND's ``"module:function"``; a function takes the pa
 from __future__ import annotations
 
 # KIND -> ("module:function", one-line help). Importers register here, nowhere else.
-IMPORTERS: dict[str, tuple[str, str]] = {}
+IMPORTERS: dict[str, tuple[str, str]] = {
+    "sit": ("genmod.importers.sit:run", "SiT (willisma/SiT) .pt + a diffusers AutoencoderKL -> FlowMatchingPipeline"),
+}
 
 __all__ = ["IMPORTERS"]

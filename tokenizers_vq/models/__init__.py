@@ -1,4 +1,6 @@
-"""Tokenizer models: VQTokenizer (vq / fsq / rvq / msvq / simvq), SigmaVAE, KLVAE for images and audio."""
+"""Tokenizer models: VQTokenizer (vq / fsq / rvq / msvq / simvq), SigmaVAE, KLVAE for images and audio;
+any diffusers ``AutoencoderKL`` folder through ``DiffusersAutoencoderKL``."""
+from .autoencoder_kl import DiffusersAutoencoderKL, is_autoencoder_kl
 from .common import TokenizerOutput
 from .kl_vae import KLVAE, gaussian_kl
 from .sigma_vae import SigmaVAE
@@ -8,7 +10,8 @@ TOKENIZER_CLASSES = {"vq": VQTokenizer, "sigma_vae": SigmaVAE, "kl_vae": KLVAE}
 
 
 def load_tokenizer(path: str):
-    """Load any tokenizer saved with ``save_pretrained`` by the ``_class_name`` in its config.json."""
+    """Load any tokenizer saved with ``save_pretrained`` by the ``_class_name`` in its config.json, or a diffusers
+    ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
     import json
     import os
 
@@ -16,11 +19,14 @@ def load_tokenizer(path: str):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no tokenizer config.json in {path!r}")
     with open(config_file) as f:
-        name = json.load(f).get("_class_name")
+        config = json.load(f)
+    name = config.get("_class_name")
+    if is_autoencoder_kl(config):  # a diffusers AutoencoderKL folder (SD / SDXL / FLUX VAE)
+        return DiffusersAutoencoderKL.from_pretrained(path)
     classes = {cls.__name__: cls for cls in TOKENIZER_CLASSES.values()}
     if name not in classes:
-        raise ValueError(f"{config_file}: _class_name {name!r} is not one of {sorted(classes)}")
+        raise ValueError(f"{config_file}: _class_name {name!r} is not one of {sorted(classes) + ['AutoencoderKL']}")
     return classes[name].from_pretrained(path)
 
 
-__all__ = ["VQTokenizer", "SigmaVAE", "KLVAE", "TokenizerOutput", "gaussian_kl", "TOKENIZER_CLASSES", "load_tokenizer"]
+__all__ = ["DiffusersAutoencoderKL", "VQTokenizer", "SigmaVAE", "KLVAE", "TokenizerOutput", "gaussian_kl", "TOKENIZER_CLASSES", "load_tokenizer"]
