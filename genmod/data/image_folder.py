@@ -44,7 +44,8 @@ def load_image(path, image_size: int | None, channels: int, crop: bool = True) -
                 img = resize_and_crop(img, image_size) if crop else resize_shorter(img, image_size)
             return to_tensor(img, channels)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise UnreadableFileError(f"{getattr(path, 'name', path)}: unreadable image ({type(err).__name__}: {err})") from None
+        where = path if isinstance(path, (str, os.PathLike)) else "image bytes"
+        raise UnreadableFileError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
 
 
 def verify_image(path: str | os.PathLike) -> None:

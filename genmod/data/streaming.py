@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .crops import augment_rng, crop_and_flip
+from .folders import UnreadableFileError
 from .image_folder import load_image
 from .shard_writer import INFO_FILE
 
@@ -213,7 +214,10 @@ class WebDatasetStream(IterableDataset):
     def decode_image(self, data: bytes, key: str, epoch: int) -> torch.Tensor:
         """Image bytes as float ``(C, H, W)`` in ``[-1, 1]``: resized, cropped and flipped."""
         channels = self.channels or 3
-        image = load_image(io.BytesIO(data), self.image_size, channels, crop=not self.random_crop)
+        try:
+            image = load_image(io.BytesIO(data), self.image_size, channels, crop=not self.random_crop)
+        except UnreadableFileError as err:
+            raise UnreadableFileError(f"webdataset:{self.pattern}: item {key}: {err}") from None
         if self.random_crop or self.random_flip:
             size = self.image_size if self.random_crop else min(image.shape[-2:])
             image = crop_and_flip(image, size, augment_rng(self.seed, epoch, key), self.random_crop, self.random_flip)
