@@ -160,6 +160,26 @@ def test_bad_patterns_name_the_file(tmp_path):
         WebDatasetStream(f"{tmp_path}/small/train-000000.tar").configure(4, world_size=2)
 
 
+def test_tokenizer_cache_as_shards_streams_the_same_latents(tmp_path):
+    """``genmod tokenize --format webdataset``'s conversion: a latent cache -> shards -> equal items, and
+    the streamed epoch holds every cached item once."""
+    from genmod.tokenizers_vq.cache import CachedLatentDataset, cache_to_webdataset, tokenize_dataset
+    from genmod.tokenizers_vq.models import VQTokenizer
+
+    torch.manual_seed(0)
+    model = VQTokenizer(quantizer="fsq", fsq_levels=(5, 5, 5), base_channels=8, ch_mult=(1, 2), num_res_blocks=1)
+    images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "label": torch.tensor(i % 2), "caption": f"item {i}"} for i in range(10)]
+    tokenize_dataset(model.eval(), images, str(tmp_path / "cache"), batch_size=4, shard_size=10)
+    info = json.loads(open(cache_to_webdataset(str(tmp_path / "cache"), str(tmp_path / "shards"), 4)).read())
+    assert info["store"] == "both" and info["tokenizer_class"] == "VQTokenizer" and info["num_samples"] == 10
+    cache = CachedLatentDataset(str(tmp_path / "cache"))
+    stream = WebDatasetStream(f"{tmp_path}/shards/train-{{000000..000002}}.tar").configure(5, seed=1)
+    assert all(_equal_items(stream[i], cache[i]) for i in range(10))
+    by_caption = {item["caption"]: item for item in stream}
+    assert sorted(by_caption) == sorted(f"item {i}" for i in range(10))
+    assert all(_equal_items(by_caption[cache[i]["caption"]], cache[i]) for i in range(10))
+
+
 # ---------------------------------------------------------------------------------------------
 # Crops and flips at --resolution
 
