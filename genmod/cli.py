@@ -32,6 +32,7 @@ COMMANDS = {
     "eval-folder": ("genmod.evals.cli", "main_eval_folder", "metrics between two folders of images"),
     "eval-tokenizer": ("genmod.tokenizer.cli", "main_eval_tokenizer", "reconstruction metrics of a tokenizer"),
     "tokenize": ("genmod.tokenizers_vq.cache", "main", "encode a dataset once into cached latents / indices"),
+    "make-shards": ("genmod.data.shard_writer", "main", "write an image / audio folder as webdataset tar shards"),
     "make-speech-digits": ("genmod.data.speech_digits", "main", "generate the spoken-digits corpus with espeak-ng"),
     "import": ("genmod.importers.cli", "main", "import a released checkpoint (VAR, SiT, ...) as a genmod pipeline folder"),
     "export-diffusers": ("genmod.pipelines.export", "main", "export a pipeline as a self-contained diffusers folder"),

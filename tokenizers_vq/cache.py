@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import torch
@@ -153,6 +155,17 @@ class CachedLatentDataset(Dataset):
         return item
 
 
+def cache_to_webdataset(cache_dir: str, out_dir: str, shard_size: int) -> str:
+    """A :func:`tokenize_dataset` cache rewritten as webdataset tar shards (``latents.npy``,
+    ``indices.npy``, ``cls``, ``txt`` per item) plus ``dataset.json`` holding the tokenizer, for
+    ``--dataset webdataset:OUT/train-{000000..N}.tar`` (``genmod.data.streaming``). Returns the JSON's path."""
+    from genmod.data.shard_writer import write_shards
+
+    cache = CachedLatentDataset(cache_dir)
+    keep = ("store", "tokenizer_class", "tokenizer_path", "tokenizer_config", "latent_shape", "indices_shape")
+    return write_shards(cache, out_dir, shard_size, extra_info={k: cache.index.get(k) for k in keep})
+
+
 def main(argv: list[str]) -> int:
     """``genmod tokenize TOKENIZER_DIR --dataset NAME [--split train] [--out DIR] [--store auto]``."""
     import argparse
@@ -171,13 +184,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--shard_size", type=int, default=10000)
     parser.add_argument("--num_samples", type=int, default=None)
+    parser.add_argument("--format", default="safetensors", choices=["safetensors", "webdataset"],
+                        help="webdataset: tar shards OUT/train-%%06d.tar + dataset.json, streamed by --dataset webdataset:...")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     model_dir, dataset_name = tokenizer_and_dataset(args.tokenizer_dir, args.dataset)
     model = load_tokenizer(model_dir).to(args.device)
     out_dir = args.out or os.path.join(model_dir, "..", f"cache-{dataset_name}-{args.split}")
-    index = tokenize_dataset(model, get_dataset(dataset_name, split=args.split), out_dir, batch_size=args.batch_size,
+    cache_dir = out_dir if args.format == "safetensors" else tempfile.mkdtemp(prefix="genmod-tokenize-")
+    index = tokenize_dataset(model, get_dataset(dataset_name, split=args.split), cache_dir, batch_size=args.batch_size,
                              shard_size=args.shard_size, store=args.store, num_samples=args.num_samples,
                              tokenizer_path=os.path.abspath(model_dir))
+    if args.format == "webdataset":
+        index = cache_to_webdataset(cache_dir, out_dir, args.shard_size)
+        shutil.rmtree(cache_dir)
     print(f"wrote {index}")
     return 0

@@ -3,7 +3,8 @@
 Built-in, offline and deterministic: ``shapes``, ``moving_shapes``, ``oscillators``, ``tones``.
 Real data: ``fashion_mnist`` (Debian ``dataset-fashion-mnist`` files), ``speech_digits`` (espeak-ng
 corpus made by ``genmod make-speech-digits``). User data: ``image_folder:/path``,
-``audio_folder:/path``, ``torchvision:NAME``.
+``audio_folder:/path``, ``torchvision:NAME``, ``webdataset:/shards/train-{000000..000099}.tar`` (tar
+shards streamed across ranks and workers, ``streaming.py``; written by ``genmod make-shards``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .moving_shapes import MovingShapesDataset
 from .oscillators import DampedOscillatorDataset
 from .shapes import ShapesDataset
 from .speech_digits import SpeechDigitsDataset
+from .streaming import WebDatasetStream
 from .tones import ToneDataset
 from .torchvision_datasets import TorchvisionDataset
 
@@ -38,6 +40,7 @@ PREFIXED: dict[str, Callable[..., Dataset]] = {
     "image_folder": ImageFolderDataset,
     "audio_folder": AudioFolderDataset,
     "torchvision": TorchvisionDataset,
+    "webdataset": WebDatasetStream,
 }
 
 
@@ -101,7 +104,7 @@ def collate(items: list[dict]) -> dict:
 
 __all__ = [
     "AudioFolderDataset", "DampedOscillatorDataset", "FashionMNIST", "ImageFolderDataset", "MovingShapesDataset",
-    "ShapesDataset", "SpeechDigitsDataset", "ToneDataset", "TorchvisionDataset", "UnreadableFileError",
+    "ShapesDataset", "SpeechDigitsDataset", "ToneDataset", "TorchvisionDataset", "UnreadableFileError", "WebDatasetStream",
     "collate", "get_dataset", "known_datasets", "make_image_grid", "read_idx", "register_dataset", "save_gif",
     "save_image_grid", "save_wav", "write_idx",
 ]

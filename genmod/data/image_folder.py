@@ -1,5 +1,7 @@
 """A folder of images as a dataset (``ImageFolderDataset``, ``"image_folder:/path"``): class
-subfolders give labels and captions, images are resized (shorter side) and center-cropped.
+subfolders give labels and captions, images are resized (shorter side) and center-cropped, or
+(``random_crop`` / ``random_flip``) cropped and flipped by a generator seeded per item and epoch
+(``crops.py``), so a resumed run sees the crops of the uninterrupted one.
 
 Reading, ``root/split`` folders and ``on_error`` are shared with the audio folders (``folders.py``).
 """
@@ -8,10 +10,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .crops import augment_rng, crop_and_flip, resize_shorter, to_tensor
 from .folders import (UnreadableFileError, check_on_error, evenly_spaced, progress, readable_name,
                       resolve_split_root, scan_class_folders, skip_or_raise, warn_skipped)
 
@@ -23,30 +25,27 @@ def resize_and_crop(img, image_size: int):
     center-cropped to ``image_size`` x ``image_size``."""
     from PIL import Image
 
-    w, h = img.size
-    scale = image_size / min(w, h)
-    new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
+    img = resize_shorter(img, image_size)
+    new_w, new_h = img.size
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
     return img.crop((left, top, left + image_size, top + image_size))
 
 
-def load_image(path: str | os.PathLike, image_size: int | None, channels: int) -> torch.Tensor:
-    """Decode an image to uint8 ``(C, S, S)``: shorter side resized to ``image_size`` (bicubic,
-    antialiased) then center-cropped; ``image_size=None`` keeps the original size."""
+def load_image(path, image_size: int | None, channels: int, crop: bool = True) -> torch.Tensor:
+    """Decode an image (a path or a binary file object) to uint8 ``(C, S, S)``: shorter side resized to
+    ``image_size`` (bicubic, antialiased) then center-cropped (``crop=False``: not cropped);
+    ``image_size=None`` keeps the original size."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img = img.convert("RGB" if channels == 3 else "L")
             if image_size is not None:
-                img = resize_and_crop(img, image_size)
-            array = np.asarray(img, dtype=np.uint8)
+                img = resize_and_crop(img, image_size) if crop else resize_shorter(img, image_size)
+            return to_tensor(img, channels)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise UnreadableFileError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        where = path if isinstance(path, (str, os.PathLike)) else "image bytes"
+        raise UnreadableFileError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
 
 
 def verify_image(path: str | os.PathLike) -> None:
@@ -57,8 +56,10 @@ def verify_image(path: str | os.PathLike) -> None:
         img.verify()
 
 
-def _check_arguments(on_error: str, channels: int, image_size: int | None) -> None:
+def _check_arguments(on_error: str, channels: int, image_size: int | None, random_crop: bool = False) -> None:
     check_on_error(on_error)
+    if random_crop and image_size is None:
+        raise ValueError("random_crop=True needs image_size (--resolution)")
     if channels not in (1, 3):
         raise ValueError(f"channels={channels} must be 1 or 3")
     if image_size is not None and image_size < 1:
@@ -75,7 +76,8 @@ class ImageFolderDataset(Dataset):
     """Images in class subfolders (``root/cat/001.png`` -> label of "cat", caption "a photo of a cat").
 
     With ``root/train`` and ``root/test`` present, ``split`` picks one. Images are resized (shorter
-    side) and center-cropped to ``image_size``; ``preload=True`` decodes everything once (errors are
+    side) and center-cropped to ``image_size`` (``random_crop`` / ``random_flip``: cropped and flipped
+    per item by ``augment_rng(seed, epoch, index)``; ``set_epoch`` picks the epoch); ``preload=True`` decodes everything once (errors are
     found up front), ``preload=False`` only checks that each file opens and decodes on access.
     ``num_samples`` keeps that many files spread evenly over the class-sorted list.
     """
@@ -90,8 +92,12 @@ class ImageFolderDataset(Dataset):
         preload: bool = True,
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         num_samples: int | None = None,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
     ):
-        _check_arguments(on_error, channels, image_size)
+        _check_arguments(on_error, channels, image_size, random_crop)
+        self.random_crop, self.random_flip, self.seed, self.epoch = random_crop, random_flip, seed, 0
         self.root = resolve_split_root(root, split)
         files, labels = self._list_files(extensions, num_samples)
         self.num_classes, self.channels, self.on_error = len(self.class_names), channels, on_error
@@ -119,7 +125,7 @@ class ImageFolderDataset(Dataset):
         for path, label in zip(progress(files, "reading images"), labels):
             try:
                 if preload:
-                    images.append(load_image(path, self.image_size, self.channels))
+                    images.append(load_image(path, self.image_size, self.channels, crop=not self.random_crop))
                 else:
                     verify_image(path)
             except Exception as err:  # noqa: BLE001 - every decoder failure means "unreadable file"
@@ -146,8 +152,21 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose random crops / flips ``__getitem__`` draws (the trainer sets it)."""
+        self.epoch = int(epoch)
+
+    def _augment(self, img: torch.Tensor, index: int) -> torch.Tensor:
+        if not (self.random_crop or self.random_flip):
+            return img
+        rng = augment_rng(self.seed, self.epoch, f"{index:08d}")  # the key make-shards gives item index
+        size = self.image_size if self.random_crop else min(img.shape[-2:])
+        return crop_and_flip(img, size, rng, self.random_crop, self.random_flip)
+
     def __getitem__(self, index: int) -> dict:
-        img = self._images[index] if self._images is not None else load_image(self.files[index], self.image_size, self.channels)
+        img = self._images[index] if self._images is not None else load_image(
+            self.files[index], self.image_size, self.channels, crop=not self.random_crop)
+        img = self._augment(img, index)
         label = self.labels[index]
         return {
             "image": img.float() / 127.5 - 1.0,

@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 
 from .config import ConfigError
 
-__all__ = ["stable_seed", "EpochBatchSampler", "to_device", "default_collate_fn"]
+__all__ = ["stable_seed", "EpochBatchSampler", "to_device", "default_collate_fn", "build_loader"]
 
 
 def stable_seed(*parts) -> int:
@@ -32,7 +32,8 @@ class EpochBatchSampler(Sampler):
     """
 
     def __init__(self, num_samples: int, batch_size: int, num_processes: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, on_epoch=None):
+        self.on_epoch = on_epoch  # called with the epoch by set_epoch (a dataset's seeded crops)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.num_processes = num_processes
@@ -50,6 +51,8 @@ class EpochBatchSampler(Sampler):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self.start_batch = start_batch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def __len__(self) -> int:
         return max(self.batches_per_epoch - self.start_batch, 0)
@@ -63,6 +66,30 @@ class EpochBatchSampler(Sampler):
         for index in range(self.start_batch, self.batches_per_epoch):
             start = index * self.global_batch + self.rank * self.batch_size
             yield order[start:start + self.batch_size].tolist()
+
+
+def build_loader(dataset, config, world_size: int, rank: int, pin_memory: bool):
+    """``(position, loader, loader_generator)`` of a dataset; ``position.set_epoch(epoch, batch)``
+    picks where the next ``iter(loader)`` starts and ``position.batches_per_epoch`` is per process.
+
+    A map-style dataset gets an :class:`EpochBatchSampler` (told the epoch by ``dataset.set_epoch``
+    when it has one); a streaming one (``IterableDataset``, e.g. ``genmod.data.WebDatasetStream``)
+    is configured with the batch layout and is its own position (its module docstring: the order).
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    generator = torch.Generator()  # an explicit generator keeps DataLoader's base-seed draw off the global RNG
+    common = dict(num_workers=config.num_workers, collate_fn=default_collate_fn(), generator=generator,
+                  pin_memory=pin_memory and config.num_workers > 0)
+    if isinstance(dataset, IterableDataset):
+        if not hasattr(dataset, "configure"):
+            raise ConfigError(f"--dataset: {type(dataset).__name__} is an IterableDataset without configure(); "
+                              "the trainer cannot place it across processes and resume it")
+        position = dataset.configure(config.batch_size, world_size, rank, config.num_workers, seed=config.seed)
+        return position, DataLoader(dataset, batch_size=config.batch_size, **common), generator
+    position = EpochBatchSampler(len(dataset), config.batch_size, world_size, rank, seed=config.seed,
+                                 on_epoch=getattr(dataset, "set_epoch", None))
+    return position, DataLoader(dataset, batch_sampler=position, **common), generator
 
 
 def to_device(batch, device):

@@ -73,6 +73,9 @@ class TrainConfig:
     dataset: str = "shapes"
     dataset_split: str = "train"
     dataset_size: Optional[int] = None  # number of samples for datasets that take `num_samples`
+    resolution: Optional[int] = None  # image side for image_folder / webdataset images (resize + crop)
+    random_crop: bool = False  # random instead of center crops, seeded per (seed, epoch, item)
+    random_flip: bool = False  # horizontal flips with probability 1/2, seeded the same way
 
     def validate(self) -> None:
         """Range checks that types alone cannot express; raises ConfigError naming the field."""

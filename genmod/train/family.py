@@ -113,11 +113,29 @@ class Family:
         kwargs = self.dataset_kwargs()
         if getattr(self.config, "dataset_size", None) is not None:
             kwargs["num_samples"] = self.config.dataset_size
-        return get_dataset(self.config.dataset, split=self.config.dataset_split, **kwargs)
+        kwargs.update(image_options(self.config))
+        try:
+            return get_dataset(self.config.dataset, split=self.config.dataset_split, **kwargs)
+        except TypeError as err:
+            if not image_options(self.config) or "unexpected keyword" not in str(err):
+                raise
+            raise ValueError(f"--dataset {self.config.dataset}: takes no --resolution / --random_crop / "
+                             f"--random_flip ({err})") from None
 
     def dataset_kwargs(self) -> dict:
         """Extra keyword arguments for the dataset class in :meth:`build_dataset` (none by default)."""
         return {}
+
+
+def image_options(config) -> dict:
+    """Dataset keywords of ``--resolution``, ``--random_crop``, ``--random_flip`` (only those set)."""
+    options = {}
+    if getattr(config, "resolution", None) is not None:
+        options["image_size"] = config.resolution
+    for name in ("random_crop", "random_flip"):
+        if getattr(config, name, False):
+            options[name], options["seed"] = True, config.seed
+    return options
 
 
 @dataclass

@@ -38,7 +38,7 @@ class ResumeMixin:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "micro_step": self.step * self.config.grad_accum_steps,
             "samples_seen": self.step * self.config.grad_accum_steps * self.config.batch_size * self.world_size,
-            "world_size": self.world_size, "batch_size": self.config.batch_size,
+            "world_size": self.world_size, "batch_size": self.config.batch_size, "num_workers": self.config.num_workers,
             "grad_accum_steps": self.config.grad_accum_steps,
             "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
             "family": getattr(self.family, "name", family_cls.__name__),
@@ -119,7 +119,9 @@ class ResumeMixin:
         """Epoch and batch to continue from; with another batch layout, from the number of samples seen."""
         config = self.config
         same_layout = (state.get("world_size") == self.world_size and state.get("batch_size") == config.batch_size
-                       and state.get("grad_accum_steps") == config.grad_accum_steps)
+                       and state.get("grad_accum_steps") == config.grad_accum_steps
+                       # a streaming dataset's order also depends on the workers (genmod.data.streaming)
+                       and (not hasattr(self.sampler, "num_workers") or state.get("num_workers") == config.num_workers))
         if same_layout:
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
             return

@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
-from .batches import EpochBatchSampler, default_collate_fn, stable_seed, to_device
+from .batches import EpochBatchSampler, build_loader, stable_seed, to_device
 # save_checkpoint stays here: tests replace this module's write_checkpoint to kill a run mid-write
 from .checkpoint import checkpoint_name, checkpoints_root, prepare_staging, save_rank_rng, write_checkpoint
 from .config import ConfigError, TrainConfig, _check_instance_types
@@ -155,13 +154,9 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
                            config.ema_power).to(self.device)
             self.ema_model = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
 
-        self.sampler = EpochBatchSampler(len(self.dataset), config.batch_size, self.world_size, self.rank,
-                                         seed=config.seed)
-        # an explicit generator keeps DataLoader's base-seed draw off the global RNG
-        self.loader_generator = torch.Generator()
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
-                                 collate_fn=default_collate_fn(), generator=self.loader_generator,
-                                 pin_memory=self.device.type == "cuda" and config.num_workers > 0)
+        # the data position: an EpochBatchSampler, or a streaming dataset itself (batches.build_loader)
+        self.sampler, self.loader, self.loader_generator = build_loader(
+            self.dataset, config, self.world_size, self.rank, pin_memory=self.device.type == "cuda")
         self._data_iter = None
 
     # ----------------------------------------------------------------------------------------
