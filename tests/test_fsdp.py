@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset", "shapes", "--dataset_size", "16", "--hidden_size", "32", "--depth", "2", "--num_heads", "2",
          "--patch_size", "4", "--no-conditional", "--class_dropout_prob", "0", "--grad_accum_steps", "2",
          "--lr", "1e-2", "--grad_clip", "1.0", "--ema_decay", "0.9", "--ema_warmup", "--max_steps", "4",
-         "--checkpoint_every", "2", "--keep_last", "0", "--sample_every", "0", "--num_preview", "0",
+         "--checkpoint_every", "2", "--keep_last", "0", "--sample_every", "4", "--num_preview", "2",
          "--log_every", "0", "--no-tensorboard", "--cpu", "--seed", "5"]
 
 
@@ -69,13 +69,19 @@ class FixedNoiseFlow(FlowFamily):
         return {"loss": ((out - (noise - x0)) ** 2).mean()}
 
 
-def _torchrun(out, *extra):
+def _torchrun(out, *extra, wait=True):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "ACCELERATE_USE_FSDP")}
     env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.abspath(__file__), str(out), *FLAGS, "--batch_size", "2", "--distributed", "fsdp",
            "--output_dir", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return _wait(run) if wait else run
+
+
+def _wait(run):
+    stdout, stderr = run.communicate(timeout=300)
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
 
 
 def _losses(out):
@@ -87,10 +93,12 @@ def runs(tmp_path_factory):
     """One uninterrupted 2-process FSDP run, one killed during its step-4 checkpoint and resumed."""
     root = tmp_path_factory.mktemp("fsdp")
     straight, killed = root / "straight", root / "killed"
-    done = _torchrun(straight)
+    started = [_torchrun(straight, wait=False), _torchrun(killed, "--kill-at", "4", wait=False)]  # side by side
+    done, crash = [_wait(run) for run in started]
     assert done.returncode == 0, done.stderr[-3000:]
-    crash = _torchrun(killed, "--kill-at", "4")
-    assert crash.returncode != 0
+    assert crash.returncode != 0 and "exitcode  : -9" in crash.stderr, crash.stderr[-3000:]  # rank 0's SIGKILL
+    assert [step for step, _ in list_checkpoints(killed)] == [2]  # the step-4 write never became visible
+    assert (killed / "checkpoints" / ".tmp-step-00000004").is_dir()
     resumed = _torchrun(killed, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return straight, killed
@@ -136,6 +144,17 @@ def test_sigkill_during_sharded_checkpoint_then_resume_is_bitwise(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((killed / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["distributed"] == "fsdp" and state["world_size"] == 2
+    # the step-4 preview (rank 0's gathered EMA copy) has the same pixels
+    assert (killed / "samples" / "step-000004.png").read_bytes() == (straight / "samples" / "step-000004.png").read_bytes()
+
+
+def test_sharded_checkpoint_resumes_on_one_unsharded_process(runs, tmp_path):
+    """The gathered checkpoint is the DDP format: one process continues it (model, EMA and AdamW moments)."""
+    straight, _ = runs
+    config = parse_config(FlowConfig, [*FLAGS, "--batch_size", "4", "--output_dir", str(tmp_path),
+                                       "--resume", str(straight / "checkpoints" / "step-00000002")])
+    Trainer(config, FixedNoiseFlow(config)).train()
+    assert _losses(tmp_path) == pytest.approx(_losses(straight)[2:], rel=0, abs=1e-6)
 
 
 def test_exported_pipeline_loads_in_one_process_with_gathered_weights(runs):
@@ -156,6 +175,18 @@ def test_unet_refuses_fsdp_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^--distributed fsdp: FlowUNet has no transformer blocks to shard") as err:
         Trainer(config, FlowFamily(config)).train()
     assert "\n" not in str(err.value)
+
+
+def test_accelerate_config_fsdp_selects_fsdp_and_is_hidden_from_the_plugin(monkeypatch):
+    from genmod.train.sharding import accelerate_fsdp_env_off, distributed_mode
+
+    config = parse_config(FlowConfig, ["--output_dir", "unused"])
+    assert distributed_mode(config) == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type: FSDP
+    assert distributed_mode(config) == "fsdp"
+    with accelerate_fsdp_env_off():
+        assert "ACCELERATE_USE_FSDP" not in os.environ
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"
 
 
 def _write_shards(trainer, out, rank):
