@@ -15,7 +15,8 @@ reproduces the uninterrupted run:
 Multi-process: ``ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 script.py`` (gloo)
 or ``accelerate launch`` on GPUs. When the environment announces several processes but Accelerate
 sees one (plain ``torchrun`` on CPU, ``accelerate launch --cpu --num_processes 2``), the processes
-would train independently into the same folder; the trainer refuses to start.
+would train independently into the same folder; the trainer refuses to start. ``--distributed fsdp``
+shards the model per transformer block instead of replicating it (:mod:`~genmod.train.sharding`).
 
 This file holds the build and the loop; the rest of the trainer lives beside it: data order and
 seeds in :mod:`~genmod.train.batches`, optimizer and lr schedule in :mod:`~genmod.train.optim`,
@@ -208,7 +209,8 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         optimizer_state = self._gather_full(optimizer=True)  # FSDP: shards to rank 0 (collective)
         if self.is_main:
             training_state = self._training_state(optimizer_state)
-            path = write_checkpoint(staging, self.step, model=self.full_model or unwrap_model(self.model),
+            model = self.full_model if self.sharded else unwrap_model(self.model)
+            path = write_checkpoint(staging, self.step, model=model,
                                     ema_model=self._ema_weights_model() if self.ema is not None else None,
                                     training_state=training_state, trainer_state=self._trainer_state(),
                                     config=self.config, keep_last=self.config.keep_last)
