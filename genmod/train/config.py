@@ -54,6 +54,8 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # several processes: ddp = full replicas (DDP); fsdp = FSDP2 shards per transformer block (genmod.train.sharding)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     # EMA of the weights; 0 = off. Warmup: decay_t = min(decay, 1 - (1 + t/inv_gamma)^-power)
     ema_decay: float = 0.9999
     ema_warmup: bool = False

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .family import unwrap_model
+from .sharding import gather_ema_into, gather_model_into, gather_optimizer_state
 
 __all__ = ["ExportMixin"]
 
@@ -22,12 +23,26 @@ __all__ = ["ExportMixin"]
 class ExportMixin:
     """The trainer's EMA-weights model, previews and final export."""
 
+    def _gather_full(self, optimizer: bool = False) -> Optional[dict]:
+        """Every process: under FSDP, gather the sharded weights and EMA into rank 0's full copies (once per
+        step) and, with ``optimizer``, return the full optimizer state on rank 0. Nothing under DDP."""
+        if not self.sharded:
+            return None
+        if self._gathered_step != self.step:
+            gather_model_into(self.model, self.full_model)
+            if self.ema is not None:
+                gather_ema_into(self.ema, self.ema_model)
+            self._gathered_step = self.step
+        return gather_optimizer_state(self.optimizer, keep=self.is_main) if optimizer else None
+
     def _ema_weights_model(self):
-        """The EMA copy with current EMA weights and the live model's buffers (or the raw model)."""
-        live = unwrap_model(self.model)
+        """The EMA copy with current EMA weights and the live model's buffers (or the raw model).
+        Under FSDP: rank 0's full copies, filled by :meth:`_gather_full`."""
+        live = self.full_model if self.sharded else unwrap_model(self.model)
         if self.ema is None:
             return live
-        self.ema.copy_to(self.ema_model)
+        if not self.sharded:
+            self.ema.copy_to(self.ema_model)
         with torch.no_grad():
             for target, source in zip(self.ema_model.buffers(), live.buffers()):
                 target.copy_(source)

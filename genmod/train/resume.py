@@ -22,6 +22,7 @@ from .checkpoint import (CheckpointError, checkpoints_root, find_checkpoint, get
                          load_weights, read_trainer_state, set_rng_state)
 from .family import unwrap_model
 from .optim import apply_optimizer_config
+from .sharding import load_ema_shadow, load_model_state, shard_optimizer_state
 
 __all__ = ["ResumeMixin"]
 
@@ -39,6 +40,7 @@ class ResumeMixin:
             "micro_step": self.step * self.config.grad_accum_steps,
             "samples_seen": self.step * self.config.grad_accum_steps * self.config.batch_size * self.world_size,
             "world_size": self.world_size, "batch_size": self.config.batch_size, "num_workers": self.config.num_workers,
+            "distributed": "fsdp" if self.sharded else "ddp",
             "grad_accum_steps": self.config.grad_accum_steps,
             "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
             "family": getattr(self.family, "name", family_cls.__name__),
@@ -47,11 +49,12 @@ class ResumeMixin:
             "last_loss": self.last_loss,
         }
 
-    def _training_state(self) -> dict:
-        """Optimizer, lr schedule, grad scaler, this process's RNG and the family's state (``training_state.pt``)."""
+    def _training_state(self, optimizer_state: dict | None = None) -> dict:
+        """Optimizer (``optimizer_state``: FSDP's gathered one), lr schedule, grad scaler, this process's RNG
+        and the family's state (``training_state.pt``)."""
         scaler = getattr(self.accelerator, "scaler", None)
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "rng": get_rng_state(),
@@ -76,7 +79,7 @@ class ResumeMixin:
         self._load_weights(path, state)
         # 2) optimizer, schedule (re-aimed at this run's options), grad scaler
         training_state = load_training_state(path)
-        self.optimizer.load_state_dict(training_state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, training_state["optimizer"]))
         self.lr_scheduler.load_state_dict(training_state["lr_scheduler"])
         self._apply_optimizer_config()
         scaler = getattr(self.accelerator, "scaler", None)
@@ -105,11 +108,11 @@ class ResumeMixin:
         """The checkpoint's model weights and EMA shadow (the model's when no ``ema/`` was saved)."""
         model = unwrap_model(self.model)
         try:
-            model.load_state_dict(load_weights(os.path.join(path, "model")), strict=True)
+            load_model_state(model, load_weights(os.path.join(path, "model")))  # FSDP: each rank its rows
             if self.ema is not None:
                 ema_dir = os.path.join(path, "ema")
                 source = ema_dir if os.path.isdir(ema_dir) else os.path.join(path, "model")
-                self.ema.load_shadow(load_weights(source), where=source)
+                load_ema_shadow(self.ema, load_weights(source), where=source)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not match the model ({str(err).splitlines()[0]})") from None
         if self.ema is not None:

@@ -15,7 +15,8 @@ reproduces the uninterrupted run:
 Multi-process: ``ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 script.py`` (gloo)
 or ``accelerate launch`` on GPUs. When the environment announces several processes but Accelerate
 sees one (plain ``torchrun`` on CPU, ``accelerate launch --cpu --num_processes 2``), the processes
-would train independently into the same folder; the trainer refuses to start.
+would train independently into the same folder; the trainer refuses to start. ``--distributed fsdp``
+shards the model per transformer block instead of replicating it (:mod:`~genmod.train.sharding`).
 
 This file holds the build and the loop; the rest of the trainer lives beside it: data order and
 seeds in :mod:`~genmod.train.batches`, optimizer and lr schedule in :mod:`~genmod.train.optim`,
@@ -46,8 +47,9 @@ from .ema import EMA
 from .export import ExportMixin
 from .family import Family, unwrap_model
 from .logs import LogMixin
-from .optim import LRSchedule, build_optimizer  # LRSchedule: still importable from here
+from .optim import LRSchedule  # still importable from here
 from .resume import ResumeMixin
+from .sharding import accelerate_fsdp_env_off, distributed_mode, full_value, no_sync, prepare_model
 
 __all__ = ["Trainer", "TrainSummary", "TrainingDivergedError", "EpochBatchSampler", "LRSchedule", "stable_seed"]
 
@@ -114,8 +116,9 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         if world_size == 1:  # a fresh state per run, so several trainers can run in one process
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-        accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.config.mixed_precision,
-                                  gradient_accumulation_steps=1, step_scheduler_with_optimizer=False)
+        with accelerate_fsdp_env_off():  # FSDP is applied by genmod.train.sharding, not by the plugin
+            accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.config.mixed_precision,
+                                      gradient_accumulation_steps=1, step_scheduler_with_optimizer=False)
         if world_size > 1 and accelerator.num_processes == 1:
             raise RuntimeError(
                 f"WORLD_SIZE={world_size} but Accelerate sees 1 process: the processes would train independently "
@@ -143,16 +146,21 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             # fp16 grads cannot be unscaled; accelerate autocasts the forward instead
             raise ConfigError(f"{type(self.family).__name__}.build_model: trainable parameters must be float32 "
                               "(use --mixed_precision for bf16/fp16 training)")
-        optimizer, self.lr_scheduler = build_optimizer(trainable, config)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.trainable = trainable
+        # DDP replicas or FSDP shards (one function chooses); under FSDP rank 0 keeps a full copy for exports
+        self.distributed = distributed_mode(config)
+        self.model, self.optimizer, self.lr_scheduler, self.trainable, self.full_model = prepare_model(
+            accelerator, model, config, self.distributed)
+        self.sharded = self.distributed == "fsdp" and self.world_size > 1
+        self._gathered_step = -1
 
         self.ema = None
         self.ema_model = None
-        if config.ema_decay > 0:
+        if config.ema_decay > 0:  # the shadow is sharded like the parameters under FSDP
             self.ema = EMA(unwrap_model(self.model), config.ema_decay, config.ema_warmup, config.ema_inv_gamma,
                            config.ema_power).to(self.device)
-            self.ema_model = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+            source = self.full_model if self.sharded else unwrap_model(self.model)
+            if source is not None:
+                self.ema_model = copy.deepcopy(source).eval().requires_grad_(False)
 
         # the data position: an EpochBatchSampler, or a streaming dataset itself (batches.build_loader)
         self.sampler, self.loader, self.loader_generator = build_loader(
@@ -193,9 +201,11 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             save_rank_rng(staging, self.rank)
         accelerator.wait_for_everyone()
         path = os.path.join(checkpoints_root(self.config.output_dir), checkpoint_name(self.step))
+        optimizer_state = self._gather_full(optimizer=True)  # FSDP: shards to rank 0 (collective)
         if self.is_main:
-            training_state = self._training_state()
-            path = write_checkpoint(staging, self.step, model=unwrap_model(self.model),
+            training_state = self._training_state(optimizer_state)
+            model = self.full_model if self.sharded else unwrap_model(self.model)
+            path = write_checkpoint(staging, self.step, model=model,
                                     ema_model=self._ema_weights_model() if self.ema is not None else None,
                                     training_state=training_state, trainer_state=self._trainer_state(),
                                     config=self.config, keep_last=self.config.keep_last)
@@ -270,7 +280,7 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             micro_step = self.step * accum + micro
             generator = torch.Generator(device=self.device).manual_seed(stable_seed(config.seed, micro_step, self.rank))
             # 2) loss and backward; gradients are all-reduced only on the last micro-batch of the step
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(self.model)
+            sync = contextlib.nullcontext() if micro == accum - 1 else no_sync(accelerator, self.model)
             with sync:
                 with accelerator.autocast():
                     out = self.family.loss(self.model, batch, generator)
@@ -304,7 +314,7 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / config.grad_accum_steps, reduction="mean")
         # 2) clip and take the optimizer step
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(self.trainable, clip)
+        grad_norm = full_value(accelerator.clip_grad_norm_(self.trainable, clip))  # FSDP: a DTensor
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -327,8 +337,10 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             self._log(metrics, progress, metrics_out)
         for callback in self.callbacks:
             callback(self, self.step, metrics)
-        if config.sample_every and self.step % config.sample_every == 0 and self.is_main:
-            self.save_preview()
+        if config.sample_every and self.step % config.sample_every == 0:
+            self._gather_full()  # FSDP: rank 0's full copies (collective)
+            if self.is_main:
+                self.save_preview()
         if config.checkpoint_every and self.step % config.checkpoint_every == 0:
             self.save_checkpoint()
 
@@ -352,6 +364,7 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         if self.last_checkpoint is None or not self.last_checkpoint.endswith(checkpoint_name(self.step)):
             self.save_checkpoint()
         final_dir = pipeline_dir = None
+        self._gather_full()
         if self.is_main:
             final_dir, pipeline_dir = self._export()
         self.accelerator.wait_for_everyone()
