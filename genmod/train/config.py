@@ -54,6 +54,9 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # speed switches (docs/scale/speed.md): torch.compile the model; recompute transformer blocks in backward
+    compile: bool = False
+    gradient_checkpointing: bool = False
     # EMA of the weights; 0 = off. Warmup: decay_t = min(decay, 1 - (1 + t/inv_gamma)^-power)
     ema_decay: float = 0.9999
     ema_warmup: bool = False
@@ -65,7 +68,8 @@ class TrainConfig:
     sample_every: int = 500
     num_preview: int = 16
     log_every: int = 10
-    tensorboard: bool = True
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # Accelerate tracker of the scalars
+    tensorboard: Optional[bool] = None  # old switch: --no-tensorboard means --report_to none
     resume: Optional[str] = None  # None, "latest" or a checkpoint path
     # devices and data
     cpu: bool = False
@@ -73,6 +77,12 @@ class TrainConfig:
     dataset: str = "shapes"
     dataset_split: str = "train"
     dataset_size: Optional[int] = None  # number of samples for datasets that take `num_samples`
+
+    def trackers(self) -> list[str]:
+        """The Accelerate trackers of the run: ``report_to``, with the old ``--no-tensorboard`` meaning none."""
+        if self.tensorboard is False and self.report_to == "tensorboard":
+            return []
+        return [] if self.report_to == "none" else [self.report_to]
 
     def validate(self) -> None:
         """Range checks that types alone cannot express; raises ConfigError naming the field."""
