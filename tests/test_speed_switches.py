@@ -162,22 +162,38 @@ def test_compile_matches_eager_and_saves_plain_weights(tokenizer_dirs, tmp_path,
 
 
 # ---------------------------------------------------------------------------------- bf16
-BF16_TOLERANCE = {"flow": 0.02, "var": 0.02, "causalfusion": 0.02, "diffusion-forcing": 0.02,
-                  "diffusion-forcing-unet": 0.02, "latentlm": 0.02, "tokenizer": 0.02}  # relative loss error
+# relative error of (loss, whole gradient) under bf16 autocast vs fp32, measured max over 5 seeds x ~10
+# (docs/scale/speed.md); the tokenizer's codes flip between near-tied codebook entries of a random init
+BF16_TOLERANCE = {"flow": (2e-4, 0.03), "var": (3e-4, 0.03), "causalfusion": (2e-4, 0.03),
+                  "diffusion-forcing": (1e-3, 0.03), "diffusion-forcing-unet": (1e-3, 0.05), "latentlm": (2e-4, 0.03),
+                  "tokenizer": (0.15, None)}
+
+
+def perturbed(model, seed=0, scale=0.02):
+    """``model`` with N(0, scale^2) added to every weight: zero-initialised output layers (adaLN-Zero)
+    would make the first loss independent of the precision."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
 
 
 @pytest.mark.parametrize("name", list(BF16_TOLERANCE))
 def test_bf16_autocast_loss_is_close_to_fp32(name, tokenizer_dirs, tmp_path):
     family = make_family(name, tokenizer_dirs, tmp_path)
     batch = first_batch(family)
-    torch.manual_seed(0)
-    model = family.build_model().train()
+    model = perturbed(family.build_model().train())
     loss32, grads32, _ = loss_and_grads(family, model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what Accelerator(mixed_precision="bf16").autocast() does on CPU
         loss16, grads16, _ = loss_and_grads(family, model, batch)
     assert torch.isfinite(loss16) and all(torch.isfinite(g).all() for g in grads16.values())
+    loss_tolerance, grad_tolerance = BF16_TOLERANCE[name]
     relative = abs(loss16.item() - loss32.item()) / abs(loss32.item())
-    assert relative < BF16_TOLERANCE[name], relative
+    assert relative < loss_tolerance, relative
+    if grad_tolerance is not None:
+        error = sum((grads16[k] - grads32[k]).norm() ** 2 for k in grads32) ** 0.5
+        assert error / sum(g.norm() ** 2 for g in grads32.values()) ** 0.5 < grad_tolerance
 
 
 def test_vq_distances_stay_fp32_under_bf16_autocast(monkeypatch):
