@@ -27,6 +27,8 @@ so the loss, samplers, pipeline and benchmark use either.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -36,6 +38,7 @@ from torch import nn
 
 from genmod.diffusion_forcing.transformer import DiffusionForcingTransformer
 from genmod.nn.attention import Attention, KVCache, check_backend, make_kv_caches
+from genmod.nn.checkpointing import checkpoint_block
 from genmod.nn.embeddings import LabelEmbedder, TimestepEmbedder, rope_frequencies
 from genmod.nn.masks import block_mask
 
@@ -177,6 +180,8 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         modality: only ``video`` (kept so code that reads ``config.modality`` treats both backbones alike).
     """
 
+    _supports_gradient_checkpointing = True  # resnets and temporal attention through genmod.nn.checkpoint_block
+
     @register_to_config
     def __init__(
         self,
@@ -196,6 +201,7 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         modality: str = "video",
     ):
         super().__init__()
+        self.gradient_checkpointing = False
         channels, attn_levels = _check_unet_config(
             modality=modality, in_channels=in_channels, sample_size=sample_size, block_out_channels=block_out_channels,
             layers_per_block=layers_per_block, temporal_attention_levels=temporal_attention_levels,
@@ -278,11 +284,13 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         rope = rope_frequencies(q_ids, self.config.attention_head_dim, base=self.config.rope_base)  # all levels share it
         caches = iter(kv_caches if kv_caches is not None else [None] * len(layers))
 
-        def run(module, h):
+        def run(module, h):  # resnets and attention recomputed in backward under gradient checkpointing
             if isinstance(module, ResnetBlock2D):
-                return module(h, cond)
+                return checkpoint_block(self.gradient_checkpointing, module, h, cond)
             if isinstance(module, CausalTemporalAttention):
-                return module(h, frames, mask, rope, next(caches), update_cache)
+                cache = next(caches)
+                return checkpoint_block(self.gradient_checkpointing and cache is None, functools.partial(
+                    module, frames=frames, mask=mask, rope=rope, kv_cache=cache, update_cache=update_cache), h)
             return module(h)  # down/up sampler
 
         # 3. the U-Net over all frames folded into the batch

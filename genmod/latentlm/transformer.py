@@ -21,6 +21,7 @@ different lengths share one batch and one KV cache at sampling time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from genmod.nn.attention import KVCache, check_backend, make_kv_caches
+from genmod.nn.checkpointing import checkpoint_block
 from genmod.nn.embeddings import rope_frequencies
 from genmod.nn.layers import CausalBlock, DiffusionHead
 from genmod.nn.norms import RMSNorm
@@ -63,7 +65,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         max_text_length: longest text (bytes) the tokenizer keeps.
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True  # decoder blocks through genmod.nn.checkpoint_block
     _no_split_modules = ["CausalBlock"]
 
     @register_to_config
@@ -90,6 +92,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         attention_backend: str = "sdpa",
     ):
         super().__init__()
+        self.gradient_checkpointing = False
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction: expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         if modality not in ("image", "audio"):
@@ -209,7 +212,9 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
             mask = (causal[None] & key_mask[:, None, :].bool()) | (key_index[None, None, :] == query_index[None, :, None])
         x = self.embed(tokens, latents, is_latent)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, rope=(cos, sin), kv_cache=kv_caches[i] if kv_caches else None, causal=True)
+            cache = kv_caches[i] if kv_caches else None
+            x = checkpoint_block(self.gradient_checkpointing and cache is None,
+                                 functools.partial(block, mask=mask, rope=(cos, sin), kv_cache=cache, causal=True), x)
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
         if not return_dict:

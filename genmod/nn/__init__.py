@@ -1,6 +1,7 @@
 """Shared network parts for every family: attention + KV cache, block-id masks, embeddings, layers."""
 
 from genmod.nn.attention import ATTENTION_BACKENDS, Attention, KVCache, attention, check_backend, make_kv_caches
+from genmod.nn.checkpointing import checkpoint_block
 from genmod.nn.embeddings import (
     LabelEmbedder,
     PatchEmbed,

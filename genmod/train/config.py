@@ -56,6 +56,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # several processes: ddp = full replicas (DDP); fsdp = FSDP2 shards per transformer block (genmod.train.sharding)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # speed switches (docs/scale/speed.md): torch.compile the model; recompute transformer blocks in backward
+    compile: bool = False
+    gradient_checkpointing: bool = False
     # EMA of the weights; 0 = off. Warmup: decay_t = min(decay, 1 - (1 + t/inv_gamma)^-power)
     ema_decay: float = 0.9999
     ema_warmup: bool = False
@@ -67,7 +70,8 @@ class TrainConfig:
     sample_every: int = 500
     num_preview: int = 16
     log_every: int = 10
-    tensorboard: bool = True
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # Accelerate tracker of the scalars
+    tensorboard: Optional[bool] = None  # old switch: --no-tensorboard means --report_to none
     resume: Optional[str] = None  # None, "latest" or a checkpoint path
     # devices and data
     cpu: bool = False
@@ -78,6 +82,12 @@ class TrainConfig:
     resolution: Optional[int] = None  # image side for image_folder / webdataset images (resize + crop)
     random_crop: bool = False  # random instead of center crops, seeded per (seed, epoch, item)
     random_flip: bool = False  # horizontal flips with probability 1/2, seeded the same way
+
+    def trackers(self) -> list[str]:
+        """The Accelerate trackers of the run: ``report_to``, with the old ``--no-tensorboard`` meaning none."""
+        if self.tensorboard is False and self.report_to == "tensorboard":
+            return []
+        return [] if self.report_to == "none" else [self.report_to]
 
     def validate(self) -> None:
         """Range checks that types alone cannot express; raises ConfigError naming the field."""

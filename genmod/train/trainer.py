@@ -46,10 +46,11 @@ from .config import ConfigError, TrainConfig, _check_instance_types
 from .ema import EMA
 from .export import ExportMixin
 from .family import Family, unwrap_model
-from .logs import LogMixin
+from .logs import LogMixin, make_trackers
 from .optim import LRSchedule  # still importable from here
 from .resume import ResumeMixin
 from .sharding import accelerate_fsdp_env_off, distributed_mode, full_value, no_sync, prepare_model
+from .speed import compile_model, enable_gradient_checkpointing
 
 __all__ = ["Trainer", "TrainSummary", "TrainingDivergedError", "EpochBatchSampler", "LRSchedule", "stable_seed"]
 
@@ -118,7 +119,8 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             GradientState._reset_state()
         with accelerate_fsdp_env_off():  # FSDP is applied by genmod.train.sharding, not by the plugin
             accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.config.mixed_precision,
-                                      gradient_accumulation_steps=1, step_scheduler_with_optimizer=False)
+                                      gradient_accumulation_steps=1, step_scheduler_with_optimizer=False,
+                                      log_with=make_trackers(self.config) or None)
         if world_size > 1 and accelerator.num_processes == 1:
             raise RuntimeError(
                 f"WORLD_SIZE={world_size} but Accelerate sees 1 process: the processes would train independently "
@@ -146,10 +148,14 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             # fp16 grads cannot be unscaled; accelerate autocasts the forward instead
             raise ConfigError(f"{type(self.family).__name__}.build_model: trainable parameters must be float32 "
                               "(use --mixed_precision for bf16/fp16 training)")
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model, getattr(self.family, "name", type(self.family).__name__))
         # DDP replicas or FSDP shards (one function chooses); under FSDP rank 0 keeps a full copy for exports
         self.distributed = distributed_mode(config)
         self.model, self.optimizer, self.lr_scheduler, self.trainable, self.full_model = prepare_model(
             accelerator, model, config, self.distributed)
+        if config.compile:
+            self.model = compile_model(self.model)
         self.sharded = self.distributed == "fsdp" and self.world_size > 1
         self._gathered_step = -1
 
@@ -245,7 +251,7 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         return self._summary(final_dir, pipeline_dir)
 
     def _start(self) -> None:
-        """Set up the run: build, make the output folder, resume, save the config, open TensorBoard."""
+        """Set up the run: build, make the output folder, resume, save the config, start the trackers."""
         config = self.config
         self._wall_start, self._cpu_start = time.monotonic(), time.process_time()
         self._deadline = self._wall_start + 60 * config.time_budget_minutes
@@ -263,11 +269,7 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
             from .config import save_config
 
             save_config(config, os.path.join(config.output_dir, "train_config.json"))
-        self.writer = None
-        if self.is_main and config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=os.path.join(config.output_dir, "logs"))
+        self._start_trackers()
 
     def _accumulate_gradients(self) -> dict[str, torch.Tensor]:
         """Forward + backward over ``grad_accum_steps`` micro-batches; the summed logged scalars (on device)."""

@@ -19,6 +19,7 @@ linear head over the ``vocab_size`` codes. Sizes follow VAR's depth rule: width 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +32,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from genmod.nn.attention import Attention, KVCache, check_backend, make_kv_caches
+from genmod.nn.checkpointing import checkpoint_block
 from genmod.nn.embeddings import LabelEmbedder
 from genmod.nn.layers import LayerNormNoAffine, Mlp, drop_path
 from genmod.nn.masks import block_ids_from_sizes, block_mask
@@ -110,6 +112,7 @@ class VARTransformer(ModelMixin, ConfigMixin):
     """
 
     _no_split_modules = ["VARBlock"]
+    _supports_gradient_checkpointing = True  # blocks through genmod.nn.checkpoint_block (drop-path replayed)
 
     @register_to_config
     def __init__(
@@ -130,6 +133,7 @@ class VARTransformer(ModelMixin, ConfigMixin):
         attention_backend: str = "sdpa",
     ):
         super().__init__()
+        self.gradient_checkpointing = False
         for name, value in (("vocab_size", vocab_size), ("latent_channels", latent_channels),
                             ("num_classes", num_classes), ("depth", depth)):
             if int(value) <= 0:
@@ -240,7 +244,10 @@ class VARTransformer(ModelMixin, ConfigMixin):
         elif len(kv_caches) != len(self.blocks):
             raise ValueError(f"kv_caches: need {len(self.blocks)} caches (one per block), got {len(kv_caches)}")
         for i, block in enumerate(self.blocks):
-            x = block(x, cond, mask=mask, kv_cache=None if kv_caches is None else kv_caches[i], generator=generator)
+            cache = None if kv_caches is None else kv_caches[i]
+            x = checkpoint_block(self.gradient_checkpointing and cache is None,
+                                 functools.partial(block, mask=mask, kv_cache=cache, generator=generator), x, cond,
+                                 generator=generator)
         return self.head(self.head_norm(x, cond)).float()
 
     def forward(
