@@ -14,6 +14,9 @@ The table below names each KIND's ``"module:function"``; a function takes the pa
 from __future__ import annotations
 
 # KIND -> ("module:function", one-line help). Importers register here, nowhere else.
-IMPORTERS: dict[str, tuple[str, str]] = {}
+IMPORTERS: dict[str, tuple[str, str]] = {
+    "var": ("genmod.importers.var:run", "VAR (FoundationVision/VAR): VAE_CKPT VAR_CKPT, e.g. "
+            "vae_ch160v4096z32.pth var_d16.pth -> VARPipeline"),
+}
 
 __all__ = ["IMPORTERS"]
