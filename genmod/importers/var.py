@@ -8,7 +8,7 @@ FoundationVision/VAR) as a ``VARPipeline`` folder.
   number of blocks, width / heads / classes / vocabulary from the tensor shapes, shared adaLN (d36)
   when ``shared_ada_lin`` is present. The fused ``mat_qkv`` is split into q / k / v, ``q_bias`` /
   ``v_bias`` become the q / v biases and the zero k-bias buffer, ``lvl_1L`` and the training mask are
-  dropped (``/work/shared/papers/released-models.md`` § VAR).
+  dropped (official ``models/basic_var.py`` ``SelfAttention`` / ``AdaLNSelfAttn``, ``models/var.py``).
 * The scale schedule is read from the number of tokens (680 -> 256px ``1,2,...,13,16``, 2240 -> 512px
   ``1,2,3,4,6,9,13,18,24,32``, as the official ``--pn``) or given with ``--scales``.
 * Sampling defaults are the official FID setting (README "cfg=1.5, top_p=0.96, top_k=900"):
@@ -189,7 +189,7 @@ def var_source(key: str, width: int):
         start = "qkv".index(qkv.group(2)) * width
         return f"{qkv.group(1)}.mat_qkv.weight", slice(start, start + width)
     for new, old in VAR_RENAMES:
-        if key.startswith(new) or new in key:
+        if new in key:
             return key.replace(new, old, 1), None
     return key, None
 
