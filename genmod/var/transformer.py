@@ -64,21 +64,33 @@ class VARBlock(nn.Module):
     ``(g1, g2, s1, s2, b1, b2) = Linear(SiLU(cond))``;
     ``x += drop_path(g1 * attn(LN(x) (1 + s1) + b1))``; ``x += drop_path(g2 * mlp(LN(x) (1 + s2) + b2))``.
     LayerNorm without affine parameters; drop-path draws from the passed generator (trainer rule).
+    ``shared_adaln`` (VAR-d36, official ``--saln``): no per-block ``ada_lin``; ``cond`` is the shared
+    ``[B, 1, 6, C]`` modulation and the block adds its own learned ``ada_gss [1, 1, 6, C]``.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, cond_dim: int, drop_path_prob: float,
-                 attention_backend: str):
+                 attention_backend: str, shared_adaln: bool = False):
         super().__init__()
         self.dim = dim
         self.drop_path_prob = drop_path_prob
         self.norm = LayerNormNoAffine(dim)
         self.attn = Attention(dim, num_heads, qkv_bias="qv", l2_norm_qk=True, attention_backend=attention_backend)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), act="gelu_tanh")
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        if shared_adaln:  # VAR --saln: the transformer's shared_ada_lin output plus this block's offsets
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six ``[B, 1, C]`` adaLN terms: from ``cond [B, D]``, or with shared adaLN from the shared
+        ``[B, 1, 6, C]`` terms plus ``ada_gss``."""
+        if hasattr(self, "ada_gss"):
+            return (self.ada_gss + cond).unbind(2)
+        return self.ada_lin(cond).unsqueeze(1).chunk(6, dim=-1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).unsqueeze(1).chunk(6, dim=-1)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         h = self.attn(self.norm(x) * (1 + scale1) + shift1, mask=mask, kv_cache=kv_cache)
         x = x + drop_path(h * gamma1, self.drop_path_prob, self.training, generator)
         h = self.mlp(self.norm(x) * (1 + scale2) + shift2)
@@ -109,6 +121,8 @@ class VARTransformer(ModelMixin, ConfigMixin):
             ``drop_path_rate = 0.1 * depth / 24`` unless given explicitly (tiny test models).
         mlp_ratio: 4 in VAR. class_dropout_prob: label -> null probability in training (VAR 0.1).
         init_adaln, init_adaln_gamma, init_head: VAR's init multipliers (``aln``, ``alng``, head x0.02).
+        shared_adaln: VAR's shared adaLN (``--saln``, VAR-d36): one ``shared_ada_lin`` = SiLU -> Linear(C, 6C)
+            for all blocks, each block adding its own ``ada_gss``; the head's adaLN stays separate.
     """
 
     _no_split_modules = ["VARBlock"]
@@ -131,6 +145,7 @@ class VARTransformer(ModelMixin, ConfigMixin):
         init_adaln_gamma: float = 1e-3,
         init_head: float = 0.02,
         attention_backend: str = "sdpa",
+        shared_adaln: bool = False,
     ):
         super().__init__()
         self.gradient_checkpointing = False
@@ -160,7 +175,9 @@ class VARTransformer(ModelMixin, ConfigMixin):
         self.level_embed = nn.Embedding(len(self.scale_sizes), width)
         self.register_buffer("block_ids", block_ids_from_sizes(self.tokens_per_scale), persistent=False)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(VARBlock(width, num_heads, mlp_ratio, width, rates[i], attention_backend)
+        if shared_adaln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.blocks = nn.ModuleList(VARBlock(width, num_heads, mlp_ratio, width, rates[i], attention_backend, shared_adaln)
                                     for i in range(depth))
         self.head_norm = AdaLNBeforeHead(width, width)
         self.head = nn.Linear(width, vocab_size)
@@ -185,6 +202,10 @@ class VARTransformer(ModelMixin, ConfigMixin):
             for block in self.blocks:
                 block.attn.to_out.weight.div_(math.sqrt(2 * cfg.depth))
                 block.mlp.fc2.weight.div_(math.sqrt(2 * cfg.depth))
+                if cfg.shared_adaln:  # ada_gss [1, 1, 6, C]: gammas are the first two of the six
+                    block.ada_gss[:, :, 2:].mul_(cfg.init_adaln)
+                    block.ada_gss[:, :, :2].mul_(cfg.init_adaln_gamma)
+                    continue
                 weight = block.ada_lin[1].weight
                 weight[2 * self.width:].mul_(cfg.init_adaln)
                 weight[:2 * self.width].mul_(cfg.init_adaln_gamma)
@@ -243,10 +264,13 @@ class VARTransformer(ModelMixin, ConfigMixin):
             mask = self.attention_mask(x.shape[1])
         elif len(kv_caches) != len(self.blocks):
             raise ValueError(f"kv_caches: need {len(self.blocks)} caches (one per block), got {len(kv_caches)}")
+        block_cond = cond
+        if self.config.shared_adaln:
+            block_cond = self.shared_ada_lin(cond).view(-1, 1, 6, self.width)
         for i, block in enumerate(self.blocks):
             cache = None if kv_caches is None else kv_caches[i]
             x = checkpoint_block(self.gradient_checkpointing and cache is None,
-                                 functools.partial(block, mask=mask, kv_cache=cache, generator=generator), x, cond,
+                                 functools.partial(block, mask=mask, kv_cache=cache, generator=generator), x, block_cond,
                                  generator=generator)
         return self.head(self.head_norm(x, cond)).float()
 

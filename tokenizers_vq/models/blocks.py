@@ -4,6 +4,10 @@ Images: the taming-VQGAN / LDM layout (Esser et al. 2021, Rombach et al. 2022): 
 ``num_res_blocks`` ResNet blocks (GroupNorm + SiLU) and a stride-2 downsample, a middle block with
 optional self-attention at the lowest resolution, GroupNorm + SiLU + conv_out. The downsampling factor
 is ``2 ** (len(ch_mult) - 1)``: ``(1, 2, 4)`` -> x4, ``(1, 1, 2, 4)`` -> x8, ``(1, 1, 2, 2, 4)`` -> x16.
+Two options of the LDM / VAR VQVAE (Rombach et al. 2022, App. / ``attn_resolutions``; Tian et al. 2024,
+Sec. 3.2 tokenizer): ``attn_levels`` puts a self-attention block after every ResNet block of those
+levels, and ``quant_conv_kernel`` adds a ``quant_conv`` after the encoder and a ``post_quant_conv``
+before the decoder (k x k, same channels). Their defaults add no module (earlier models unchanged).
 
 Audio: a SEANet / DAC style 1D stack on waveforms (Defossez et al. 2022; Kumar et al. 2023): residual
 units with dilations (1, 3, 9) followed by a strided conv per stride; strides ``(2, 4, 5, 8)`` give a
@@ -70,11 +74,22 @@ class SelfAttention(nn.Module):
         return x + self.proj(out.transpose(1, 2)).reshape(shape)
 
 
+def latent_conv(channels: int, kernel: int):
+    """The VQVAE's ``quant_conv`` / ``post_quant_conv``: a k x k conv on the latent (k odd), or None for k = 0."""
+    if kernel == 0:
+        return None
+    if kernel < 0 or kernel % 2 == 0:
+        raise ValueError(f"quant_conv_kernel: must be 0 (none) or an odd kernel size, got {kernel}")
+    return nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
+
+
 class Encoder2d(nn.Module):
-    """Image encoder, downsampling by ``2 ** (len(ch_mult) - 1)``."""
+    """Image encoder, downsampling by ``2 ** (len(ch_mult) - 1)``; ``attn_levels`` / ``quant_conv_kernel``:
+    see the module docstring (``quant_conv`` is applied last)."""
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int = 64,
-                 ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False):
+                 ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False,
+                 attn_levels: Sequence[int] = (), quant_conv_kernel: int = 0):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         layers: list[nn.Module] = []
@@ -83,6 +98,8 @@ class Encoder2d(nn.Module):
             for _ in range(num_res_blocks):
                 layers.append(ResnetBlock(channels, base_channels * mult))
                 channels = base_channels * mult
+                if level in attn_levels:
+                    layers.append(SelfAttention(channels))
             if level != len(ch_mult) - 1:
                 # asymmetric pad + stride-2 conv halves even sizes exactly
                 layers.append(nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(channels, channels, 3, stride=2)))
@@ -94,19 +111,24 @@ class Encoder2d(nn.Module):
         self.mid = nn.Sequential(*mid)
         self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.quant_conv = latent_conv(out_channels, quant_conv_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.down(self.conv_in(x)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return h if self.quant_conv is None else self.quant_conv(h)
 
 
 class Decoder2d(nn.Module):
-    """Image decoder, the mirror of :class:`Encoder2d` (nearest-neighbour x2 upsample + conv)."""
+    """Image decoder, the mirror of :class:`Encoder2d` (nearest-neighbour x2 upsample + conv);
+    ``post_quant_conv`` (``quant_conv_kernel`` > 0) is applied first."""
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int = 64,
-                 ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False):
+                 ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, attention: bool = False,
+                 attn_levels: Sequence[int] = (), quant_conv_kernel: int = 0):
         super().__init__()
         channels = base_channels * ch_mult[-1]
+        self.post_quant_conv = latent_conv(in_channels, quant_conv_kernel)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         mid = [ResnetBlock(channels, channels)]
         if attention:
@@ -118,6 +140,8 @@ class Decoder2d(nn.Module):
             for _ in range(num_res_blocks + 1):
                 layers.append(ResnetBlock(channels, base_channels * ch_mult[level]))
                 channels = base_channels * ch_mult[level]
+                if level in attn_levels:
+                    layers.append(SelfAttention(channels))
             if level != 0:
                 layers.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
                                             nn.Conv2d(channels, channels, 3, padding=1)))
@@ -126,6 +150,8 @@ class Decoder2d(nn.Module):
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         h = self.up(self.mid(self.conv_in(z)))
         return self.conv_out(F.silu(self.norm_out(h)))
 

@@ -33,16 +33,30 @@ class TokenizerOutput(BaseOutput):
 
 def build_encoder_decoder(modality: str, in_channels: int, enc_out: int, dec_in: int, base_channels: int,
                           ch_mult: Sequence[int], num_res_blocks: int, attention: bool, strides: Sequence[int],
-                          full_rate_blocks: bool = True, istft_levels: int = 0):
-    """Image (2D, ``ch_mult``) or waveform (1D, ``strides``; ``full_rate_blocks``: see ``Encoder1d``,
-    ``istft_levels``: see ``Decoder1d``) encoder and decoder."""
+                          full_rate_blocks: bool = True, istft_levels: int = 0, attn_levels: Sequence[int] = (),
+                          quant_conv_kernel: int = 0):
+    """Image (2D, ``ch_mult``; ``attn_levels`` / ``quant_conv_kernel``: see ``blocks``) or waveform (1D,
+    ``strides``; ``full_rate_blocks``: see ``Encoder1d``, ``istft_levels``: see ``Decoder1d``) encoder and decoder."""
     if modality == "image":
-        return (Encoder2d(in_channels, enc_out, base_channels, ch_mult, num_res_blocks, attention),
-                Decoder2d(dec_in, in_channels, base_channels, ch_mult, num_res_blocks, attention))
+        attn_levels = check_attn_levels(attn_levels, len(ch_mult))
+        return (Encoder2d(in_channels, enc_out, base_channels, ch_mult, num_res_blocks, attention, attn_levels,
+                          quant_conv_kernel),
+                Decoder2d(dec_in, in_channels, base_channels, ch_mult, num_res_blocks, attention, attn_levels,
+                          quant_conv_kernel))
+    if attn_levels or quant_conv_kernel:
+        raise ValueError("attn_levels / quant_conv_kernel: image options; use 0 / () for audio")
     if modality == "audio":
         return (Encoder1d(in_channels, enc_out, base_channels, strides, attention, full_rate_blocks),
                 Decoder1d(dec_in, in_channels, base_channels, strides, attention, full_rate_blocks, istft_levels))
     raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
+
+
+def check_attn_levels(attn_levels: Sequence[int], num_levels: int) -> tuple:
+    """``attn_levels`` as a tuple of distinct level indices in ``[0, num_levels)`` (one-line error otherwise)."""
+    levels = tuple(int(v) for v in attn_levels)
+    if any(not 0 <= v < num_levels for v in levels) or len(set(levels)) != len(levels):
+        raise ValueError(f"attn_levels: need distinct levels in [0, {num_levels - 1}] (one per ch_mult entry), got {list(levels)}")
+    return levels
 
 
 def downsample_factor(modality: str, ch_mult: Sequence[int], strides: Sequence[int]) -> int:

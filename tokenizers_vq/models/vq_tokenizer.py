@@ -19,7 +19,14 @@ from .quantizer_factory import build_quantizer, quantizer_dim
 
 class VQTokenizer(ModelMixin, ConfigMixin, LatentNormMixin):
     """Discrete tokenizer. ``encode(x)`` -> normalised quantized latents, ``decode(latents)`` -> x,
-    ``encode_indices(x)`` -> int64 indices, ``decode_indices(indices)`` -> x."""
+    ``encode_indices(x)`` -> int64 indices, ``decode_indices(indices)`` -> x.
+
+    Image options of the LDM / VAR VQVAE: ``attn_levels`` (self-attention after every ResNet block of
+    those ``ch_mult`` levels, encoder and decoder) and ``quant_conv_kernel`` (k x k ``quant_conv`` at the
+    encoder's end and ``post_quant_conv`` at the decoder's start; 0 = none). VAR's
+    ``vae_ch160v4096z32`` is ``base_channels=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+    attention=True, attn_levels=(4,), quant_conv_kernel=3, quantizer="msvq", latent_channels=32``.
+    """
 
     @register_to_config
     def __init__(self, modality: str = "image", in_channels: int = 3, base_channels: int = 64,
@@ -31,12 +38,12 @@ class VQTokenizer(ModelMixin, ConfigMixin, LatentNormMixin):
                  gradient: str = "ste", commitment_beta: float = 0.25, num_quantizers: int = 1,
                  quantizer_dropout: float = 0.0, scales: Sequence[int] = (1, 2, 3, 4, 6, 8),
                  scaling_factor: float = 1.0, shift_factor: float = 0.0, full_rate_blocks: bool = True,
-                 istft_levels: int = 0):
+                 istft_levels: int = 0, attn_levels: Sequence[int] = (), quant_conv_kernel: int = 0):
         super().__init__()
         dim = quantizer_dim(quantizer, latent_channels, fsq_levels)
         self.encoder, self.decoder = build_encoder_decoder(modality, in_channels, dim, dim, base_channels, ch_mult,
                                                            num_res_blocks, attention, strides, full_rate_blocks,
-                                                           istft_levels)
+                                                           istft_levels, attn_levels, quant_conv_kernel)
         self.quantize_layer = build_quantizer(
             quantizer, dim, codebook_size=codebook_size, fsq_levels=fsq_levels, codebook_dim=codebook_dim,
             cosine=cosine, codebook_update=codebook_update, ema_decay=ema_decay, kmeans_init=kmeans_init,
