@@ -139,10 +139,10 @@ def main_eval(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=_metrics, default=list(DEFAULT_METRICS),
                         help="comma list of fid,isc,kid,prc,pppr,dc (default: all)")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--num-inference-steps", "--steps", type=_numbers(int), default=20,
-                        help="solver steps, or a comma list to sweep")
-    parser.add_argument("--guidance-scale", "--guidance", type=_numbers(float), default=1.0,
-                        help="guidance scale w, or a comma list")
+    parser.add_argument("--num-inference-steps", "--steps", type=_numbers(int), default=None,
+                        help="solver steps, or a comma list to sweep (default: the pipeline's own)")
+    parser.add_argument("--guidance-scale", "--guidance", type=_numbers(float), default=None,
+                        help="guidance scale w, or a comma list (default: the pipeline's own)")
     parser.add_argument("--dataset", default=None, help="reference dataset (default: from train_config.json)")
     parser.add_argument("--features", type=_features, default=["domain", "inception"],
                         help="feature spaces: domain,inception (default both)")

@@ -156,14 +156,23 @@ class SamplerModel(GenerativeModelBase):
         return images.to(noise.device)
 
 
-def pipeline_sampler(pipeline, num_inference_steps: int = 20, guidance_scale: float = 1.0, **call_kwargs) -> Sampler:
+def pipeline_sampler(pipeline, num_inference_steps: int | None = 20, guidance_scale: float | None = 1.0,
+                     **call_kwargs) -> Sampler:
     """Adapt a pipeline with ``__call__(class_labels=..., batch_size=..., generator=..., output_type='pt')``
-    returning images in ``[0, 1]`` to the sampler signature (``[-1, 1]`` out)."""
+    returning images in ``[0, 1]`` to the sampler signature (``[-1, 1]`` out). ``None`` for
+    ``num_inference_steps`` / ``guidance_scale`` leaves the pipeline's own default (VAR: its scale count
+    and saved guidance)."""
+    settings = {k: v for k, v in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale))
+                if v is not None}
 
     def sample(num: int, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        kwargs = dict(num_inference_steps=num_inference_steps, generator=generator, output_type="pt", **call_kwargs)
+        kwargs = dict(generator=generator, output_type="pt", **call_kwargs)
+        if "num_inference_steps" in settings:
+            kwargs["num_inference_steps"] = settings["num_inference_steps"]
         if labels is not None:
-            kwargs.update(class_labels=labels.tolist(), guidance_scale=guidance_scale)
+            kwargs["class_labels"] = labels.tolist()
+            if "guidance_scale" in settings:
+                kwargs["guidance_scale"] = settings["guidance_scale"]
         else:
             kwargs.update(batch_size=num)
         with torch.no_grad():
