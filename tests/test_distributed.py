@@ -46,19 +46,23 @@ def _torchrun(out, extra_env):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
+def one_process_reference(tmp_path, out) -> dict:
+    """Train the toy run on one process at the global batch (4) into ``out``; its first-step gradients."""
+    handle = _record_first_step_grads(str(tmp_path / "grads_single.safetensors"))
+    try:
+        config = parse_config(ToyConfig, [*RUN_FLAGS, "--batch_size", "4", "--output_dir", str(out), "--cpu"])
+        Trainer(config, ToyFamily(config), Points()).train()
+    finally:
+        handle.remove()
+    return load_weights(str(tmp_path))  # grads_single.safetensors
+
+
 def test_two_gloo_processes_match_one_process_at_same_global_batch(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     run = _torchrun(two, {"ACCELERATE_USE_CPU": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
 
-    handle = _record_first_step_grads(str(tmp_path / "grads_single.safetensors"))
-    try:
-        config = parse_config(ToyConfig, [*RUN_FLAGS, "--batch_size", "4", "--output_dir", str(one), "--cpu"])
-        Trainer(config, ToyFamily(config), Points()).train()
-    finally:
-        handle.remove()
-
-    single = load_weights(str(tmp_path))  # grads_single.safetensors
+    single = one_process_reference(tmp_path, one)
     for rank in range(2):
         grads = load_weights(str(two / f"rank{rank}"))
         assert grads.keys() == single.keys()

@@ -168,8 +168,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_every_module_stands_on_a_layer():
-    for name in modules(REPO):
-        layer_of(name)  # raises for a module no layer names
+    layers = {name: layer_of(name) for name in modules(REPO)}  # raises for a module no layer names
+    assert set(layers.values()) == set(range(len(LAYER_NAMES)))  # and every layer holds modules
 
 
 def test_no_import_runs_up_the_layers():

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_distributed import RUN_FLAGS, _record_first_step_grads  # noqa: E402
-from test_trainer import REPO, Points, ToyConfig, ToyFamily  # noqa: E402
+from test_distributed import RUN_FLAGS, one_process_reference  # noqa: E402
+from test_trainer import REPO  # noqa: E402
 
-from genmod.train import Trainer, load_weights, parse_config, read_metrics  # noqa: E402
+from genmod.train import load_weights, read_metrics  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_distributed.py")
 
@@ -59,14 +59,7 @@ def test_two_nodes_match_one_process_at_same_global_batch(tmp_path):
     nodes, one = tmp_path / "nodes", tmp_path / "one"
     _run_two_nodes(nodes)
 
-    handle = _record_first_step_grads(str(tmp_path / "grads_single.safetensors"))
-    try:
-        config = parse_config(ToyConfig, [*RUN_FLAGS, "--batch_size", "4", "--output_dir", str(one), "--cpu"])
-        Trainer(config, ToyFamily(config), Points()).train()
-    finally:
-        handle.remove()
-
-    single = load_weights(str(tmp_path))  # grads_single.safetensors
+    single = one_process_reference(tmp_path, one)
     for rank in range(2):  # the node's single process has global rank = node rank
         grads = load_weights(str(nodes / f"rank{rank}"))
         for key in single:
