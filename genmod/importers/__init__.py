@@ -15,6 +15,8 @@ from __future__ import annotations
 
 # KIND -> ("module:function", one-line help). Importers register here, nowhere else.
 IMPORTERS: dict[str, tuple[str, str]] = {
+    "causalfusion": ("genmod.importers.causalfusion:run", "CausalFusion (causalfusion/causalfusion) .pt + --vae "
+                     "tokenizer folder (MAR KL-16) -> CausalFusionPipeline"),
     "sit": ("genmod.importers.sit:run", "SiT (willisma/SiT) .pt + a diffusers AutoencoderKL -> FlowMatchingPipeline"),
     "var": ("genmod.importers.var:run", "VAR (FoundationVision/VAR): VAE_CKPT VAR_CKPT, e.g. "
             "vae_ch160v4096z32.pth var_d16.pth -> VARPipeline"),
