@@ -54,6 +54,28 @@ def causalfusion_sequence_layout(num_cond_tokens: int, clean_step_sizes: Sequenc
     return kinds, torch.cat([cond, clean, noisy])
 
 
+def _check_config(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes, num_cond_tokens,
+                  attention_backend, norm_eps, time_convention) -> None:
+    """One-line errors for ``CausalFusionTransformer`` arguments."""
+    for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
+                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+        if int(value) <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if sample_size % patch_size:
+        raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
+    if num_cond_tokens < (1 if num_classes else 0):
+        raise ValueError(f"num_cond_tokens: a class-conditional model needs >= 1, got {num_cond_tokens}")
+    check_backend(attention_backend)
+    if time_convention not in TIME_CONVENTIONS:
+        raise ValueError(f"time_convention: expected one of {', '.join(TIME_CONVENTIONS)}, got {time_convention!r}")
+    if not norm_eps > 0:
+        raise ValueError(f"norm_eps: must be positive, got {norm_eps}")
+
+
 class CausalFusionTransformer(ModelMixin, ConfigMixin):
     """Decoder-only diffusion transformer over patch tokens with a generalized causal mask.
 
@@ -95,23 +117,8 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
         time_convention: str = "genmod",
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
-                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
-            if int(value) <= 0:
-                raise ValueError(f"{name}: must be positive, got {value}")
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
-        if num_cond_tokens < (1 if num_classes else 0):
-            raise ValueError(f"num_cond_tokens: a class-conditional model needs >= 1, got {num_cond_tokens}")
-        check_backend(attention_backend)
-        if time_convention not in TIME_CONVENTIONS:
-            raise ValueError(f"time_convention: expected one of {', '.join(TIME_CONVENTIONS)}, got {time_convention!r}")
-        if not norm_eps > 0:
-            raise ValueError(f"norm_eps: must be positive, got {norm_eps}")
+        _check_config(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes, num_cond_tokens,
+                      attention_backend, norm_eps, time_convention)
         self.gradient_checkpointing = False
         self.grid_size = sample_size // patch_size
         self.num_tokens = self.grid_size**2
