@@ -20,23 +20,27 @@ from genmod.samplers.ode import (
     sample_ode,
     solve,
 )
-from genmod.samplers.steppers import ODESolver, evaluation_times, run_step, velocity_singular_at_zero
+from genmod.samplers.steppers import (ODESolver, ddpm_ancestral_step, draw_noise, evaluation_times, run_step,
+                                     velocity_singular_at_zero)
 from genmod.samplers.sde import diffusion_coefficient, sample_sde
+from genmod.samplers.ddpm import sample_ddpm
 from genmod.samplers.time_grids import (
     TIME_GRIDS,
     cosine_grid,
+    ddpm_grid,
     get_time_grid,
     karras_grid,
     register_time_grid,
     shifted_grid,
+    space_timesteps,
     uniform_grid,
     validate_time_grid,
 )
 
 __all__ = [
     "SOLVERS", "TIME_GRIDS", "NFECounter", "ODESolver", "SolverStats", "as_velocity_fn",
-    "classifier_free_guidance", "combine_guidance", "cosine_grid", "diffusion_coefficient", "dpm_solver_pp_2m",
+    "classifier_free_guidance", "combine_guidance", "cosine_grid", "ddpm_ancestral_step", "ddpm_grid", "draw_noise", "diffusion_coefficient", "dpm_solver_pp_2m",
     "euler", "evaluation_times", "filter_logits", "get_time_grid", "heun", "karras_grid", "midpoint",
-    "nfe_per_solve", "register_time_grid", "rk4", "run_step", "sample_logits", "sample_ode", "sample_sde",
-    "shifted_grid", "solve", "uniform_grid", "validate_time_grid", "velocity_singular_at_zero",
+    "nfe_per_solve", "register_time_grid", "rk4", "run_step", "sample_logits", "sample_ddpm", "sample_ode", "sample_sde",
+    "shifted_grid", "solve", "space_timesteps", "uniform_grid", "validate_time_grid", "velocity_singular_at_zero",
 ]

@@ -163,6 +163,48 @@ def dpm_solver_pp_2m_step(x, t_cur, t_next, memory: ODESolver) -> Step:
 
 
 # ---------------------------------------------------------------------------------------------
+# DDPM ancestral step (stochastic): x at t_cur -> a draw of x at t_next
+# ---------------------------------------------------------------------------------------------
+DDPM_VARIANCES = ("fixed_large", "fixed_small")
+
+
+def draw_noise(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """``N(0, I)`` shaped like x from ``generator`` (or one generator per sample of the batch: row i from ``generator[i]``)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([draw_noise(row, gen) for row, gen in zip(x, generator)])
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def ddpm_ancestral_step(x, t_cur, t_next, path: AffinePath, generator=None, variance: str = "fixed_large") -> Step:
+    """One ancestral DDPM step ``x_{t_next} ~ N(mu(x, x0), var)`` (Ho et al. 2020, Eq. 6-7 and the sampler of Eq. 11).
+
+    With ``abar = alpha^2`` at both ends and ``beta = 1 - abar_cur / abar_next`` (the step's beta, also for a
+    respaced chain: Nichol & Dhariwal 2021, Sec. 4), the posterior mean is
+    ``sqrt(abar_next) beta / (1 - abar_cur) x0 + sqrt(1 - beta) (1 - abar_next) / (1 - abar_cur) x`` with
+    ``x0`` the data prediction at ``(x, t_cur)``; ``fixed_large`` variance is ``beta``, ``fixed_small`` the posterior
+    variance ``beta (1 - abar_next) / (1 - abar_cur)``. Noise is drawn at every step, also onto t = 0 where it is
+    unused (the official ADM loop's draw order), so the same generator gives the same samples.
+    """
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"variance: expected one of {', '.join(DDPM_VARIANCES)}, got {variance!r}")
+    v_cur = yield x, t_cur                          # the prediction at the start (as a velocity)
+    x0 = path.convert(v_cur, x, time_batch(x, t_cur), src="velocity", dst="x0")
+    abar_cur, abar_next = (path.alpha(torch.tensor([t_cur, t_next], dtype=torch.float64)) ** 2).tolist()
+    beta = 1.0 - abar_cur / abar_next
+    coef_x0 = abar_next**0.5 * beta / (1.0 - abar_cur)
+    coef_x = (1.0 - beta) ** 0.5 * (1.0 - abar_next) / (1.0 - abar_cur)
+    mean = coef_x0 * x0 + coef_x * x                # q(x_next | x, x0) posterior mean
+    noise = draw_noise(x, generator)
+    if t_next == 0.0:
+        return mean
+    var = beta if variance == "fixed_large" else beta * (1.0 - abar_next) / (1.0 - abar_cur)
+    return mean + var**0.5 * noise
+
+
+# ---------------------------------------------------------------------------------------------
 # Driving a step
 # ---------------------------------------------------------------------------------------------
 def run_step(step: Step, velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -117,3 +117,36 @@ def get_time_grid(name: str | Sequence[float] | torch.Tensor, num_steps: int | N
     if num_steps is None:
         raise ValueError(f"num_steps: required for the {name!r} grid")
     return validate_time_grid(TIME_GRIDS[name](num_steps, **kwargs))
+
+
+def space_timesteps(num_train_steps: int, section_counts) -> list[int]:
+    """ADM's respacing (Nichol & Dhariwal 2021, Sec. 4): the kept steps of a ``num_train_steps`` DDPM chain, ascending.
+
+    ``section_counts``: an int, a list of ints or a comma string; the chain is cut into that many equal
+    sections and each section is strided evenly to its count (fractional stride, rounded), ends included.
+    """
+    if isinstance(section_counts, str):
+        section_counts = [int(c) for c in section_counts.split(",")]
+    counts = [int(section_counts)] if isinstance(section_counts, int) else [int(c) for c in section_counts]
+    size_per, extra = divmod(num_train_steps, len(counts))
+    start, steps = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"num_steps: cannot take {count} steps from a section of {size} DDPM steps")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):  # accumulated as ADM does, so the rounding agrees at every count
+            steps.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(steps))
+
+
+@register_time_grid("ddpm")
+def ddpm_grid(num_steps: int, num_train_steps: int = 1000) -> torch.Tensor:
+    """The respaced DDPM chain as times: kept step n sits at ``t = (n + 1) / N`` (``DiscreteSchedulePath``), then 0."""
+    _check_num_steps(num_steps)
+    kept = space_timesteps(num_train_steps, num_steps)
+    times = [(n + 1) / num_train_steps for n in reversed(kept)] + [0.0]
+    return torch.tensor(times, dtype=torch.float64)

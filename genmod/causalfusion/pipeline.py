@@ -30,18 +30,28 @@ class CausalFusionPipeline(GenmodPipeline):
         vae: optional tokenizer with ``encode`` / ``decode``; None for pixel-space models.
         id2label: class names for ``class_labels`` given as strings.
         path, prediction: the diffusion path and output type the transformer was trained with.
-        solver, time_grid: default ODE solver and time grid of every AR step.
+        solver, time_grid: default solver (an ODE solver or ``ddpm``) and time grid of every AR step.
+        num_inference_steps, guidance_scale, order: sampling defaults saved with the pipeline (an imported
+            CausalFusion-XL keeps the official 250 DDPM steps, CFG 4 and the raster noise layout).
     """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
 
     def __init__(self, transformer, vae=None, id2label: dict | None = None, path: str = "linear",
-                 prediction: str = "velocity", solver: str = "euler", time_grid: str = "uniform"):
+                 prediction: str = "velocity", solver: str = "euler", time_grid: str = "uniform",
+                 num_inference_steps: int = 16, guidance_scale: float = 1.0, order: str = "random"):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae)
         self.register_to_config(id2label={str(k): v for k, v in (id2label or {}).items()}, path=path,
-                                prediction=prediction, solver=solver, time_grid=time_grid)
+                                prediction=prediction, solver=solver, time_grid=time_grid,
+                                num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
+                                order=order)
+
+    def sampling_settings(self) -> dict:
+        """The saved sampling defaults (printed by ``genmod sample``), used when a call does not pass them."""
+        keys = ("solver", "time_grid", "path", "prediction", "num_inference_steps", "guidance_scale", "order")
+        return {k: self.config.get(k, default) for k, default in zip(keys, ("euler", "uniform", "linear", "velocity", 16, 1.0, "random"))}
 
     # ----------------------------------------------------------------------------------------
     @staticmethod
@@ -105,11 +115,11 @@ class CausalFusionPipeline(GenmodPipeline):
         self,
         class_labels=None,
         batch_size: int | None = None,
-        num_inference_steps: int = 16,
+        num_inference_steps: int | None = None,
         num_ar_steps: int = 1,
         step_sizes: list[int] | None = None,
-        order: str = "random",
-        guidance_scale: float = 1.0,
+        order: str | None = None,
+        guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         generator=None,
         image: torch.Tensor | None = None,
@@ -127,7 +137,12 @@ class CausalFusionPipeline(GenmodPipeline):
         ``num_inference_steps``: ODE steps per AR step. ``guidance_scale`` w (1 = off) and
         ``guidance_interval=(t_lo, t_hi)``. ``generator``: one ``torch.Generator`` or one per sample.
         ``image`` + ``keep_mask`` (``[H, W]``, True = keep): zero-shot editing, see ``edit``.
+        Unset ``num_inference_steps`` / ``guidance_scale`` / ``order`` / ``solver`` use the saved defaults.
         """
+        saved = self.sampling_settings()
+        num_inference_steps = saved["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = saved["guidance_scale"] if guidance_scale is None else guidance_scale
+        order = saved["order"] if order is None else order
         device = self._execution_device
         labels, batch_size = self._labels_and_batch(class_labels, batch_size, device)
         self._generator_for(generator, batch_size)
@@ -135,8 +150,8 @@ class CausalFusionPipeline(GenmodPipeline):
         num_steps = self._num_ar_steps(num_ar_steps, step_sizes, known_mask)
         settings = CausalFusionSampling(
             num_ar_steps=num_steps, step_sizes=step_sizes, num_inference_steps=num_inference_steps,
-            solver=solver or self.config.solver, time_grid=self.config.time_grid, path=self.config.path,
-            prediction=self.config.prediction, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+            solver=solver or saved["solver"], time_grid=saved["time_grid"], path=saved["path"],
+            prediction=saved["prediction"], guidance_scale=guidance_scale, guidance_interval=guidance_interval,
             order=order, use_cache=use_cache,
         )
         with self.progress_bar(total=num_steps) as progress:

@@ -27,7 +27,7 @@ import torch
 from genmod.core.paths import AffinePath, get_path
 from genmod.core.settings import with_options
 from genmod.nn.attention import KVCache
-from genmod.samplers import classifier_free_guidance, get_time_grid, sample_ode
+from genmod.samplers import classifier_free_guidance, get_time_grid, sample_ddpm, sample_ode
 
 
 def even_step_sizes(num_tokens: int, num_ar_steps: int) -> list[int]:
@@ -87,7 +87,9 @@ class CausalFusionSampling:
     Args:
         num_ar_steps / step_sizes: number of AR steps (even split) or explicit sizes summing to the
             number of tokens to generate.
-        num_inference_steps, solver, time_grid: the ODE solve of every AR step (``samplers``).
+        num_inference_steps, solver, time_grid: the solve of every AR step (``samplers``): an ODE solver, or
+            ``"ddpm"``: ancestral DDPM with fixed-large variance (the official sampler; with ``time_grid="ddpm"``
+            ADM's respaced chain, ``path="ddpm_linear"``, ``prediction="epsilon"``).
         path, prediction: the path and output type the model was trained with.
         guidance_scale, guidance_interval: CFG weight w (1 = off) and the t-interval where it applies.
         order: ``"random"`` (per sample), ``"raster"`` or an explicit ``[B, L]`` permutation.
@@ -253,6 +255,14 @@ class _CleanPrefix:
         return lambda x, t: model_fn(x, t, self.labels)
 
 
+def _solve(velocity, x_BND: torch.Tensor, grid: torch.Tensor, settings: CausalFusionSampling, generator):
+    """One AR step's diffusion: an ODE solve, or ancestral DDPM (``solver="ddpm"``, the official sampler;
+    its noise comes from ``generator``, one draw per step in the token order of ``x_BND``)."""
+    if settings.solver == "ddpm":
+        return sample_ddpm(velocity, x_BND, grid, path=get_path(settings.path), generator=generator, return_stats=True)
+    return sample_ode(velocity, x_BND, grid, method=settings.solver, path=get_path(settings.path), return_stats=True)
+
+
 @torch.no_grad()
 def sample_tokens(
     model,
@@ -295,8 +305,7 @@ def sample_tokens(
         # 2. their velocity given the condition and the clean prefix (generalized causal mask), with CFG
         velocity = prefix.velocity_fn(tokens_BLD, order_BL, start, pos_BN)
         # 3. one diffusion model per AR step: integrate the noisy tokens from t = 1 to t = 0
-        x_BND, stats = sample_ode(velocity, _gather(tokens_BLD, pos_BN), grid, method=settings.solver,
-                                  path=get_path(settings.path), return_stats=True)
+        x_BND, stats = _solve(velocity, _gather(tokens_BLD, pos_BN), grid, settings, generator)
         nfe += stats.nfe
         # 4. write the clean tokens back (raster layout) and append them to the prefix
         x_BND = x_BND.to(tokens_BLD.dtype)

@@ -36,6 +36,7 @@ from genmod.nn.layers import PreNormBlock, xavier_init_
 from genmod.nn.masks import CAUSALFUSION_RULES, block_ids_from_sizes, mask_from_rules
 
 COND, CLEAN, NOISY = 0, 1, 2  # token kinds of genmod.nn.masks
+TIME_CONVENTIONS = ("genmod", "ddpm_index")
 
 
 def causalfusion_sequence_layout(num_cond_tokens: int, clean_step_sizes: Sequence[int], noisy_step_sizes: Sequence[int],
@@ -53,6 +54,28 @@ def causalfusion_sequence_layout(num_cond_tokens: int, clean_step_sizes: Sequenc
     return kinds, torch.cat([cond, clean, noisy])
 
 
+def _check_config(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes, num_cond_tokens,
+                  attention_backend, norm_eps, time_convention) -> None:
+    """One-line errors for ``CausalFusionTransformer`` arguments."""
+    for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
+                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+        if int(value) <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if sample_size % patch_size:
+        raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
+    if num_cond_tokens < (1 if num_classes else 0):
+        raise ValueError(f"num_cond_tokens: a class-conditional model needs >= 1, got {num_cond_tokens}")
+    check_backend(attention_backend)
+    if time_convention not in TIME_CONVENTIONS:
+        raise ValueError(f"time_convention: expected one of {', '.join(TIME_CONVENTIONS)}, got {time_convention!r}")
+    if not norm_eps > 0:
+        raise ValueError(f"norm_eps: must be positive, got {norm_eps}")
+
+
 class CausalFusionTransformer(ModelMixin, ConfigMixin):
     """Decoder-only diffusion transformer over patch tokens with a generalized causal mask.
 
@@ -65,6 +88,11 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
         num_cond_tokens: class tokens per sample (the paper uses 64 for 256 image tokens).
         class_dropout_prob: training-time label dropout for CFG (decided by ``dropout_generator``).
         attention_backend: ``sdpa`` | ``xformers`` | ``math``.
+        norm_eps: epsilon of every LayerNorm (blocks, q/k norms, head); the official release uses 1e-5.
+        qkv_bias: biases on the q/k/v projections (the official fused ``qkv`` Linear has none).
+        time_convention: ``genmod`` (the t-embedder sees ``timestep = 1000 t``) or ``ddpm_index`` (it sees the
+            integer DDPM step ``n = 1000 t - 1`` of ``alpha_bar[n]``, as the official ADM-style training and
+            sampler feed it; genmod's discrete time puts step n at ``t = (n + 1) / 1000``).
     """
 
     _supports_gradient_checkpointing = True
@@ -84,21 +112,13 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
         num_cond_tokens: int = 4,
         class_dropout_prob: float = 0.1,
         attention_backend: str = "sdpa",
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        time_convention: str = "genmod",
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
-                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
-            if int(value) <= 0:
-                raise ValueError(f"{name}: must be positive, got {value}")
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
-        if num_cond_tokens < (1 if num_classes else 0):
-            raise ValueError(f"num_cond_tokens: a class-conditional model needs >= 1, got {num_cond_tokens}")
-        check_backend(attention_backend)
+        _check_config(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes, num_cond_tokens,
+                      attention_backend, norm_eps, time_convention)
         self.gradient_checkpointing = False
         self.grid_size = sample_size // patch_size
         self.num_tokens = self.grid_size**2
@@ -116,11 +136,14 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
         self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_cond_tokens, hidden_size))
         self.blocks = nn.ModuleList(
             PreNormBlock(hidden_size, num_heads, mlp_ratio, norm="layernorm", mlp="gelu", qk_norm="layernorm",
-                         attention_backend=attention_backend)
+                         attention_backend=attention_backend, qkv_bias=bool(qkv_bias))
             for _ in range(depth)
         )
         self.norm_out = nn.LayerNorm(hidden_size, eps=1e-6)
         self.proj_out = nn.Linear(hidden_size, self.token_dim)
+        for module in self.modules():  # one epsilon for every LayerNorm (blocks, q/k norms, head)
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -170,8 +193,20 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
                 timestep = timestep.expand(tokens.shape[0])
             if timestep.shape != (tokens.shape[0],):
                 raise ValueError(f"timestep: expected a scalar or shape ({tokens.shape[0]},), got {tuple(timestep.shape)}")
-            h = h + self.t_embedder(timestep).to(h.dtype)[:, None]
+            h = h + self.t_embedder(self._embedder_time(timestep)).to(h.dtype)[:, None]
         return h
+
+    def _embedder_time(self, timestep: torch.Tensor) -> torch.Tensor:
+        """What the t-embedder sees: ``1000 t`` (genmod) or the DDPM step ``n = 1000 t - 1`` (``ddpm_index``).
+
+        ``ddpm_index`` snaps values within 1e-3 of an integer onto it, so that ``1000 t`` rounded in float32
+        feeds exactly the integer the official network saw in training (ADM's ``t`` index).
+        """
+        if self.config.time_convention == "genmod":
+            return timestep
+        step = timestep.double() - 1
+        nearest = step.round()
+        return torch.where((step - nearest).abs() < 1e-3, nearest, step).float()
 
     def _blocks(self, h: torch.Tensor, mask=None, kv_caches: list[KVCache] | None = None, commit: bool = True) -> torch.Tensor:
         for i, block in enumerate(self.blocks):

@@ -17,6 +17,8 @@ from __future__ import annotations
 IMPORTERS: dict[str, tuple[str, str]] = {
     "mar-kl16": ("genmod.importers.mar_kl16:run", "MAR's KL-16 VAE (LTH14/mar kl16.ckpt, also CausalFusion's) -> a "
                  "diffusers AutoencoderKL tokenizer folder (scaling_factor 0.2325)"),
+    "causalfusion": ("genmod.importers.causalfusion:run", "CausalFusion (causalfusion/causalfusion) .pt + --vae "
+                     "tokenizer folder (MAR KL-16) -> CausalFusionPipeline"),
     "sit": ("genmod.importers.sit:run", "SiT (willisma/SiT) .pt + a diffusers AutoencoderKL -> FlowMatchingPipeline"),
     "var": ("genmod.importers.var:run", "VAR (FoundationVision/VAR): VAE_CKPT VAR_CKPT, e.g. "
             "vae_ch160v4096z32.pth var_d16.pth -> VARPipeline"),

@@ -226,10 +226,12 @@ class PreNormBlock(nn.Module):
         cross_attention_dim: int | None = None,
         attention_backend: str = "sdpa",
         drop_path: float = 0.0,
+        qkv_bias: bool | str | None = None,
     ):
         super().__init__()
         self.norm1 = make_norm(norm, dim, affine=norm_affine)
-        self.attn = Attention(dim, num_heads, num_kv_heads=num_kv_heads, qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, attention_backend=attention_backend)
+        qkv_bias = bias if qkv_bias is None else qkv_bias  # CausalFusion: no q/k/v biases, biased projection and MLP
+        self.attn = Attention(dim, num_heads, num_kv_heads=num_kv_heads, qkv_bias=qkv_bias, out_bias=bias, qk_norm=qk_norm, attention_backend=attention_backend)
         self.cross_attn = None
         if cross_attention_dim is not None:
             self.norm_cross = make_norm(norm, dim, affine=norm_affine)
