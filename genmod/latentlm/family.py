@@ -144,8 +144,9 @@ class LatentLMFamily(Family):
         if not os.path.isdir(config.tokenizer or ""):
             raise FileNotFoundError(f"--tokenizer: {config.tokenizer}: no such tokenizer folder")
         self.tokenizer = load_tokenizer(config.tokenizer).eval().requires_grad_(False)
-        if not hasattr(self.tokenizer, "sample_sigma"):
-            raise ValueError(f"--tokenizer: {config.tokenizer} is a {type(self.tokenizer).__name__}, LatentLM needs a SigmaVAE")
+        if hasattr(self.tokenizer, "encode_indices"):  # continuous latents only: a sigma-VAE or a KL autoencoder
+            raise ValueError(f"--tokenizer: {config.tokenizer} is a {type(self.tokenizer).__name__} (discrete); LatentLM "
+                             "needs a continuous tokenizer (a sigma-VAE, a KL-VAE or a diffusers AutoencoderKL)")
         self.modality = self.tokenizer.config.modality
         self.path = get_path(config.path)
         self._dataset = None
