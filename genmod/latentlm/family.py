@@ -84,7 +84,7 @@ class LatentLMConfig(TrainConfig):
         from genmod.train import ConfigError
 
         if self.tokenizer is None:
-            raise ConfigError("--tokenizer: LatentLM needs a saved sigma-VAE folder (train one with scripts/train_tokenizer.py --tokenizer sigma_vae)")
+            raise ConfigError("--tokenizer: LatentLM needs a continuous tokenizer folder (a sigma-VAE: genmod train tokenizer --tokenizer sigma_vae; or a KL autoencoder)")
         if not 0.0 <= self.caption_prob <= 1.0:
             raise ConfigError(f"--caption_prob: must be in [0, 1], got {self.caption_prob}")
         if not 0.0 <= self.cond_dropout_prob < 1.0:
