@@ -296,3 +296,51 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         except Exception as err:
             raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     return tensors
+
+
+GENERATOR_COMPONENTS = ("transformer", "unet", "model")
+
+
+def _component_folder(path: str, model: torch.nn.Module) -> str:
+    """The folder holding ``model``'s weights: ``path`` itself, or the pipeline component of ``model``'s class."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        return path
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    for name in GENERATOR_COMPONENTS:
+        entry = index.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] == type(model).__name__:
+            return os.path.join(path, name)
+    components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
+    raise CheckpointError(f"--init_weights: {path} has no {type(model).__name__} component (it holds {components})")
+
+
+def _config_differences(folder: str, model: torch.nn.Module) -> list[str]:
+    """``key: saved != configured`` for the architecture fields where the folder's config.json and ``model`` differ."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file) or not hasattr(model, "config"):
+        return []
+    with open(config_file) as f:
+        saved = json.load(f)
+    ours = json.loads(json.dumps(dict(model.config), default=list))  # tuples as lists, as saved
+    return [f"{key}: {saved[key]!r} != {ours[key]!r}" for key in sorted(ours)
+            if key in saved and not key.startswith("_") and saved[key] != ours[key]]
+
+
+def load_initial_weights(model: torch.nn.Module, path: str) -> str:
+    """Load ``--init_weights`` (a model folder or a pipeline folder) into ``model`` strictly; returns the folder read.
+
+    A mismatch is one line naming the first differing config fields (the flags to pass) or the key counts.
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--init_weights: {path} is not a folder")
+    folder = _component_folder(path, model)
+    state = load_weights(folder)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        differences = _config_differences(folder, model)
+        detail = ("; ".join(differences[:3]) + " (pass the same flags as the run that made it)") if differences \
+            else str(err).strip().splitlines()[0]
+        raise CheckpointError(f"--init_weights: {folder} does not fit the configured {type(model).__name__}: {detail}") from None
+    return folder

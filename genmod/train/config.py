@@ -73,6 +73,9 @@ class TrainConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # Accelerate tracker of the scalars
     tensorboard: Optional[bool] = None  # old switch: --no-tensorboard means --report_to none
     resume: Optional[str] = None  # None, "latest" or a checkpoint path
+    # fine-tune: start from a model folder (config.json + safetensors) or a pipeline folder's generator,
+    # e.g. one written by `genmod import` (the family's flags must describe the same architecture)
+    init_weights: Optional[str] = None
     # devices and data
     cpu: bool = False
     num_workers: int = 0

@@ -41,7 +41,8 @@ import torch
 
 from .batches import EpochBatchSampler, build_loader, stable_seed, to_device
 # save_checkpoint stays here: tests replace this module's write_checkpoint to kill a run mid-write
-from .checkpoint import checkpoint_name, checkpoints_root, prepare_staging, save_rank_rng, write_checkpoint
+from .checkpoint import (checkpoint_name, checkpoints_root, load_initial_weights, prepare_staging, save_rank_rng,
+                         write_checkpoint)
 from .config import ConfigError, TrainConfig, _check_instance_types
 from .ema import EMA
 from .export import ExportMixin
@@ -140,6 +141,8 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         set_seed(config.seed)
 
         model = self.family.build_model()
+        if config.init_weights:  # fine-tuning; a resumed checkpoint's weights replace these later
+            load_initial_weights(model, config.init_weights)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
