@@ -1,5 +1,7 @@
 """``--init_weights``: fine-tuning starts from a model folder or a pipeline folder (e.g. one `genmod import` wrote)."""
 
+import json
+
 import pytest
 import torch
 
@@ -35,3 +37,17 @@ def test_a_different_architecture_is_one_line_naming_the_field(pretrained, tmp_p
                                               r"FlowTransformer: hidden_size: 32 != 64 \(pass the same flags"):
         run_family("flow", [*TINY, "--max_steps", "1", "--hidden_size", "64", "--init_weights", pretrained.pipeline,
                             "--output_dir", str(tmp_path / "wrong")])
+
+
+def test_released_model_conventions_are_flags_so_an_import_can_be_fine_tuned(tmp_path):
+    """A SiT import sets learn_sigma / time_convention / guidance_channels; the same flags rebuild that model."""
+    sit = ["--learn_sigma", "--time_convention", "sit", "--guidance_channels", "2"]
+    first = run_family("flow", [*TINY, *sit, "--max_steps", "1", "--ema_decay", "0", "--output_dir", str(tmp_path / "a")])
+    config = json.load(open(f"{first.pipeline}/transformer/config.json"))
+    assert (config["learn_sigma"], config["time_convention"], config["guidance_channels"]) == (True, "sit", 2)
+    tuned = run_family("flow", [*TINY, *sit, "--max_steps", "1", "--lr", "1e-30", "--ema_decay", "0",
+                                "--init_weights", first.pipeline, "--output_dir", str(tmp_path / "b")])
+    start, end = load_weights(f"{first.pipeline}/transformer"), load_weights(f"{tuned.pipeline}/transformer")
+    assert config["in_channels"] == 3 and start["final_layer.linear.weight"].shape[0] == 8 * 8 * 2 * 3  # 2C outputs
+    for key in start:
+        torch.testing.assert_close(end[key], start[key], rtol=1e-6, atol=1e-20)

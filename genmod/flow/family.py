@@ -45,6 +45,10 @@ class FlowConfig(TrainConfig):
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
     conditional: bool = True
+    # released-model conventions (a SiT import sets them; pass them to fine-tune one with --init_weights)
+    learn_sigma: bool = False  # 2C output channels, the first C are the prediction
+    time_convention: Literal["genmod", "sit"] = "genmod"  # "sit": 1 - t into the embedder, velocity sign flipped
+    guidance_channels: Optional[int] = None  # CFG on the first k channels only (SiT's sampler: 3 of 4)
     # flow matching
     path: Literal["linear", "cosine", "vp"] = "linear"
     prediction: Literal["velocity", "x0", "epsilon"] = "velocity"
@@ -82,6 +86,7 @@ class FlowFamily(ImageFamily):
             in_channels=channels, sample_size=size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
             depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
             num_classes=num_classes if cfg.conditional else 0, class_dropout_prob=cfg.class_dropout_prob,
+            learn_sigma=cfg.learn_sigma, time_convention=cfg.time_convention, guidance_channels=cfg.guidance_channels,
         )
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
