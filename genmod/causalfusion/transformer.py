@@ -170,7 +170,7 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
                 timestep = timestep.expand(tokens.shape[0])
             if timestep.shape != (tokens.shape[0],):
                 raise ValueError(f"timestep: expected a scalar or shape ({tokens.shape[0]},), got {tuple(timestep.shape)}")
-            h = h + self.t_embedder(timestep).to(h.dtype)[:, None]
+            h = h + self.t_embedder(timestep, h.dtype).to(h.dtype)[:, None]
         return h
 
     def _blocks(self, h: torch.Tensor, mask=None, kv_caches: list[KVCache] | None = None, commit: bool = True) -> torch.Tensor:

@@ -219,13 +219,7 @@ class VARPipeline(GenmodPipeline):
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
             return torch.full((batch_size or 1,), num_classes, dtype=torch.long, device=device)
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        if isinstance(class_labels, (list, tuple)):  # names and ids may be mixed
-            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() > num_classes:
-            raise ValueError(f"class_labels: ids must be in [0, {num_classes}] ({num_classes} = null class), got {labels.tolist()}")
+        labels = self.parse_class_labels(class_labels, device, allow_null=True)  # the shared parser (nested lists too)
         if batch_size is not None and batch_size != len(labels):
             if len(labels) != 1:
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
