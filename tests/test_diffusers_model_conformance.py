@@ -228,3 +228,26 @@ def test_diffusers_autoencoder_as_vae_gets_its_factors_undone():
         decoded = pipe.decode_latents(latents)
         torch.testing.assert_close(decoded, vae.decode(latents / 0.5 + 0.25).sample, atol=0, rtol=0)
         assert not torch.allclose(decoded, vae.decode(latents).sample, atol=1e-3)
+
+
+def test_latentlm_and_diffusion_forcing_use_the_shared_label_parser():
+    from test_diffusion_forcing import _random_model
+    from test_latentlm import tiny_model, tiny_sigma_vae
+
+    from genmod.diffusion_forcing.pipeline import DiffusionForcingPipeline
+    from genmod.latentlm.pipeline import LatentLMPipeline
+    from genmod.latentlm.text import LatentLMTokenizer
+
+    vae = tiny_sigma_vae("audio")
+    model = tiny_model(latent_grid=(vae.encode(torch.zeros(1, 1, 96)).shape[-1],), modality="audio", num_classes=3,
+                       vocab_size=LatentLMTokenizer(3).vocab_size)
+    pipe = LatentLMPipeline(transformer=model, vae=vae, id2label={0: "a", 1: "b", 2: "c"}, num_head_steps=2)
+    pipe.set_progress_bar_config(disable=True)
+    nested = pipe(class_labels=[["b"], [0]], generator=torch.Generator().manual_seed(0)).audios
+    flat = pipe(class_labels=["b", 0], generator=torch.Generator().manual_seed(0)).audios
+    assert nested.shape == (2, 1, 96) and (nested == flat).all()
+    df = DiffusionForcingPipeline(transformer=_random_model("video", num_classes=2))
+    labels, batch = df._labels_and_batch([[1], [2]], None, None, "cpu")  # id 2 = the null class
+    assert labels.tolist() == [1, 2] and batch == 2
+    with pytest.raises(ValueError, match=r"class_labels: ids must be in \[0, 3\)"):
+        df._labels_and_batch([[3]], None, None, "cpu")
