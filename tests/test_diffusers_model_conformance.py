@@ -204,8 +204,9 @@ def test_one_label_parser_nested_lists_names_and_repeats(name):
         pipe.parse_class_labels(["zebra"], "cpu")
 
 
-def test_num_images_per_label_repeats_each_label():
-    pipe, kw = flow_dit()
+@pytest.mark.parametrize("name", ["flow-dit", "var"])
+def test_num_images_per_label_repeats_each_label(name):
+    pipe, kw = PIPELINES[name]()
     pipe.set_progress_bar_config(disable=True)
     run = dict(guidance_scale=2.0, output_type="latent", **kw)
     repeated = pipe(class_labels=[0, 1], num_images_per_label=2, generator=torch.Generator().manual_seed(0), **run)
