@@ -193,7 +193,7 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
                 timestep = timestep.expand(tokens.shape[0])
             if timestep.shape != (tokens.shape[0],):
                 raise ValueError(f"timestep: expected a scalar or shape ({tokens.shape[0]},), got {tuple(timestep.shape)}")
-            h = h + self.t_embedder(self._embedder_time(timestep)).to(h.dtype)[:, None]
+            h = h + self.t_embedder(self._embedder_time(timestep), h.dtype).to(h.dtype)[:, None]
         return h
 
     def _embedder_time(self, timestep: torch.Tensor) -> torch.Tensor:

@@ -126,13 +126,13 @@ class DiffusionForcingPipeline(GenmodPipeline):
                 raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
         return schedule
 
-    @staticmethod
-    def _labels_and_batch(class_labels, batch_size: int | None, generator, device):
-        """Class ids ``[B]`` (or None) and the batch size a generator list or the labels imply."""
+    def _labels_and_batch(self, class_labels, batch_size: int | None, generator, device):
+        """Class ids ``[B]`` (or None; the shared parser, null id allowed) and the batch size a generator list
+        or the labels imply."""
         if isinstance(generator, list):
             batch_size = batch_size or len(generator)
         if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+            class_labels = self.parse_class_labels(class_labels, device, allow_null=True)
             batch_size = batch_size or len(class_labels)
         return class_labels, batch_size
 

@@ -195,13 +195,19 @@ class _Rollout:
         return self.settings.guidance_scale != 1.0
 
 
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in: ``ModelMixin.dtype`` is the compute dtype under layerwise casting
+    (a parameter's dtype would be the fp8/fp16 storage); plain modules: their first parameter's."""
+    return getattr(model, "dtype", None) or next(model.parameters()).dtype
+
+
 def _check_context(model, context, batch_size) -> torch.Tensor:
     """Context frames ``[B, C, *frame]`` on the model's device and dtype (``[B, 0, ...]`` when None)."""
-    param = next(model.parameters())
+    device, dtype = next(model.parameters()).device, _compute_dtype(model)
     frame_shape = tuple(model.frame_shape)
     if context is None:
-        context = torch.zeros((batch_size or 1, 0, *frame_shape), device=param.device, dtype=param.dtype)
-    context = context.to(device=param.device, dtype=param.dtype)
+        context = torch.zeros((batch_size or 1, 0, *frame_shape), device=device, dtype=dtype)
+    context = context.to(device=device, dtype=dtype)
     if context.dim() != 2 + len(frame_shape) or tuple(context.shape[2:]) != frame_shape:
         raise ValueError(f"context: expected [B, C, {', '.join(map(str, frame_shape))}], got shape {tuple(context.shape)}")
     return context
@@ -306,7 +312,7 @@ def _denoise_chunk(run: _Rollout, batch: int, h: int, start: int, uncond_history
     Returns the clean frames ``[B, h, *frame]`` and their stabilised versions (a list of ``h``)."""
     settings, path, tau = run.settings, run.path, run.tau
     matrix = get_scheduling_matrix(settings.schedule, settings.num_inference_steps, h, settings.slope).to(tau.device)
-    dtype = next(run.model.parameters()).dtype
+    dtype = _compute_dtype(run.model)
     x = _randn((batch, h, *run.model.frame_shape), run.generator, tau.device, dtype)
     shown = [None] * h  # stabilised versions of finished chunk frames
     for m in range(matrix.shape[0] - 1):

@@ -142,7 +142,7 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
             return tokens.reshape(batch, frames * self.tokens_per_frame, -1)
         return self.x_embedder(sample)
 
-    def _frame_condition(self, timestep, class_labels, actions, batch, frames, device, dropout_generator):
+    def _frame_condition(self, timestep, class_labels, actions, batch, frames, device, dropout_generator, dtype=None):
         timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32)
         if timestep.dim() == 0:
             timestep = timestep.expand(batch, frames)
@@ -150,7 +150,7 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
             timestep = timestep[:, None].expand(batch, frames)
         if timestep.shape != (batch, frames):
             raise ValueError(f"timestep: expected per-frame levels of shape ({batch}, {frames}), got {tuple(timestep.shape)}")
-        c = self.t_embedder(timestep)  # [B, T, D]
+        c = self.t_embedder(timestep, dtype)  # [B, T, D], in the activations' dtype
         if self.y_embedder is not None:
             if class_labels is None:
                 class_labels = torch.full((batch,), self.null_class_id, dtype=torch.long, device=device)
@@ -194,7 +194,8 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
         batch, frames = sample.shape[:2]
         device, per = sample.device, self.tokens_per_frame
         x = self._embed_frames(sample)
-        c = self._frame_condition(timestep, class_labels, actions, batch, frames, device, dropout_generator).to(x.dtype)
+        c = self._frame_condition(timestep, class_labels, actions, batch, frames, device, dropout_generator,
+                                  x.dtype).to(x.dtype)
         c = c.repeat_interleave(per, dim=1)  # per-token modulation [B, T * P, D]
 
         cached_frames = 0 if not kv_caches else len(kv_caches[0]) // per

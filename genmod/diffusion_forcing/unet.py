@@ -276,7 +276,8 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         if kv_caches is not None and len(kv_caches) != len(layers):
             raise ValueError(f"kv_caches: expected {len(layers)} caches (one per temporal-attention layer), got {len(kv_caches)}")
         # 1. per-frame condition c_t [B * T, D]: frame t of clip b is image b * T + t
-        cond = self._frame_condition(timestep, class_labels, actions, batch, frames, sample.device, dropout_generator)
+        cond = self._frame_condition(timestep, class_labels, actions, batch, frames, sample.device, dropout_generator,
+                                     sample.dtype)
         cond = cond.to(sample.dtype).flatten(0, 1)
         # 2. frame-causal mask over cached + current frames, and the rotary positions of the current frames
         cached = len(kv_caches[0]) if kv_caches else 0

@@ -47,6 +47,11 @@ class FlowMatchingPipeline(GenmodPipeline):
         return self._guidance_scale
 
     @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Read every step, so a step callback that sets ``pipe._guidance_scale = 1.0`` turns CFG off (w = 1)."""
+        return self._guidance_scale != 1.0
+
+    @property
     def num_timesteps(self):
         return self._num_timesteps
 
@@ -60,6 +65,7 @@ class FlowMatchingPipeline(GenmodPipeline):
         self,
         class_labels=None,
         batch_size: int | None = None,
+        num_images_per_label: int = 1,
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
@@ -73,8 +79,10 @@ class FlowMatchingPipeline(GenmodPipeline):
     ):
         """Generate samples.
 
-        ``class_labels``: ids or names, one per sample (class-conditional models). ``batch_size``:
-        number of samples for unconditional models. ``guidance_scale`` w: 1 is no guidance.
+        ``class_labels``: ids or names, one per sample, or nested lists (class-conditional models); each makes
+        ``num_images_per_label`` samples. ``batch_size``: number of samples for unconditional models.
+        ``guidance_scale`` w: 1 is no guidance; it is read from ``self.guidance_scale`` at every step, so a
+        ``callback_on_step_end`` may change it (diffusers' CFG-cutoff pattern).
         ``guidance_interval=(lo, hi)``: guidance only for t in [lo, hi] (sigma on the linear path). ``generator``: one
         ``torch.Generator`` or a list of one per sample (each sample then reproducible on its own).
         """
@@ -82,12 +90,11 @@ class FlowMatchingPipeline(GenmodPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_callback_inputs(callback_on_step_end_tensor_inputs)
         device = self._execution_device
-        labels, batch_size = self.prepare_labels(class_labels, batch_size, device)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        guidance = None if labels is None or guidance_scale == 1.0 else (guidance_scale, guidance_interval)
+        labels, batch_size = self.prepare_labels(class_labels, batch_size, device, num_images_per_label)
+        self._guidance_scale, self._guidance_interval, self._interrupt = guidance_scale, guidance_interval, False
         latents = self.prepare_latents(batch_size, generator, latents, device)
         timesteps = self.prepare_timesteps(num_inference_steps, sigmas, device)
-        latents = self.denoise(latents, timesteps, labels, guidance, callback_on_step_end,
+        latents = self.denoise(latents, timesteps, labels, callback_on_step_end,
                                callback_on_step_end_tensor_inputs)
         images = latents if output_type == "latent" else self.decode_latents(latents)
         images = self.images_to_output(images, output_type)
@@ -100,9 +107,9 @@ class FlowMatchingPipeline(GenmodPipeline):
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
 
-    def prepare_labels(self, class_labels, batch_size: int | None, device):
+    def prepare_labels(self, class_labels, batch_size: int | None, device, num_images_per_label: int = 1):
         """Class ids ``[B]`` (or None for unconditional models) and the batch size they imply."""
-        labels = self.class_label_ids(class_labels, device)
+        labels = self.class_label_ids(class_labels, device, num_images_per_label)
         if labels is not None:
             if batch_size is not None and batch_size != len(labels):
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
@@ -142,7 +149,7 @@ class FlowMatchingPipeline(GenmodPipeline):
         """
         batch_size, channels = x_BCHW.shape[:2]
         sigma = timestep / self.scheduler.config.num_train_timesteps
-        if guidance is None or not _inside(sigma, guidance[1]):
+        if guidance is None or guidance[0] == 1.0 or not _inside(sigma, guidance[1]):
             out = self.transformer(x_BCHW, timestep.expand(batch_size), labels, return_dict=False)[0]
             return out[:, :channels]  # learn_sigma networks: the prediction is the first C channels
         null = torch.full_like(labels, self.transformer.config.num_classes)
@@ -154,8 +161,10 @@ class FlowMatchingPipeline(GenmodPipeline):
             return combine_guidance(out_cond, out_uncond, guidance[0])
         return combine_guidance(out_cond, out_uncond, guidance[0], channels=guided_channels)  # SiT: 3 of 4
 
-    def denoise(self, latents, timesteps, labels, guidance, callback_on_step_end, callback_tensor_inputs):
-        """The diffusers loop: one network call and one ``scheduler.step`` per timestep, then the callback."""
+    def denoise(self, latents, timesteps, labels, callback_on_step_end, callback_tensor_inputs):
+        """The diffusers loop: one network call and one ``scheduler.step`` per timestep, then the callback.
+
+        Guidance ``(self.guidance_scale, interval)`` is read at every step, so a callback may change it."""
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -164,6 +173,7 @@ class FlowMatchingPipeline(GenmodPipeline):
                 model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):
                     model_input = self.scheduler.scale_model_input(model_input, t)
+                guidance = None if labels is None else (self.guidance_scale, self._guidance_interval)
                 output = self.guided_output(model_input, t, labels, guidance)
                 # 2. the solver consumes it and says where to evaluate next
                 latents = self.scheduler.step(output, t, latents, return_dict=False)[0]
@@ -182,4 +192,5 @@ def _inside(sigma: torch.Tensor, interval) -> bool:
         return True
     lo, hi = interval
     return bool(lo <= float(sigma) <= hi)
+
 

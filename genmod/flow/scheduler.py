@@ -14,7 +14,14 @@ says nothing about x0 where alpha(t) = 0, so with ``prediction_type="epsilon"`` 
 
 ``timesteps`` lists every evaluation of the stepper's own schedule (stage times repeat grid times, as in
 diffusers' Heun scheduler); ``step`` returns where the network is evaluated next, or the end of the
-interval after its last evaluation.
+interval after its last evaluation. ``order`` is the number of network calls per step (euler and
+dpmsolver++2m 1, midpoint and heun 2, rk4 4), which diffusers pipelines use for warm-up counts, the
+progress bar and img2img slicing (``timesteps[t_start * order:]``).
+
+As in diffusers' flow schedulers, ``step_index`` is None until the first ``step``, which finds its
+place in ``timesteps`` from ``begin_index`` (``set_begin_index``) or else from the ``timestep`` it is
+given, so a pipeline may start part-way through the grid (img2img) with any solver; a start must be
+the first evaluation of a step. ``set_timesteps`` resets both.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from genmod.samplers.steppers import ODESolver, evaluation_times, time_batch
 
 SOLVERS = ("euler", "midpoint", "heun", "rk4", "dpmsolver++2m")
 PREDICTION_TYPES = ("velocity", "x0", "epsilon")
+CALLS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dpmsolver++2m": 1}
 
 
 @dataclass
@@ -42,8 +50,8 @@ class FlowSchedulerOutput(BaseOutput):
 class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
     """Flow-matching ODE scheduler: a solver (euler, midpoint, heun, rk4, dpmsolver++2m) on a path and prediction type."""
 
-    order = 1
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
+    init_noise_sigma = 1.0
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, solver: str = "euler",
@@ -58,17 +66,31 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = None
         self.timesteps = None
         self.num_inference_steps = None
+        self._begin_index = None
         self._reset_state()
 
     def _reset_state(self):
-        self._interval = 0      # index i of the interval [t_i, t_{i+1}] being stepped
-        self._step = None       # the stepper's generator for that interval (None between intervals)
-        self._request = None    # (x_eval, t_eval) it asked the network for
+        self._step_index = None  # index into `timesteps` of the next network call (None before the first step)
+        self._step = None        # the stepper's generator for the current interval (None between intervals)
+        self._request = None     # (x_eval, t_eval) it asked the network for
         self.ode_solver.reset()
 
     @property
+    def order(self) -> int:
+        """Network calls per step of the solver (a dry run of one interior step)."""
+        return CALLS_PER_STEP[self.config.solver]
+
+    @property
     def step_index(self):
-        return self._interval
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Where the next solve starts in ``timesteps`` (pipelines: ``t_start * order``); must start a step."""
+        self._begin_index = begin_index
 
     # ----------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None):
@@ -87,15 +109,46 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(sigmas)
         self._grid = self.sigmas.double().tolist()  # the float32 grid, exactly, as the stepper's floats
         schedule = evaluation_times(self._grid, self.ode_solver)
+        # interval of every network call, and whether it is the first call of its step
+        self._interval_of = [i for i, times in enumerate(schedule) for _ in times]
+        self._starts_step = [j == 0 for times in schedule for j in range(len(times))]
         num_train = self.config.num_train_timesteps
         self.timesteps = torch.tensor([t * num_train for times in schedule for t in times], dtype=torch.float32,
                                       device=device)
+        self._begin_index = None
         self._reset_state()
 
-    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """The index in ``timesteps`` of the step that starts at ``timestep`` (stage times repeat grid times)."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        value = float(torch.as_tensor(timestep).flatten()[0])
+        matches = (schedule.double().cpu() - value).abs().le(1e-3).nonzero().flatten().tolist()
+        starts = [k for k in matches if self._starts_step[k]]
+        if not starts:
+            where = "is a stage inside a step, not the start of one" if matches else "is not in this schedule"
+            raise ValueError(f"timestep: {value} {where} (timesteps: {self.timesteps.tolist()})")
+        return starts[0]
+
+    def _init_step_index(self, timestep):
+        index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        if not 0 <= index < len(self.timesteps) or not self._starts_step[index]:
+            raise ValueError(f"begin_index: {index} is not the first network call of a step; "
+                             f"use a multiple of order={self.order}")
+        self._step_index = index
+
+    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The forward process ``x_t = alpha(t) x0 + sigma(t) noise`` of the path, for img2img-style starts."""
-        t = torch.as_tensor(timestep, device=sample.device) / self.config.num_train_timesteps
-        t = t.to(torch.promote_types(sample.dtype, torch.float32))
+        if noise is None:
+            raise ValueError("noise: scale_noise needs the noise tensor")
+        t = torch.as_tensor(timestep, device=sample.device).flatten()
+        if self.timesteps is not None and self._begin_index is not None:  # diffusers: the grid time at begin_index
+            t = self.sigmas[self._interval_of[self._begin_index]].expand(t.shape)
+        elif self.timesteps is not None:  # the grid time of each timestep's step, exactly as step() uses it
+            t = torch.stack([self.sigmas[self._interval_of[self.index_for_timestep(v)]] for v in t])
+        else:
+            t = t / self.config.num_train_timesteps
+        t = t.to(device=sample.device, dtype=torch.promote_types(sample.dtype, torch.float32))
+        t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         return self.ode_solver.path.sample(sample, noise, t).x_t.to(sample.dtype)
 
     # ----------------------------------------------------------------------------------------
@@ -103,13 +156,15 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
         """Feed one network output to the stepper; return where it asks next (or the interval's end)."""
         if self.sigmas is None:
             raise RuntimeError("set_timesteps must be called before step")
-        if self._interval >= self.num_inference_steps:
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self.timesteps):
             raise RuntimeError("step called after the last timestep; call set_timesteps again")
         dtype = torch.promote_types(model_output.dtype, torch.float32)
         # 1. a new interval starts at `sample` (a step callback may have replaced it)
         if self._step is None:
-            t_cur, t_next = self._grid[self._interval], self._grid[self._interval + 1]
-            self._step = self.ode_solver.step(sample.to(dtype), t_cur, t_next)
+            interval = self._interval_of[self._step_index]
+            self._step = self.ode_solver.step(sample.to(dtype), self._grid[interval], self._grid[interval + 1])
             self._request = next(self._step)
         # 2. the network output at the requested point, as a velocity
         x_eval, t_eval = self._request
@@ -121,7 +176,7 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
             prev = self._request[0]
         except StopIteration as done:
             prev, self._step = done.value, None
-            self._interval += 1
+        self._step_index += 1
         prev = prev.to(model_output.dtype)
         return FlowSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 

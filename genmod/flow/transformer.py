@@ -110,7 +110,7 @@ class FlowTransformer(ModelMixin, ConfigMixin):
             return self.pos_embed
         return sincos_2d(grid_h, grid_w, self.config.hidden_size).unsqueeze(0).to(self.pos_embed.device)
 
-    def _condition(self, timestep, class_labels, batch: int, device, dropout_generator) -> torch.Tensor:
+    def _condition(self, timestep, class_labels, batch: int, device, dropout_generator, dtype=None) -> torch.Tensor:
         timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32)
         if timestep.dim() == 0:
             timestep = timestep.expand(batch)
@@ -118,7 +118,7 @@ class FlowTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"timestep: expected a scalar or shape ({batch},), got {tuple(timestep.shape)}")
         if self.config.time_convention == "sit":  # SiT's embedder input: raw t_SiT = 1 - t in [0, 1]
             timestep = 1.0 - timestep / 1000.0
-        c = self.t_embedder(timestep)
+        c = self.t_embedder(timestep, dtype)
         if self.y_embedder is None:
             if class_labels is not None:
                 raise ValueError("class_labels: this model is unconditional (num_classes=0)")
@@ -151,7 +151,7 @@ class FlowTransformer(ModelMixin, ConfigMixin):
         if height % p or width % p:
             raise ValueError(f"sample: size {height}x{width} is not divisible by patch_size {p}")
         x = self.x_embedder(sample) + self._positions(height // p, width // p).to(sample.dtype)
-        c = self._condition(timestep, class_labels, batch, sample.device, dropout_generator).to(x.dtype)
+        c = self._condition(timestep, class_labels, batch, sample.device, dropout_generator, x.dtype).to(x.dtype)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c)

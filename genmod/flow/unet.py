@@ -24,7 +24,11 @@ class FlowUNet(ModelMixin, ConfigMixin):
         layers_per_block: ResNet blocks per level; attention at the lowest resolution.
         num_classes: 0 = unconditional; else ids ``0..num_classes-1`` plus the null id ``num_classes``.
         class_dropout_prob: training-time probability of replacing a label by the null id.
+
+    ``enable_gradient_checkpointing()`` checkpoints the wrapped ``UNet2DModel``'s blocks (diffusers' own).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, in_channels: int = 3, sample_size: int = 32, block_out_channels: tuple = (32, 64, 64),

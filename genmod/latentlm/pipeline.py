@@ -48,17 +48,8 @@ class LatentLMPipeline(GenmodPipeline):
         return LatentLMTokenizer(cfg.num_classes, cfg.max_text_length)
 
     def _class_ids(self, class_labels) -> list[int]:
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        label2id = {name: int(i) for i, name in self.config.id2label.items()}
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                if label not in label2id:
-                    raise ValueError(f"class_labels: unknown class name {label!r}; known: {sorted(label2id)}")
-                label = label2id[label]
-            ids.append(int(label))
-        return ids
+        """The shared parser (``GenmodPipeline.parse_class_labels``): ids, names, nested lists."""
+        return self.parse_class_labels(class_labels, "cpu").tolist()
 
     def _prefixes(self, prompt, class_labels, batch_size):
         tok = self.text_tokenizer

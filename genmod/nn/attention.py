@@ -2,7 +2,11 @@
 
 Backends (``attention_backend``): ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``,
 the default), ``xformers`` (``xformers.ops.memory_efficient_attention``, optional) and ``math`` (an
-explicit softmax, the reference the tests compare against). Masks are boolean (True = may attend,
+explicit softmax, the reference the tests compare against). ``Attention`` is a diffusers
+``AttentionModuleMixin``, so diffusers' ``model.set_attention_backend(name)`` / ``reset_attention_backend()``
+and ``enable_xformers_memory_efficient_attention()`` reach every genmod model: ``native`` is ``sdpa``,
+``_native_math`` is ``math``, ``xformers`` is ours, and any other diffusers backend (``flash``, ``sage``, ...)
+runs through diffusers' attention dispatcher. Masks are boolean (True = may attend,
 from ``genmod.nn.masks``) or additive float biases, broadcastable to ``[B, H, Lq, Lk]``.
 """
 
@@ -12,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
 from genmod.nn.embeddings import apply_rope
@@ -22,8 +27,15 @@ ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 QK_NORMS = (None, "layernorm", "rmsnorm")
 
 
+# diffusers' AttentionBackendName values that are one of ours; the rest go through its dispatcher
+FROM_DIFFUSERS = {"native": "sdpa", "_native_math": "math", "xformers": "xformers"}
+DISPATCH_PREFIX = "diffusers:"
+
+
 def check_backend(backend: str) -> str:
     """Validate ``attention_backend``; ``xformers`` must be importable."""
+    if backend.startswith(DISPATCH_PREFIX):
+        return backend
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend: expected one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
     if backend == "xformers":
@@ -78,6 +90,8 @@ def attention(
             raise ValueError(f"mask: last dims {tuple(mask.shape[-2:])} must be (Lq, Lk) = {(q.shape[-2], k.shape[-2])}")
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if backend.startswith(DISPATCH_PREFIX):
+        return _dispatch(q, k, v, mask, scale, is_causal, backend[len(DISPATCH_PREFIX):])
     if backend == "math":
         logits = (q.float() @ k.float().transpose(-2, -1)) * scale
         if mask is not None:
@@ -99,6 +113,23 @@ def attention(
         )
         return out.transpose(1, 2)
     raise ValueError(f"attention_backend: expected one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+
+
+def _dispatch(q, k, v, mask, scale, is_causal, name: str) -> torch.Tensor:
+    """diffusers' attention dispatcher (layout ``[B, L, H, D]``) with one of its backends."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                is_causal=is_causal, scale=scale, backend=name)
+    return out.transpose(1, 2)
+
+
+class _BackendChoice:
+    """Where diffusers' ``set_attention_backend`` writes its choice (``processor._attention_backend``; None:
+    the layer's own ``attention_backend``). genmod attention has no processors beyond this."""
+
+    _attention_backend = None
+    _parallel_config = None
 
 
 class KVCache:
@@ -199,7 +230,7 @@ def _qk_norm(kind: str | None, head_dim: int) -> nn.Module:
     return make_norm(kind, head_dim)
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, AttentionModuleMixin):
     """Multi-head self- or cross-attention.
 
     Args:
@@ -244,6 +275,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.is_cross = cross_attention_dim is not None
         self.backend = check_backend(attention_backend)
+        self.processor = _BackendChoice()
         kv_dim = self.num_kv_heads * self.head_dim
         linear_bias = qkv_bias is True
         self.to_q = nn.Linear(dim, dim, bias=linear_bias)
@@ -258,6 +290,27 @@ class Attention(nn.Module):
         if l2_norm_qk:
             self.log_temperature = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
             self.max_log_temperature = math.log(100.0)
+
+    @property
+    def active_backend(self) -> str:
+        """The backend this layer runs: diffusers' choice (``set_attention_backend``) or its own."""
+        chosen = self.processor._attention_backend
+        if chosen is None:
+            return self.backend
+        name = getattr(chosen, "value", chosen)
+        return FROM_DIFFUSERS.get(name, DISPATCH_PREFIX + name)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """diffusers' xformers toggle: ``xformers`` (an ImportError naming the package if it is missing) or ``sdpa``."""
+        if attention_op is not None:
+            raise ValueError("attention_op: genmod attention takes no xformers operator; pass None")
+        self.backend, self.processor._attention_backend = check_backend("xformers" if valid else "sdpa"), None
+
+    def set_attention_slice(self, slice_size) -> None:
+        raise NotImplementedError("slice_size: genmod attention has no sliced mode (it uses scaled_dot_product_attention)")
+
+    def set_processor(self, processor) -> None:
+        raise NotImplementedError("processor: genmod attention has no attention processors; use set_attention_backend")
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)  # [B, H, L, D]
@@ -295,11 +348,11 @@ class Attention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        is_causal = False
+        is_causal, backend = False, self.active_backend
         if causal and mask is None and q.shape[-2] > 1:  # a single newest query sees every key: no mask
-            if q.shape[-2] == k.shape[-2] and self.backend == "sdpa":
+            if q.shape[-2] == k.shape[-2] and backend == "sdpa":
                 is_causal = True  # lets SDPA pick its fused causal kernels
             else:
                 mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        out = attention(q, k, v, mask=mask, scale=scale, backend=self.backend, is_causal=is_causal)
+        out = attention(q, k, v, mask=mask, scale=scale, backend=backend, is_causal=is_causal)
         return self.to_out(out.transpose(1, 2).flatten(2))

@@ -227,9 +227,11 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
-    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dtype``: the activations' dtype (diffusers' DiT casts to the hidden states' dtype), so layerwise
+        casting (weights stored in fp8/fp16, computed in fp32/bf16) works; default the weights' dtype."""
         features = timestep_embedding(timestep, self.frequency_embedding_size)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.mlp(features.to(dtype or self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

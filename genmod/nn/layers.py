@@ -343,7 +343,7 @@ class DiffusionHead(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device, dtype=torch.float32)
         timestep = timestep.expand(lead).reshape(-1)
         h = self.input_proj(x.reshape(-1, x.shape[-1]))
-        y = self.time_embed(timestep) + self.cond_embed(condition.reshape(-1, self.cond_dim))
+        y = self.time_embed(timestep, h.dtype) + self.cond_embed(condition.reshape(-1, self.cond_dim).to(h.dtype))
         for block in self.blocks:
             h = block(h, y)
         return self.final_layer(h, y).reshape(*lead, -1)

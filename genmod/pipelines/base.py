@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import numbers
 import os
 import sys
+
+import numpy as np
 
 import torch
 from diffusers import DiffusionPipeline
@@ -72,8 +75,28 @@ class GenmodPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels: unknown class name(s) {missing}; known: {sorted(label2id)}")
         return [label2id[name] for name in labels]
 
-    def class_label_ids(self, class_labels, device) -> torch.Tensor | None:
-        """``class_labels`` (ids or names, one or a list) as an id tensor ``[B]`` checked against the model."""
+    def parse_class_labels(self, class_labels, device, allow_null: bool = False,
+                           num_images_per_label: int = 1) -> torch.Tensor:
+        """The one label parser of every genmod pipeline: ids and/or names, one, a list, nested lists
+        (``[[1], [1]]``, as DiTPipeline takes them), a tensor or an array -> ids ``[B]`` in
+        ``[0, num_classes)`` (``allow_null``: ``num_classes`` too), each repeated ``num_images_per_label`` times."""
+        num_classes = self.transformer.config.num_classes
+        if not isinstance(num_images_per_label, numbers.Integral) or num_images_per_label < 1:
+            raise ValueError(f"num_images_per_label: must be an int >= 1, got {num_images_per_label!r}")
+        flat = _flatten_labels(class_labels)
+        bad = [c for c in flat if not isinstance(c, (str, numbers.Integral)) or isinstance(c, bool)]
+        if not flat or bad:
+            raise ValueError(f"class_labels: expected class ids or names, got {class_labels!r}")
+        names = [c for c in flat if isinstance(c, str)]
+        name_ids = iter(self.get_label_ids(names) if names else [])
+        ids = [next(name_ids) if isinstance(c, str) else int(c) for c in flat]
+        top = num_classes + 1 if allow_null else num_classes
+        if min(ids) < 0 or max(ids) >= top:
+            raise ValueError(f"class_labels: ids must be in [0, {top}), got {ids}")
+        return torch.tensor(ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_label)
+
+    def class_label_ids(self, class_labels, device, num_images_per_label: int = 1) -> torch.Tensor | None:
+        """``class_labels`` (see ``parse_class_labels``) as ids ``[B]``; None for unconditional models."""
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
             if num_classes:
@@ -81,20 +104,28 @@ class GenmodPipeline(DiffusionPipeline):
             return None
         if not num_classes:
             raise ValueError("class_labels: this model is unconditional (num_classes=0)")
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        if isinstance(class_labels, (list, tuple)) and class_labels and isinstance(class_labels[0], str):
-            class_labels = self.get_label_ids(list(class_labels))
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"class_labels: ids must be in [0, {num_classes}), got {labels.tolist()}")
-        return labels
+        return self.parse_class_labels(class_labels, device, num_images_per_label=num_images_per_label)
+
+    def set_attention_slice(self, slice_size):
+        """``enable_attention_slicing``: genmod models attend with SDPA (already memory-efficient), so
+        slicing would be silently ignored; say so instead (``disable_attention_slicing`` is a no-op)."""
+        if slice_size is not None:
+            raise NotImplementedError("enable_attention_slicing: genmod models have no sliced attention; they use "
+                                      "scaled_dot_product_attention (pick a kernel with model.set_attention_backend)")
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] from the generator's output: the tokenizer ``vae`` decodes latents, if any."""
+        """Pixels in [-1, 1] from the generator's output: the tokenizer ``vae`` decodes latents, if any.
+
+        A genmod tokenizer undoes its ``scaling_factor`` / ``shift_factor`` in ``decode`` itself; a diffusers
+        autoencoder (``AutoencoderKL``, ...) does not, so its factors are undone here, as diffusers' pipelines do:
+        ``latents / scaling_factor + shift_factor``."""
         vae = getattr(self, "vae", None)
         if vae is None:
             return latents
+        if type(vae).__module__.startswith("diffusers."):
+            scaling = getattr(vae.config, "scaling_factor", None) or 1.0
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            latents = latents / scaling + shift
         decoded = vae.decode(latents.to(vae.dtype))
         return decoded.sample if hasattr(decoded, "sample") else decoded
 
@@ -113,3 +144,12 @@ class GenmodPipeline(DiffusionPipeline):
             return array
         return DiffusionPipeline.numpy_to_pil(array)
 
+
+
+def _flatten_labels(class_labels) -> list:
+    """One label, or (nested) lists / tuples / tensors / arrays of them, as a flat list."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        return class_labels.reshape(-1).tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [label for item in class_labels for label in _flatten_labels(item)]
+    return [class_labels]

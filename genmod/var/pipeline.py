@@ -214,18 +214,13 @@ class VARPipeline(GenmodPipeline):
         """The saved sampling defaults (printed by ``genmod sample``)."""
         return {k: self.config[k] for k in ("guidance_scale", "guidance_schedule", "top_k", "top_p", "temperature")}
 
-    def _class_labels(self, class_labels, batch_size: int | None, device) -> torch.Tensor:
+    def _class_labels(self, class_labels, batch_size: int | None, device, num_images_per_label: int = 1) -> torch.Tensor:
         """Ids ``[B]``; ``None`` (or the id ``num_classes``) is the null class: unconditional samples / edits."""
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
             return torch.full((batch_size or 1,), num_classes, dtype=torch.long, device=device)
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        if isinstance(class_labels, (list, tuple)):  # names and ids may be mixed
-            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() > num_classes:
-            raise ValueError(f"class_labels: ids must be in [0, {num_classes}] ({num_classes} = null class), got {labels.tolist()}")
+        labels = self.parse_class_labels(class_labels, device, allow_null=True,  # the shared parser (nested lists too)
+                                         num_images_per_label=num_images_per_label)
         if batch_size is not None and batch_size != len(labels):
             if len(labels) != 1:
                 raise ValueError(f"batch_size={batch_size} disagrees with {len(labels)} class_labels")
@@ -256,6 +251,7 @@ class VARPipeline(GenmodPipeline):
         self,
         class_labels=None,
         batch_size: int | None = None,
+        num_images_per_label: int = 1,
         guidance_scale: float | None = None,
         guidance_schedule: str | None = None,
         top_k: int | None = None,
@@ -272,7 +268,8 @@ class VARPipeline(GenmodPipeline):
         """Generate ``len(class_labels)`` images, or edit ``image`` keeping its tokens where ``keep_mask`` is 1.
 
         ``class_labels``: ids or names; ``None`` (``batch_size`` samples) or the null id ``num_classes``
-        is unconditional (for editing: class-free in-/out-painting). ``guidance_scale`` w (1 = off; VAR cfg = w - 1), ramped linearly
+        is unconditional (for editing: class-free in-/out-painting); each label makes ``num_images_per_label``
+        images (generation only). ``guidance_scale`` w (1 = off; VAR cfg = w - 1), ramped linearly
         over scales unless ``guidance_schedule="constant"``. Unset sampling options use the saved
         defaults (``self.sampling_settings()``). ``num_inference_steps`` must be None or the number of
         scales (one step per scale). ``generator``: one or a list of one per sample.
@@ -287,8 +284,10 @@ class VARPipeline(GenmodPipeline):
                              f"got {num_inference_steps}")
         editing = image is not None or keep_mask is not None
         if editing:
+            if num_images_per_label != 1:
+                raise ValueError("num_images_per_label: editing makes one image per input image; leave it at 1")
             image, batch_size = self._edit_image(image, keep_mask, class_labels, batch_size, device)
-        labels = self._class_labels(class_labels, batch_size, device)
+        labels = self._class_labels(class_labels, batch_size, device, num_images_per_label)
         given, masks = self._edit_targets(image, keep_mask, labels.shape[0]) if editing else (None, None)
         generator = self._generator_for(generator, labels.shape[0])
         with self.progress_bar(total=self.transformer.num_scales) as progress:

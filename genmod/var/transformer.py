@@ -225,21 +225,24 @@ class VARTransformer(ModelMixin, ConfigMixin):
         return block_mask(ids, ids, "block_causal")
 
     def condition(self, class_labels: torch.Tensor, dropout_generator: torch.Generator | None = None) -> torch.Tensor:
-        """Class embedding ``[B, C]`` (null id = unconditional); labels dropped in training via the generator."""
-        return self.class_embed(class_labels, generator=dropout_generator)
+        """Class embedding ``[B, C]`` (null id = unconditional); labels dropped in training via the generator.
+
+        The first activation, in the model's compute dtype (``self.dtype``: the compute dtype under layerwise
+        casting, where the embedding table keeps its storage dtype); every later cast follows the activations."""
+        return self.class_embed(class_labels, generator=dropout_generator).to(self.dtype)
 
     def embed_scale(self, k: int, cond: torch.Tensor, scale_input: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings of scale ``k``: SOS for k = 0, else ``word_embed(scale_input [B, h_k w_k, Cvae])``;
         plus the scale's positions and level embedding."""
         start, end = self.scale_starts[k], self.scale_starts[k + 1]
         if k == 0:
-            x = cond.unsqueeze(1) + self.pos_start
+            x = cond.unsqueeze(1) + self.pos_start.to(cond.dtype)
         else:
             if scale_input is None or scale_input.shape[1:] != (end - start, self.config.latent_channels):
                 got = None if scale_input is None else tuple(scale_input.shape)
                 raise ValueError(f"scale_input: scale {k} needs [B, {end - start}, {self.config.latent_channels}], got {got}")
-            x = self.word_embed(scale_input.to(self.word_embed.weight.dtype))
-        return x + self.pos_embed[:, start:end] + self.level_embed(self.block_ids[start:end])
+            x = self.word_embed(scale_input.to(cond.dtype))
+        return x + self.pos_embed[:, start:end].to(x.dtype) + self.level_embed(self.block_ids[start:end]).to(x.dtype)
 
     def embed_sequence(self, cond: torch.Tensor, teacher_forcing_inputs: torch.Tensor | None, num_scales: int | None = None) -> torch.Tensor:
         """Embeddings of the first ``num_scales`` scales from the concatenated inputs of scales 1..K-1."""
