@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from genmod.importers.files import ImportError_, atomic_output, check_keys, load_state_dict, resolve_file
+from genmod.importers.files import ImportError_, atomic_output, check_keys, guess_kind, read_official
 
 CHECKPOINT_URL = "https://drive.google.com/file/d/1Z0xly7gaXASJnbeWNMjQBwbZdUnLFLu1/view"  # the official README's link
 HEADS_BY_WIDTH = {1024: 16, 1280: 20, 1408: 22}  # CausalFusion-L / XL / H (official models.py)
@@ -87,20 +87,13 @@ def map_causalfusion_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     return mapped
 
 
-def _guess_kind(keys) -> str | None:
-    return next((kind for fragment, kind in OTHER_KINDS if any(fragment in k for k in keys)), None)
-
-
 def read_checkpoint(spec: str) -> tuple[str, dict]:
     """The official state dict (``ckpt["ema"]`` when present), or a one-line error naming the file."""
-    if not spec.startswith("hub:") and not os.path.isfile(spec):
-        raise ImportError_(f"CKPT: no such file {spec!r}; download the CausalFusion-XL checkpoint from {CHECKPOINT_URL} "
-                           f"(the official README's link) and pass its path")
-    path = resolve_file(spec, "CKPT")
-    state = load_state_dict(path, key=("ema", "model"))
+    path, state = read_official(spec, "CKPT", f"download the CausalFusion-XL checkpoint from {CHECKPOINT_URL} "
+                                "(the official README's link)", key=("ema", "model"))
     needed = ("x_proj.weight", "cond_pos_embed", "pos_embed", "final_layer.1.weight", "blocks.0.attn.q_norm.weight")
     if not all(k in state for k in needed):
-        guess = _guess_kind(state)
+        guess = guess_kind(state, OTHER_KINDS)
         hint = f"; it looks like a {guess} checkpoint (genmod import {guess} ...)" if guess else ""
         if any(k.startswith(("encoder.", "decoder.")) for k in state):
             hint = "; it looks like an autoencoder (pass its folder as --vae)"
@@ -118,7 +111,7 @@ def build_transformer(path: str, state: dict, num_heads: int | None = None, patc
     with torch.device("meta"):
         model = CausalFusionTransformer(**config)
     mapped = map_causalfusion_state_dict(state)
-    check_keys(path, "causalfusion", model.state_dict().keys(), mapped.keys(), guess=_guess_kind(state))
+    check_keys(path, "causalfusion", model.state_dict().keys(), mapped.keys(), guess=guess_kind(state, OTHER_KINDS))
     with no_init_weights():  # every parameter is overwritten below: skip the random init (minutes at XL)
         model = CausalFusionTransformer(**config)
     model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)

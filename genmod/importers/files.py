@@ -31,6 +31,23 @@ class ImportError_(ValueError):
     """A user-facing import error (one line)."""
 
 
+def guess_kind(keys, fingerprints) -> Optional[str]:
+    """The KIND whose fingerprint (a key fragment only its checkpoints have) appears in ``keys``, or None.
+
+    ``fingerprints``: ``((fragment, KIND), ...)`` in the order to try, each importer listing the others.
+    """
+    return next((kind for fragment, kind in fingerprints if any(fragment in key for key in keys)), None)
+
+
+def read_official(spec: str, what: str, download: str, key=None) -> tuple[str, dict]:
+    """``(path, state dict)`` of a released checkpoint given as a path or ``hub:`` id; a missing local file is
+    one line saying where to ``download`` it. ``key`` picks the sub-dict (``"ema"``, ``"model"``, ...)."""
+    if not spec.startswith(HUB_PREFIX) and not os.path.isfile(spec):
+        raise ImportError_(f"{what}: no such file {spec!r}; {download} and pass its path")
+    path = resolve_file(spec, what)
+    return path, load_state_dict(path, key=key)
+
+
 def resolve_file(spec: str, what: str = "checkpoint") -> str:
     """A local file for ``spec``: an existing path, or ``hub:ORG/REPO/PATH/IN/REPO`` fetched through huggingface_hub."""
     if not spec.startswith(HUB_PREFIX):

@@ -16,13 +16,12 @@ Both MAR (``engine_mar.py``) and CausalFusion train on ``posterior.sample() * 0.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import torch
 
-from genmod.importers.files import ImportError_, atomic_output, check_keys, load_state_dict, resolve_file
+from genmod.importers.files import ImportError_, atomic_output, check_keys, guess_kind, read_official
 
 KL16_URL = "https://www.dropbox.com/scl/fi/hhmuvaiacrarfg28qxhwz/kl16.ckpt?rlkey=l44xipsezc8atcffdp4q7mwmh&dl=0"
 SCALING_FACTOR = 0.2325       # engine_mar.py (MAR) and CausalFusion: x = posterior.sample() * 0.2325
@@ -110,23 +109,13 @@ def map_kl16_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return mapped
 
 
-def _guess_kind(keys) -> str | None:
-    for fragment, kind in OTHER_KINDS:
-        if any(fragment in k for k in keys):
-            return kind
-    return None
-
-
 def _read_checkpoint(spec: str) -> tuple[str, dict]:
-    if not spec.startswith("hub:") and not os.path.isfile(spec):
-        raise ImportError_(f"VAE_CKPT: no such file {spec!r}; download kl16.ckpt from {KL16_URL} "
-                           f"(MAR's util/download.py) and pass its path")
-    path = resolve_file(spec, "VAE_CKPT")
-    state = load_state_dict(path, key="model")
+    path, state = read_official(spec, "VAE_CKPT", f"download kl16.ckpt from {KL16_URL} (MAR's util/download.py)",
+                                key="model")
     probe = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight",
              "quant_conv.weight", "post_quant_conv.weight")
     if not all(k in state for k in probe):
-        guess = _guess_kind(state)
+        guess = guess_kind(state, OTHER_KINDS)
         hint = f"; it looks like a {guess} checkpoint (genmod import {guess} ...)" if guess else ""
         if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
             hint = "; it looks like a diffusers AutoencoderKL already (pass its folder as --tokenizer / --vae)"
@@ -148,7 +137,7 @@ def build_vae(path: str, state: dict, norm_num_groups: int = NORM_NUM_GROUPS, sc
     with no_init_weights():  # every parameter is overwritten below: skip the random init
         vae = DiffusersAutoencoderKL(**config)
     mapped = map_kl16_state_dict(state)
-    check_keys(path, "mar-kl16", vae.state_dict().keys(), mapped.keys(), guess=_guess_kind(state))
+    check_keys(path, "mar-kl16", vae.state_dict().keys(), mapped.keys(), guess=guess_kind(state, OTHER_KINDS))
     vae.load_state_dict(mapped, strict=True)
     vae.register_to_config(modality="image")
     return vae.eval()

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from genmod.importers.files import ImportError_, atomic_output, check_keys, load_state_dict, resolve_file
+from genmod.importers.files import ImportError_, atomic_output, check_keys, guess_kind, read_official
 
 SIT_XL_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
               "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")
@@ -73,21 +73,11 @@ def map_sit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return mapped
 
 
-def _guess_kind(keys) -> str | None:
-    for fragment, kind in OTHER_KINDS:
-        if any(fragment in k for k in keys):
-            return kind
-    return None
-
-
 def _read_checkpoint(spec: str) -> tuple[str, dict]:
-    if not spec.startswith("hub:") and not os.path.isfile(spec):
-        raise ImportError_(f"SIT_CKPT: no such file {spec!r}; download SiT-XL-2-256x256.pt from {SIT_XL_URL} "
-                           f"(the official README's link) and pass its path")
-    path = resolve_file(spec, "SIT_CKPT")
-    state = load_state_dict(path, key=("ema", "model"))
+    path, state = read_official(spec, "SIT_CKPT", f"download SiT-XL-2-256x256.pt from {SIT_XL_URL} "
+                                "(the official README's link)", key=("ema", "model"))
     if "x_embedder.proj.weight" not in state or "final_layer.linear.weight" not in state:
-        guess = _guess_kind(state)
+        guess = guess_kind(state, OTHER_KINDS)
         hint = f"; it looks like a {guess} checkpoint (genmod import {guess} ...)" if guess else ""
         if any(k.startswith(("encoder.down", "decoder.up")) for k in state):
             hint = "; it looks like an autoencoder (pass its diffusers folder as --vae)"
@@ -105,7 +95,7 @@ def build_transformer(path: str, state: dict, num_heads: int | None):
     with torch.device("meta"):
         model = FlowTransformer(**config)
     mapped = map_sit_state_dict(state)
-    check_keys(path, "sit", model.state_dict().keys(), mapped.keys(), guess=_guess_kind(state))
+    check_keys(path, "sit", model.state_dict().keys(), mapped.keys(), guess=guess_kind(state, OTHER_KINDS))
     with no_init_weights():  # every parameter is overwritten below: skip the random init (minutes at XL)
         model = FlowTransformer(**config)
     model.load_state_dict(mapped, strict=True)
