@@ -31,7 +31,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from genmod.nn.attention import KVCache, check_backend, make_kv_caches
-from genmod.nn.embeddings import LabelEmbedder, TimestepEmbedder, patchify, sincos_2d, unpatchify
+from genmod.nn.embeddings import LabelEmbedder, TimestepEmbedder, check_patch_grid, patchify, sincos_2d, unpatchify
 from genmod.nn.layers import PreNormBlock, xavier_init_
 from genmod.nn.masks import CAUSALFUSION_RULES, block_ids_from_sizes, mask_from_rules
 
@@ -57,16 +57,7 @@ def causalfusion_sequence_layout(num_cond_tokens: int, clean_step_sizes: Sequenc
 def _check_config(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes, num_cond_tokens,
                   attention_backend, norm_eps, time_convention) -> None:
     """One-line errors for ``CausalFusionTransformer`` arguments."""
-    for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
-                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
-        if int(value) <= 0:
-            raise ValueError(f"{name}: must be positive, got {value}")
-    if sample_size % patch_size:
-        raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
-    if hidden_size % 4:
-        raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
-    if num_classes < 0:
-        raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
+    check_patch_grid(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes)
     if num_cond_tokens < (1 if num_classes else 0):
         raise ValueError(f"num_cond_tokens: a class-conditional model needs >= 1, got {num_cond_tokens}")
     check_backend(attention_backend)

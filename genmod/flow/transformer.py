@@ -20,7 +20,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from genmod.nn.attention import check_backend
-from genmod.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
+from genmod.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, check_patch_grid, sincos_2d, unpatchify
 from genmod.nn.layers import AdaLNZeroBlock, FinalLayer, dit_init_
 
 TIME_CONVENTIONS = ("genmod", "sit")
@@ -66,16 +66,7 @@ class FlowTransformer(ModelMixin, ConfigMixin):
         guidance_channels: int | None = None,
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
-                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
-            if int(value) <= 0:
-                raise ValueError(f"{name}: must be positive, got {value}")
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
+        check_patch_grid(in_channels, sample_size, patch_size, hidden_size, depth, num_heads, num_classes)
         check_backend(attention_backend)
         if time_convention not in TIME_CONVENTIONS:
             raise ValueError(f"time_convention: expected one of {', '.join(TIME_CONVENTIONS)}, got {time_convention!r}")

@@ -23,6 +23,21 @@ def _as_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ..
     return out
 
 
+def check_patch_grid(in_channels: int, sample_size: int, patch_size: int, hidden_size: int, depth: int,
+                     num_heads: int, num_classes: int) -> None:
+    """One-line errors for a DiT-style patch transformer's sizes (positive, divisible patches, 2D sin-cos width)."""
+    for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
+                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+        if int(value) <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if sample_size % patch_size:
+        raise ValueError(f"sample_size: {sample_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes: must be >= 0, got {num_classes}")
+
+
 def patchify(x: torch.Tensor, patch_size: int | Sequence[int]) -> torch.Tensor:
     """Channels-first ``[B, C, *S]`` (S = 1, 2 or 3 spatial dims) -> tokens ``[B, N, prod(p) * C]``.
 
