@@ -129,3 +129,107 @@ def test_eval_folder_names_the_unreadable_image(capsys, tmp_path, monkeypatch):
     cut.write_bytes(cut.read_bytes()[:60])
     assert_one_line_error(capsys, ["eval-folder", tmp_path / "b", tmp_path / "a", "--metrics", "fid"], str(cut),
                           "unreadable image")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint manifests: resume falls back to the newest intact checkpoint; genmod verify
+
+
+def _toy_run(out, **overrides):
+    from test_trainer import run_toy, toy_config
+
+    run_toy(toy_config(out, **{"max_steps": 6, "checkpoint_every": 2, **overrides}))
+
+
+def _step(out, step):
+    return out / "checkpoints" / f"step-{step:08d}"
+
+
+def test_resume_latest_skips_broken_checkpoints_and_reproduces_the_run(tmp_path, caplog):
+    from test_trainer import losses
+
+    from genmod.train import find_checkpoint, load_weights
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    _toy_run(straight)
+    _toy_run(broken)
+    weights = _step(broken, 6) / "model" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # still parses as far as the header goes
+    os.remove(_step(broken, 4) / "manifest.json")
+    intact = _tree(_step(broken, 2))
+    with pytest.raises(Exception, match=r"step-00000006 is corrupt \(model/diffusion_pytorch_model.safetensors has"):
+        find_checkpoint(broken, "latest")  # an explicit look at latest still fails loudly
+
+    caplog.set_level("WARNING", logger="genmod.train")
+    _toy_run(broken, resume="latest")
+    warnings = [r.getMessage() for r in caplog.records if "skipping a broken checkpoint" in r.getMessage()]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert "step-00000006 is corrupt" in warnings[0] and "resuming from" in warnings[0] and warnings[0].endswith("step-00000002")
+    assert "step-00000004 is corrupt (manifest.json is missing)" in warnings[1]
+    assert len(losses(straight)) == 6 and losses(broken) == losses(straight)  # steps 3..6 rerun exactly
+    a, b = load_weights(str(_step(straight, 6) / "model")), load_weights(str(_step(broken, 6) / "model"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert find_checkpoint(broken, "latest").endswith("step-00000006")  # rewritten intact
+    assert _tree(_step(broken, 2)) == intact
+
+
+def test_checkpoints_without_manifest_resume_as_unverified(tmp_path, capsys):
+    import json
+
+    from genmod.train import find_checkpoint
+
+    _toy_run(tmp_path, max_steps=4)
+    for step in (2, 4):  # as written before manifests existed
+        os.remove(_step(tmp_path, step) / "manifest.json")
+        state_file = _step(tmp_path, step) / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        del state["integrity"]
+        state_file.write_text(json.dumps(state))
+    assert find_checkpoint(tmp_path, "latest").endswith("step-00000004")
+    capsys.readouterr()
+    code, _, out = run_cli(capsys, "verify", tmp_path)
+    assert code == 0 and out.splitlines()[0] == f"{_step(tmp_path, 2)}: unverified (no manifest: written before " \
+                                                "manifests; its weights are well formed)"
+    weights = _step(tmp_path, 4) / "model" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # an unverified checkpoint still gets the structure check
+    code, _, out = run_cli(capsys, "verify", tmp_path)
+    assert code == 2 and f"{_step(tmp_path, 4)}: BROKEN: checkpoint {_step(tmp_path, 4)} is corrupt ({weights}: " \
+                         "truncated or corrupt safetensors file" in out
+
+
+def test_verify_reports_each_checkpoint_latest_and_pipeline(tmp_path, capsys, pipe_dir):
+    import shutil
+
+    _toy_run(tmp_path, max_steps=4)
+    shutil.copytree(pipe_dir, tmp_path / "pipeline")
+    capsys.readouterr()
+    code, lines, out = run_cli(capsys, "verify", tmp_path)
+    root = tmp_path / "checkpoints"
+    assert code == 0 and lines == []
+    assert out.splitlines() == [f"{_step(tmp_path, 2)}: ok", f"{_step(tmp_path, 4)}: ok",
+                                f"{root / 'latest'}: names step-00000004", f"{tmp_path / 'pipeline'}: ok"]
+    (_step(tmp_path, 2) / "training_state.pt").write_bytes(b"x")
+    (tmp_path / "pipeline" / "transformer" / "config.json").write_text("{not json")
+    code, _, out = run_cli(capsys, "verify", tmp_path)
+    assert code == 2
+    assert out.splitlines()[0] == (f"{_step(tmp_path, 2)}: BROKEN: checkpoint {_step(tmp_path, 2)} is corrupt "
+                                   "(training_state.pt has 1 bytes, the manifest says "
+                                   f"{os.path.getsize(_step(tmp_path, 4) / 'training_state.pt')})")
+    assert out.splitlines()[1:3] == [f"{_step(tmp_path, 4)}: ok", f"{root / 'latest'}: names step-00000004"]
+    assert out.splitlines()[3] == f"{tmp_path / 'pipeline'}: BROKEN: {tmp_path / 'pipeline' / 'transformer' / 'config.json'}: invalid JSON"
+    assert_one_line_error(capsys, ["verify", tmp_path / "nowhere"], "genmod verify: error:", "no such run folder")
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line(tmp_path):
+    from genmod.train import CheckpointError
+
+    _toy_run(tmp_path, max_steps=4)
+    for step in (2, 4):
+        config = _step(tmp_path, step) / "train_config.json"
+        config.write_text(config.read_text().replace("true", "TRUE"))  # same size, other bytes
+    with pytest.raises(CheckpointError) as info:
+        _toy_run(tmp_path, resume="latest")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"no intact checkpoint in {tmp_path}: checkpoint ")
+    assert "step-00000004 is corrupt (train_config.json does not match its sha256" in message
+    assert message.endswith("(and 1 older ones broken)")
