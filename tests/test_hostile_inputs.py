@@ -233,3 +233,33 @@ def test_resume_with_no_intact_checkpoint_is_one_line(tmp_path):
     assert "\n" not in message and message.startswith(f"no intact checkpoint in {tmp_path}: checkpoint ")
     assert "step-00000004 is corrupt (train_config.json does not match its sha256" in message
     assert message.endswith("(and 1 older ones broken)")
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+def test_second_trainer_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, caplog):
+    import subprocess
+
+    from genmod.train.runlock import LOCK_FILE, OutputLockedError, lock_text
+
+    lock = tmp_path / LOCK_FILE
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(lock_text(holder.pid))  # a live run holds the folder
+        with pytest.raises(OutputLockedError) as info:
+            _toy_run(tmp_path, max_steps=2)
+        message = str(info.value)
+        assert "\n" not in message and f"pid {holder.pid}" in message and str(lock) in message
+        assert message.startswith(f"{tmp_path} is in use by another training run")
+        assert lock.read_text() == lock_text(holder.pid) and not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    caplog.set_level("WARNING", logger="genmod.train")
+    _toy_run(tmp_path, max_steps=2)  # the holder is gone: its lock is stale
+    assert any(f"taking over the lock of a run that no longer runs ({holder.pid} " in r.getMessage()
+               for r in caplog.records)
+    assert not lock.exists()  # released when the run ended
+    assert [m["step"] for m in __import__("genmod.train", fromlist=["read_metrics"]).read_metrics(tmp_path)] == [1, 2]
