@@ -201,6 +201,17 @@ def save_png_folder(images: torch.Tensor, folder: str | os.PathLike, prefix: str
     return paths
 
 
+def _read_image(path: str, channels: int | None) -> np.ndarray:
+    """One image as a uint8 array; an unreadable file is a one-line ``ValueError`` naming it."""
+    try:
+        with Image.open(path) as image:
+            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if image.mode in ("L", "I;16", "1") else "RGB")
+            return np.asarray(image.convert(mode))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {detail})") from None
+
+
 def load_png_folder(folder: str | os.PathLike, channels: int | None = None) -> torch.Tensor:
     """Read every ``.png/.jpg/.jpeg`` in ``folder`` (sorted by name) as uint8 ``(N, C, H, W)``.
 
@@ -213,9 +224,7 @@ def load_png_folder(folder: str | os.PathLike, channels: int | None = None) -> t
         raise FileNotFoundError(f"{folder}: no .png/.jpg/.jpeg images found")
     arrays = []
     for name in names:
-        with Image.open(os.path.join(folder, name)) as image:
-            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if image.mode in ("L", "I;16", "1") else "RGB")
-            array = np.asarray(image.convert(mode))
+        array = _read_image(os.path.join(folder, name), channels)
         arrays.append(array[..., None] if array.ndim == 2 else array)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:

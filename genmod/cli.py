@@ -10,6 +10,7 @@
     genmod make-speech-digits --out DIR            generate the spoken-digits corpus with espeak-ng
     genmod import KIND CHECKPOINT --out DIR        a released checkpoint (VAR, SiT, ...) as a genmod pipeline folder
     genmod export-diffusers PIPELINE_DIR OUT       self-contained folder for DiffusionPipeline(trust_remote_code)
+    genmod verify RUN_DIR                          check a run's checkpoints and pipeline folder (exit 2 if broken)
 
 Every error is one line (``genmod: error: ...``); set GENMOD_DEBUG=1 for the traceback.
 """
@@ -36,6 +37,7 @@ COMMANDS = {
     "make-speech-digits": ("genmod.data.speech_digits", "main", "generate the spoken-digits corpus with espeak-ng"),
     "import": ("genmod.importers.cli", "main", "import a released checkpoint (VAR, SiT, ...) as a genmod pipeline folder"),
     "export-diffusers": ("genmod.pipelines.export", "main", "export a pipeline as a self-contained diffusers folder"),
+    "verify": ("genmod.train.integrity", "main", "check a run's checkpoints (manifests) and pipeline folder"),
 }
 
 # Families trainable with ``genmod train NAME``, from the family table (genmod/families.py):

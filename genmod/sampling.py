@@ -68,6 +68,33 @@ def _labels(pipe, spec: str | None, num: int):
     return labels[:num]
 
 
+# smallest value of the numeric sampling flags (all float flags must also be finite)
+OPTION_MINIMUM = {"num_inference_steps": 1, "num_ar_steps": 1, "num_frames": 1, "num_context_frames": 0, "top_k": 1,
+                  "num_head_steps": 1, "temperature": 0.0}
+
+
+def _flag_names(keyword: str) -> str:
+    option = SAMPLE_OPTIONS[keyword]
+    return option.flag + (f"/{option.alias}" if option.alias else "")
+
+
+def check_arguments(args) -> None:
+    """One-line errors for values no pipeline can use: counts < 1, NaN / infinite floats, top-p outside (0, 1]."""
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError(f"--num and --batch-size must be >= 1, got --num {args.num} --batch-size {args.batch_size}")
+    for keyword, option in SAMPLE_OPTIONS.items():
+        value = getattr(args, keyword, None)
+        if value is None or option.type not in (int, float):
+            continue
+        if option.type is float and not math.isfinite(value):
+            raise ValueError(f"{_flag_names(keyword)}: must be a finite number, got {value}")
+        low = OPTION_MINIMUM.get(keyword)
+        if low is not None and value < low:
+            raise ValueError(f"{_flag_names(keyword)}: must be >= {low}, got {value}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p: must be in (0, 1], got {args.top_p}")
+
+
 def _sample_options(pipe, args) -> dict:
     """The sampling flags given on the command line, checked against the pipeline's family row."""
     given = {keyword: getattr(args, keyword) for keyword in SAMPLE_OPTIONS if getattr(args, keyword) is not None}
@@ -131,8 +158,7 @@ def save_images(images: torch.Tensor, args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num < 1 or args.batch_size < 1:
-        raise ValueError("--num and --batch-size must be >= 1")
+    check_arguments(args)
     pipe = load_for_sampling(args.path)
     pipe.to(args.device)
     _apply_scheduler_options(pipe, args)

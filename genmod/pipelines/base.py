@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from genmod.core.files import check_weights_folder
+
 TRUSTED_PREFIXES = ("genmod.",)
 # Before the namespace move these packages installed at the top level; folders saved then name e.g.
 # "tokenizers_vq.models.kl_vae". They load under their installed names.
@@ -50,13 +52,25 @@ def _import_named_components(path: str | os.PathLike) -> dict:
     return index
 
 
+def check_component_files(path: str | os.PathLike, index: dict) -> None:
+    """Every component folder named in ``model_index.json``: its weights are complete ``.safetensors`` (never a
+    pickle, which could run code); raises a one-line ``ValueError`` naming the first bad file."""
+    for name, value in index.items():
+        folder = os.path.join(os.fspath(path), name)
+        if name.startswith("_") or not isinstance(value, list) or not os.path.isdir(folder):
+            continue
+        check_weights_folder(folder)
+
+
 class GenmodPipeline(DiffusionPipeline):
     """Base class of genmod pipelines: offline ``from_pretrained`` of genmod components."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         if os.path.isdir(os.fspath(pretrained_model_name_or_path)):
-            _import_named_components(pretrained_model_name_or_path)
+            index = _import_named_components(pretrained_model_name_or_path)
+            check_component_files(pretrained_model_name_or_path, index)
+            kwargs.setdefault("use_safetensors", True)  # never fall back to unpickling
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @staticmethod

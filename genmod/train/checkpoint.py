@@ -10,11 +10,15 @@ Layout::
             rng_rank1.pt ...     RNG states of the other processes (multi-process runs)
             trainer_state.json   step, epoch, data position, samples seen, family
             train_config.json    the full config
+            manifest.json        every other file's relative path, size and sha256 (written last)
         latest                   text file naming the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step-00000100`` in the same folder, every file is fsynced, and
 the folder is renamed with ``os.replace``: a process killed mid-write leaves no ``step-*`` folder
 and ``latest`` still names the previous complete one. ``latest`` is replaced atomically too.
+``manifest.json`` is written last into the staging folder, so a checkpoint damaged afterwards (a
+truncated or edited file) is found by :func:`checkpoint_integrity`; checkpoints written before manifests
+existed are accepted as "unverified" when their weights are well-formed safetensors.
 Everything in ``training_state.pt`` loads with ``torch.load(weights_only=True)``.
 """
 
@@ -30,9 +34,11 @@ import shutil
 import numpy as np
 import torch
 
+from genmod.core.files import CorruptFileError, check_weights_folder, read_manifest, verify_manifest, write_manifest
+
 __all__ = ["CheckpointError", "checkpoint_name", "prepare_staging", "save_rank_rng", "write_checkpoint",
            "find_checkpoint", "list_checkpoints", "prune_checkpoints", "load_training_state", "load_weights",
-           "get_rng_state", "set_rng_state", "read_trainer_state"]
+           "get_rng_state", "set_rng_state", "read_trainer_state", "checkpoint_integrity"]
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 REQUIRED_FILES = ("trainer_state.json", "training_state.pt", "train_config.json", "model/config.json")
@@ -164,8 +170,9 @@ def write_checkpoint(staging: str, step: int, *, model: torch.nn.Module, ema_mod
         _save_model(ema_model, os.path.join(staging, "ema"))
     torch.save(training_state, os.path.join(staging, "training_state.pt"))
     with open(os.path.join(staging, "trainer_state.json"), "w") as f:
-        json.dump(trainer_state, f, indent=2)
+        json.dump({**trainer_state, "integrity": "manifest.json"}, f, indent=2)
     save_config(config, os.path.join(staging, "train_config.json"))
+    write_manifest(staging)  # last: it covers every other file, the other ranks' RNG files included
     _fsync_tree(staging)
 
     if os.path.exists(final):  # same step written before by a run that was later resumed from earlier
@@ -230,7 +237,28 @@ def _validate(path: str) -> str:
         read_trainer_state(path)
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt (trainer_state.json: {err})") from None
+    checkpoint_integrity(path)
     return path
+
+
+def checkpoint_integrity(path: str) -> str:
+    """``"ok"`` when every file matches ``manifest.json``; ``"unverified"`` for a checkpoint written before
+    manifests whose weights are well formed; raises :class:`CheckpointError` naming what is wrong otherwise."""
+    try:
+        files = read_manifest(path)
+        if files is None:
+            if "integrity" in read_trainer_state(path):  # written with a manifest that is now gone
+                raise CorruptFileError("manifest.json is missing")
+            for sub in ("model", "ema"):
+                if os.path.isdir(os.path.join(path, sub)):
+                    check_weights_folder(os.path.join(path, sub))
+            return "unverified"
+        problems = verify_manifest(path)
+    except CorruptFileError as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({err})") from None
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems[:3])})")
+    return "ok"
 
 
 def read_trainer_state(path: str) -> dict:

@@ -18,9 +18,10 @@ import os
 
 import torch
 
-from .checkpoint import (CheckpointError, checkpoints_root, find_checkpoint, get_rng_state, load_training_state,
+from .checkpoint import (CheckpointError, find_checkpoint, get_rng_state, list_checkpoints, load_training_state,
                          load_weights, read_trainer_state, set_rng_state)
 from .family import unwrap_model
+from .integrity import find_resumable
 from .optim import apply_optimizer_config
 from .sharding import load_ema_shadow, load_model_state, shard_optimizer_state
 
@@ -64,14 +65,9 @@ class ResumeMixin:
     def _resume(self):
         """Continue from ``config.resume``: weights, optimizer, family state, RNG, step and data position."""
         config = self.config
-        try:
-            path = find_checkpoint(config.output_dir, config.resume)
-        except CheckpointError:
-            if config.resume == "latest" and not os.path.isdir(checkpoints_root(config.output_dir)):
-                if self.is_main:
-                    logger.warning("resume=latest: no checkpoint in %s yet, starting from step 0", config.output_dir)
-                return
-            raise
+        path = self._latest_intact() if config.resume == "latest" else find_checkpoint(config.output_dir, config.resume)
+        if path is None:
+            return
         state = read_trainer_state(path)
         if self.is_main:
             self._warn_config_changes(path)
@@ -103,6 +99,19 @@ class ResumeMixin:
             self._truncate_metrics(self.step)
             logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch,
                         self.batch_in_epoch)
+
+    def _latest_intact(self) -> str | None:
+        """``resume=latest``: the newest intact checkpoint (one warning line per broken newer one); None: none yet."""
+        output_dir = self.config.output_dir
+        if not list_checkpoints(output_dir):  # no run yet, or killed while writing its first checkpoint
+            if self.is_main:
+                logger.warning("resume=latest: no checkpoint in %s yet, starting from step 0", output_dir)
+            return None
+        path, broken = find_resumable(output_dir)
+        if self.is_main:
+            for reason in broken:
+                logger.warning("resume=latest: skipping a broken checkpoint: %s; resuming from %s", reason, path)
+        return path
 
     def _load_weights(self, path: str, state: dict) -> None:
         """The checkpoint's model weights and EMA shadow (the model's when no ``ema/`` was saved)."""

@@ -50,6 +50,7 @@ from .family import Family, unwrap_model
 from .logs import LogMixin, make_trackers
 from .optim import LRSchedule  # still importable from here
 from .resume import ResumeMixin
+from .runlock import acquire_lock, release_lock
 from .sharding import accelerate_fsdp_env_off, distributed_mode, full_value, no_sync, prepare_model
 from .speed import compile_model, enable_gradient_checkpointing
 
@@ -234,7 +235,15 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         raise TrainingDivergedError(message)
 
     def train(self) -> TrainSummary:
-        """Build, resume, take optimizer steps up to ``max_steps`` (or the time budget), checkpoint, export."""
+        """Build, resume, take optimizer steps up to ``max_steps`` (or the time budget), checkpoint, export; the
+        main process holds ``OUTPUT/run.lock`` throughout (one run per output folder, :mod:`.runlock`)."""
+        self._lock = None  # taken in _start, once the accelerator says which process is the main one
+        try:
+            return self._train()
+        finally:
+            release_lock(self._lock)
+
+    def _train(self) -> TrainSummary:
         # 1) model, optimizer and data; the checkpoint to continue from; config and log files
         self._start()
         progress, metrics_out = self._open_logs()
@@ -263,8 +272,8 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         self.metrics_file = os.path.join(config.output_dir, "metrics.jsonl")
         self.last_loss = float("nan")
         self.last_checkpoint = None
-        if self.is_main:
-            os.makedirs(config.output_dir, exist_ok=True)
+        if self.is_main:  # makes the folder; refuses it while another run holds it
+            self._lock = acquire_lock(config.output_dir)
         self.accelerator.wait_for_everyone()
         if config.resume:
             self._resume()

@@ -1,0 +1,127 @@
+"""File integrity: safetensors structure, refusing pickles, sha256 manifests of folders.
+
+* :func:`check_safetensors`: the header parses and the tensors' byte ranges end exactly at the end
+  of the file (a truncated or foreign file fails), without reading the tensors.
+* :func:`check_weights_folder`: a model folder holds ``.safetensors`` weights, all well formed; a
+  folder holding only pickled weights (``.bin``, ``.pt``, ...) is refused, never unpickled.
+* :func:`write_manifest` / :func:`verify_manifest`: ``manifest.json`` lists every file of a folder
+  (relative path, size, sha256); verifying names each missing, resized or changed file.
+
+Every error is a :class:`CorruptFileError` (a ``ValueError``) whose one-line message names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+__all__ = ["CorruptFileError", "MANIFEST", "PICKLE_SUFFIXES", "check_safetensors", "check_weights_folder",
+           "file_sha256", "write_manifest", "read_manifest", "verify_manifest"]
+
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class CorruptFileError(ValueError):
+    """A truncated, foreign or refused file; the message names it."""
+
+
+def check_safetensors(path: str) -> None:
+    """Raise :class:`CorruptFileError` unless ``path`` is a complete safetensors file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(f"{path}: truncated safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, MAX_HEADER):
+            raise CorruptFileError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptFileError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: corrupt safetensors header")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        raise CorruptFileError(f"{path}: truncated or corrupt safetensors file ({size} bytes, its header needs {expected})")
+
+
+def check_weights_folder(folder: str) -> list[str]:
+    """The ``.safetensors`` files of a model folder, each checked; pickled weights alone are refused."""
+    names = sorted(os.listdir(folder))
+    tensors = [os.path.join(folder, n) for n in names if n.endswith(".safetensors")]
+    pickles = [os.path.join(folder, n) for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles and not tensors:
+        raise CorruptFileError(f"{pickles[0]}: pickled weights are refused (loading them can run code); "
+                               "genmod loads only .safetensors")
+    for path in tensors:
+        check_safetensors(path)
+    return tensors
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    found = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
+def write_manifest(folder: str) -> str:
+    """Write ``folder/manifest.json`` (every other file: size and sha256); returns its path."""
+    files = {rel: {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": file_sha256(os.path.join(folder, rel))}
+             for rel in _files(folder)}
+    path = os.path.join(folder, MANIFEST)
+    with open(path, "w") as f:
+        json.dump({"format": 1, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def read_manifest(folder: str) -> dict | None:
+    """The manifest's ``files`` table; None when the folder has none; a corrupt one raises."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+        return files
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CorruptFileError(f"{path}: corrupt manifest") from None
+
+
+def verify_manifest(folder: str) -> list[str]:
+    """Problems of ``folder`` against its manifest (empty: intact); raises when there is no manifest."""
+    files = read_manifest(folder)
+    if files is None:
+        raise CorruptFileError(f"{os.path.join(folder, MANIFEST)}: missing")
+    problems = []
+    for rel, entry in sorted(files.items()):
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{rel} is missing")
+        elif os.path.getsize(path) != entry.get("size"):
+            problems.append(f"{rel} has {os.path.getsize(path)} bytes, the manifest says {entry.get('size')}")
+        elif file_sha256(path) != entry.get("sha256"):
+            problems.append(f"{rel} does not match its sha256")
+    return problems

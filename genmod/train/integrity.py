@@ -1,0 +1,123 @@
+"""Checking a run's files: the newest intact checkpoint to resume from, and ``genmod verify RUN_DIR``.
+
+* :func:`find_resumable`: ``--resume latest`` takes the checkpoint ``checkpoints/latest`` names, or,
+  when that one is broken (a file truncated or changed since its manifest was written, the manifest
+  gone), the newest intact one before it; the broken ones are returned for the one-line warnings.
+* :func:`verify_run` / :func:`main`: one line per checkpoint, ``latest`` and the exported pipeline
+  folder (ok / unverified / what is wrong); exit 0 when all are intact, 2 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from genmod.core.files import MANIFEST, CorruptFileError, check_weights_folder
+
+from .checkpoint import STEP_DIR, CheckpointError, checkpoints_root, find_checkpoint, list_checkpoints
+
+__all__ = ["find_resumable", "verify_run", "main"]
+
+
+def _latest_step(output_dir: str) -> int | None:
+    """The step ``checkpoints/latest`` names; None when the file is missing or unreadable."""
+    try:
+        with open(os.path.join(checkpoints_root(output_dir), "latest")) as f:
+            match = STEP_DIR.match(f.read().strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(match.group(1)) if match else None
+
+
+def find_resumable(output_dir: str) -> tuple[str, list[str]]:
+    """``(path, broken)``: the newest intact checkpoint at or before the one ``latest`` names, and the
+    one-line reasons of the newer ones skipped. Raises :class:`CheckpointError` when none is intact."""
+    latest = _latest_step(output_dir)
+    candidates = [(step, path) for step, path in list_checkpoints(output_dir) if latest is None or step <= latest]
+    broken = []
+    for _, path in reversed(candidates):
+        try:
+            return find_checkpoint(output_dir, path), broken
+        except CheckpointError as err:
+            broken.append(str(err))
+    if broken:
+        raise CheckpointError(f"no intact checkpoint in {output_dir}: {broken[0]}"
+                              + (f" (and {len(broken) - 1} older ones broken)" if len(broken) > 1 else ""))
+    raise CheckpointError(f"no checkpoint in {output_dir}")
+
+
+def _checkpoint_lines(run_dir: str) -> list[tuple[bool, str]]:
+    lines = []
+    for _, path in list_checkpoints(run_dir):
+        try:
+            find_checkpoint(run_dir, path)  # required files, then every file against the manifest
+        except CheckpointError as err:
+            lines.append((False, f"{path}: BROKEN: {str(err).splitlines()[0]}"))
+            continue
+        verified = os.path.isfile(os.path.join(path, MANIFEST))
+        lines.append((True, f"{path}: ok" if verified else f"{path}: unverified (no manifest: written before "
+                                                                   "manifests; its weights are well formed)"))
+    latest = os.path.join(checkpoints_root(run_dir), "latest")
+    if os.path.isfile(latest):
+        step = _latest_step(run_dir)
+        names = {os.path.basename(path) for _, path in list_checkpoints(run_dir)}
+        fine = step is not None and f"step-{step:08d}" in names
+        lines.append((fine, f"{latest}: names step-{step:08d}" if fine else f"{latest}: BROKEN: names no checkpoint"))
+    return lines
+
+
+def _pipeline_line(folder: str) -> tuple[bool, str]:
+    index_file = os.path.join(folder, "model_index.json")
+    try:
+        with open(index_file) as f:
+            index = json.load(f)
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return False, f"{folder}: BROKEN: {index_file} cannot be read ({type(err).__name__})"
+    try:
+        for name, value in sorted(index.items()):
+            component = os.path.join(folder, name)
+            if name.startswith("_") or not isinstance(value, list) or not os.path.isdir(component):
+                continue
+            check_weights_folder(component)
+            for config in ("config.json", "scheduler_config.json"):
+                if os.path.isfile(os.path.join(component, config)):
+                    _read_json(os.path.join(component, config))
+    except CorruptFileError as err:
+        return False, f"{folder}: BROKEN: {err}"
+    return True, f"{folder}: ok"
+
+
+def _read_json(path: str) -> None:
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptFileError(f"{path}: invalid JSON") from None
+
+
+def verify_run(run_dir: str) -> list[tuple[bool, str]]:
+    """``(intact, line)`` per checkpoint, ``latest`` and the ``pipeline`` folder of a training output folder."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    lines = _checkpoint_lines(run_dir)
+    pipeline = os.path.join(run_dir, "pipeline")
+    if os.path.isdir(pipeline):
+        lines.append(_pipeline_line(pipeline))
+    if not lines:
+        raise ValueError(f"{run_dir}: no checkpoints and no pipeline folder to verify")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``genmod verify RUN_DIR``."""
+    parser = argparse.ArgumentParser(prog="genmod verify", description="check a run's checkpoints (against their "
+                                     "manifests) and its pipeline folder; exit 0 when all are intact, 2 otherwise")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    lines = verify_run(args.run_dir)
+    for _, line in lines:
+        print(line)
+    return 0 if all(intact for intact, _ in lines) else 2
