@@ -34,7 +34,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm.auto import tqdm
 
-from genmod.evals.inception_convert import file_sha256
+from genmod.core.files import file_sha256
 from genmod.evals.paths import cache_subdir
 
 INFO_FILE = "feature_net.json"

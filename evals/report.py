@@ -74,7 +74,7 @@ def domain_space(dataset: str, feature_net_path: str | None = None) -> FeatureSp
 
 def inception_space(weights_path: str | None = None) -> FeatureSpace:
     from genmod.evals import inception
-    from genmod.evals.inception_convert import file_sha256
+    from genmod.core.files import file_sha256
 
     path = inception.resolve_inception_weights(weights_path)
     logits = inception.has_logits(inception.load_state_dict_file(path))
