@@ -63,6 +63,8 @@ def _labels(pipe, spec: str | None, num: int):
     if spec is None:
         return [i % num_classes for i in range(num)] if num_classes else None
     items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"--class-labels: no class ids or names in {spec!r}")
     labels = [int(s) if s.lstrip("-").isdigit() else s for s in items]
     if len(labels) < num:  # cycle the given labels over all samples
         labels = [labels[i % len(labels)] for i in range(num)]
