@@ -73,8 +73,8 @@ class FlowConfig(TrainConfig):
             raise ConfigError(f"--unet_channels: must be one or more sizes >= 1, got {self.unet_channels}")
         if not self.mlp_ratio > 0 or not self.time_shift > 0:
             raise ConfigError(f"--mlp_ratio and --time_shift: must be > 0, got {self.mlp_ratio}, {self.time_shift}")
-        if not 0 <= self.class_dropout_prob <= 1:
-            raise ConfigError(f"--class_dropout_prob: must be in [0, 1], got {self.class_dropout_prob}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ConfigError(f"--class_dropout_prob: must be in [0, 1), got {self.class_dropout_prob}")
 
 
 class FlowFamily(ImageFamily):
