@@ -255,11 +255,12 @@ def markdown_table(result: dict, title: str = "") -> str:
 
 
 def write_report(result: dict, out_dir: str, title: str = "") -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    from genmod.core.files import atomic_write
+
     markdown = result.get("markdown") or markdown_table(result, title)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "report.json")) as f:  # each file whole or not at all
+        json.dump(result, f, indent=2, default=str)
+    with atomic_write(os.path.join(out_dir, "report.md")) as f:
         f.write(markdown)
     return {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
 

@@ -81,7 +81,8 @@ def train_main(argv: list[str]) -> int | None:
 
 
 def _user_errors():
-    errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CLIError]
+    errors = [ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+              CLIError]
     try:
         from genmod.train.config import ConfigError
 

@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 generator=[torch.Generator().manual_seed(i) for i in range(len(labels))], output_type="pt").images
     from torchvision.utils import save_image
 
+    from genmod.core.files import atomic_path, atomic_write
+
     grid_path = os.path.join(args.out, "samples_grid.png")
-    save_image(grid, grid_path, nrow=per_class, padding=2)
+    with atomic_path(grid_path) as tmp:
+        save_image(grid, tmp, nrow=per_class, padding=2)
 
     print(f"[demo] 3/3 evaluating {args.num_eval} samples against held-out real images")
     metrics = evaluate(pipe, config, args.num_eval, num_classes)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale, **metrics,
         "total_minutes": round((time.time() - started) / 60, 2),
     }
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(result, f, indent=2)
     print("\n[demo] done")
     print(f"  samples grid (one row per class: {', '.join(class_names)}): {grid_path}")

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+from genmod.core.files import atomic_path, atomic_write, check_output_path
 from genmod.families import SAMPLE_OPTIONS, families_taking, pipeline_row
 
 
@@ -62,6 +63,8 @@ def _labels(pipe, spec: str | None, num: int):
     if spec is None:
         return [i % num_classes for i in range(num)] if num_classes else None
     items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"--class-labels: no class ids or names in {spec!r}")
     labels = [int(s) if s.lstrip("-").isdigit() else s for s in items]
     if len(labels) < num:  # cycle the given labels over all samples
         labels = [labels[i % len(labels)] for i in range(num)]
@@ -133,25 +136,41 @@ def _apply_scheduler_options(pipe, args) -> None:
         setattr(args, keyword, None)  # applied through the scheduler
 
 
+def check_outputs(args) -> None:
+    """One-line errors, before anything loads, for output paths that cannot be written; ``--npz`` gets
+    its ``.npz`` suffix here (numpy would add it)."""
+    check_output_path(args.out)
+    check_output_path(settings_path(args))
+    if args.save_individual:
+        check_output_path(args.save_individual, folder=True)
+    if args.npz:
+        args.npz = args.npz if args.npz.endswith(".npz") else args.npz + ".npz"
+        check_output_path(args.npz)
+
+
+def settings_path(args) -> str:
+    return os.path.splitext(args.out)[0] + ".json"
+
+
 def save_images(images: torch.Tensor, args):
-    """images: (N, C, H, W) in [0, 1]."""
+    """images: (N, C, H, W) in [0, 1]; every file written under a temporary name and renamed."""
+    from PIL import Image
     from torchvision.utils import save_image
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_image(images, args.out, nrow=max(1, int(math.ceil(math.sqrt(len(images))))), padding=2)
+    with atomic_path(args.out) as tmp:
+        save_image(images, tmp, nrow=max(1, int(math.ceil(math.sqrt(len(images))))), padding=2)
     written = [args.out]
     uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     if uint8.shape[-1] == 1:
         uint8 = np.repeat(uint8, 3, axis=-1)
     if args.save_individual:
-        from PIL import Image
-
-        os.makedirs(args.save_individual, exist_ok=True)
         for i, img in enumerate(uint8):
-            Image.fromarray(img).save(os.path.join(args.save_individual, f"{i:06d}.png"))
+            with atomic_path(os.path.join(args.save_individual, f"{i:06d}.png")) as tmp:
+                Image.fromarray(img).save(tmp)
         written.append(args.save_individual)
     if args.npz:
-        np.savez(args.npz, arr_0=uint8)
+        with atomic_path(args.npz) as tmp:
+            np.savez(tmp, arr_0=uint8)
         written.append(args.npz)
     return written
 
@@ -159,6 +178,7 @@ def save_images(images: torch.Tensor, args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
+    check_outputs(args)
     pipe = load_for_sampling(args.path)
     pipe.to(args.device)
     _apply_scheduler_options(pipe, args)
@@ -198,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     settings["scheduler"] = dict(getattr(pipe.scheduler, "config", {})) if hasattr(pipe, "scheduler") else None
     if hasattr(pipe, "sampling_settings"):  # defaults saved with the pipeline (VAR: guidance, top-k/p, temperature)
         settings["pipeline_defaults"] = pipe.sampling_settings()
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with atomic_write(settings_path(args)) as f:
         json.dump(settings, f, indent=2, default=str)
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("scheduler",)))
     for path in written:

@@ -7,18 +7,28 @@
 * :func:`write_manifest` / :func:`verify_manifest`: ``manifest.json`` lists every file of a folder
   (relative path, size, sha256); verifying names each missing, resized or changed file.
 
-Every error is a :class:`CorruptFileError` (a ``ValueError``) whose one-line message names the file.
+* :func:`atomic_path` / :func:`atomic_write` / :func:`atomic_dir`: outputs are written under a temporary
+  name in their own folder and renamed when complete, so an interrupted writer leaves the previous file
+  (or nothing) and no temporary file; :func:`check_output_path` turns an unwritable output path into a
+  one-line :class:`OutputPathError`.
+
+Every error is a :class:`CorruptFileError` or :class:`OutputPathError` (both ``ValueError``) whose
+one-line message names the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import shutil
 import struct
 
 __all__ = ["CorruptFileError", "MANIFEST", "PICKLE_SUFFIXES", "check_safetensors", "check_weights_folder",
-           "file_sha256", "write_manifest", "read_manifest", "verify_manifest"]
+           "file_sha256", "write_manifest", "read_manifest", "verify_manifest", "OutputPathError", "check_output_path",
+           "atomic_path", "atomic_write", "atomic_dir"]
 
 MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -125,3 +135,109 @@ def verify_manifest(folder: str) -> list[str]:
         elif file_sha256(path) != entry.get("sha256"):
             problems.append(f"{rel} does not match its sha256")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic outputs
+
+_COUNTER = itertools.count()
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message names it."""
+
+
+def _writable(folder: str) -> bool:
+    """Writable, and not marked read-only (no write bit), which even root respects here."""
+    return os.access(folder, os.W_OK) and bool(os.stat(folder).st_mode & 0o222)
+
+
+def check_output_path(path, folder: bool = False) -> str:
+    """``path`` as a string, or a one-line :class:`OutputPathError` when it cannot be written: a folder
+    where a file goes (or a file where a folder goes), a parent that is a file, a read-only folder.
+    Missing parent folders are fine (writers create them)."""
+    path = os.fspath(path)
+    if not path:
+        raise OutputPathError("empty output path")
+    if not folder and os.path.isdir(path):
+        raise OutputPathError(f"{path}: is a folder; give a file name")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputPathError(f"{path}: is a file, not a folder")
+    nearest = path if folder and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise OutputPathError(f"{path}: cannot be written, {nearest} is a file, not a folder")
+    if not _writable(nearest):
+        raise OutputPathError(f"{path}: cannot be written, folder {nearest} is read-only")
+    return path
+
+
+def _temp_sibling(path: str, tag: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    return os.path.join(folder, f".{stem}.{tag}-{os.getpid()}-{next(_COUNTER)}{ext}")
+
+
+def _make_folder(folder: str, path: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"{path}: cannot create its folder ({err.strerror})") from None
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path`` (same extension, so writers that pick a format from the
+    name still work); when the block ends normally it is fsynced and renamed onto ``path``, otherwise
+    removed. An existing ``path`` is untouched until the rename."""
+    path = check_output_path(path)
+    _make_folder(os.path.dirname(os.path.abspath(path)), path)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w", **kwargs):
+    """``open(path, mode)`` through :func:`atomic_path`: the file appears complete or not at all."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_dir(path, replace: bool = False):
+    """Yield an empty staging folder beside ``path``; renamed onto ``path`` when the block ends normally
+    (an existing ``path`` is replaced only with ``replace``, after the new folder is complete), removed
+    otherwise."""
+    path = check_output_path(path, folder=True)
+    if os.path.exists(path) and not replace:
+        raise OutputPathError(f"{path}: already exists; choose a new folder")
+    _make_folder(os.path.dirname(os.path.abspath(path)), path)
+    staging = _temp_sibling(path, "tmp")
+    os.makedirs(staging)
+    try:
+        yield staging
+        if os.path.exists(path):
+            old = _temp_sibling(path, "old")
+            os.rename(path, old)
+            os.rename(staging, path)
+            _remove(old)
+        else:
+            os.rename(staging, path)
+    except BaseException:
+        _remove(staging)
+        raise

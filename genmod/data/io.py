@@ -12,20 +12,14 @@ import os
 import numpy as np
 import torch
 
+from genmod.core.files import atomic_path
+
 
 def _to_unit(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     low, high = value_range
     if high <= low:
         raise ValueError(f"value_range={value_range} must be (low, high) with low < high")
     return ((x.detach().float().cpu() - low) / (high - low)).clamp(0, 1)
-
-
-def _make_parent(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    return path
 
 
 def make_image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
@@ -53,8 +47,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = _make_parent(path)
-    img.save(path)
+    path = os.fspath(path)
+    with atomic_path(path) as tmp:  # a half-written file never replaces the old one
+        img.save(tmp)
     return path
 
 
@@ -70,8 +65,9 @@ def save_wav(path: str | os.PathLike, audio: torch.Tensor | np.ndarray, sample_r
         raise ValueError(f"audio must be (channels, samples) or (samples,), got shape {data.shape}")
     if int(sample_rate) <= 0:
         raise ValueError(f"sample_rate={sample_rate} must be positive")
-    path = _make_parent(path)
-    sf.write(path, np.clip(data, -1.0, 1.0), int(sample_rate), subtype=subtype)
+    path = os.fspath(path)
+    with atomic_path(path) as tmp:
+        sf.write(tmp, np.clip(data, -1.0, 1.0), int(sample_rate), subtype=subtype)
     return path
 
 
@@ -94,6 +90,7 @@ def save_gif(path: str | os.PathLike, video: torch.Tensor, fps: float = 8.0, nro
         if scale > 1:
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         frames.append(img)
-    path = _make_parent(path)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(round(1000 / fps)), loop=loop)
+    path = os.fspath(path)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(round(1000 / fps)), loop=loop)
     return path

@@ -23,6 +23,7 @@ from genmod.core.time_sampling import get_time_sampler
 from genmod.flow.transformer import FlowTransformer
 from genmod.flow.unet import FlowUNet
 from genmod.train import TrainConfig, register_family, unwrap_model
+from genmod.train.config import ConfigError, check_at_least
 from genmod.train.image_family import ImageFamily
 from genmod.samplers import classifier_free_guidance
 
@@ -60,6 +61,20 @@ class FlowConfig(TrainConfig):
     num_inference_steps: int = 20
     solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "heun"
     guidance_scale: float = 2.0
+
+    def validate(self) -> None:
+        """The trainer's checks, then the network and sampler sizes (one line naming the flag)."""
+        super().validate()
+        check_at_least(self, 1, "patch_size", "hidden_size", "depth", "num_heads", "num_inference_steps",
+                       "guidance_channels")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"--hidden_size: must be a multiple of --num_heads {self.num_heads}, got {self.hidden_size}")
+        if not self.unet_channels or min(self.unet_channels) < 1:
+            raise ConfigError(f"--unet_channels: must be one or more sizes >= 1, got {self.unet_channels}")
+        if not self.mlp_ratio > 0 or not self.time_shift > 0:
+            raise ConfigError(f"--mlp_ratio and --time_shift: must be > 0, got {self.mlp_ratio}, {self.time_shift}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ConfigError(f"--class_dropout_prob: must be in [0, 1), got {self.class_dropout_prob}")
 
 
 class FlowFamily(ImageFamily):

@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 
+from genmod.core.files import atomic_dir
+
 OWN_PACKAGES = ("genmod",)
 
 
@@ -132,9 +134,15 @@ def export_pipeline(pipeline_dir: str, out_dir: str) -> str:
     index_path = os.path.join(pipeline_dir, "model_index.json")
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"{pipeline_dir}: not a pipeline folder (no model_index.json)")
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir}: already exists; choose a new folder")
-    shutil.copytree(pipeline_dir, out_dir)
+    with atomic_dir(out_dir) as staging:  # a cut export leaves no out_dir and no staging folder
+        shutil.rmtree(staging)
+        shutil.copytree(pipeline_dir, staging)
+        _write_export(index_path, pipeline_dir, staging)
+    return out_dir
+
+
+def _write_export(index_path: str, pipeline_dir: str, out_dir: str) -> None:
+    """The flattened modules and rewritten ``model_index.json`` of the copy in ``out_dir``."""
     with open(index_path) as f:
         index = json.load(f)
     from genmod.pipelines.base import _import_named_components
@@ -149,7 +157,6 @@ def export_pipeline(pipeline_dir: str, out_dir: str) -> str:
             index[name] = [_write_modules(value[0], os.path.join(out_dir, name)), value[1]]
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

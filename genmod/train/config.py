@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -109,6 +110,33 @@ class TrainConfig:
             raise ConfigError(f"--ema_decay: must be in [0, 1), got {self.ema_decay}")
         if not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"--adam_betas: each beta must be in [0, 1), got {self.adam_betas}")
+        check_finite(self)
+        for name in ("ema_inv_gamma", "ema_power"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("dataset_size", "resolution"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("dataset", "resume", "init_weights"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or "\x00" in value):
+                raise ConfigError(f"--{name}: must be a name or path, got {value!r}")
+
+
+def check_finite(config) -> None:
+    """Every float field (and every float in a tuple field) is finite: NaN / inf are one-line errors."""
+    for name, value in vars(config).items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"--{name}: must be a finite number, got {value}")
+
+
+def check_at_least(config, low, *names: str) -> None:
+    """``--name: must be >= low`` for each named numeric field (None skipped)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value >= low:
+            raise ConfigError(f"--{name}: must be >= {low}, got {value}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from genmod.core.files import atomic_dir, atomic_path
 from .family import unwrap_model
 from .sharding import gather_ema_into, gather_model_into, gather_optimizer_state
 
@@ -74,7 +75,8 @@ class ExportMixin:
 
         samples = samples.detach().float().cpu()
         nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
-        save_image(samples, stem + ".png", nrow=nrow, normalize=True, value_range=(-1, 1))
+        with atomic_path(stem + ".png") as tmp:
+            save_image(samples, tmp, nrow=nrow, normalize=True, value_range=(-1, 1))
         if self.writer is not None:
             self.writer.add_images("preview", ((samples.clamp(-1, 1) + 1) / 2), self.step)
         return stem + ".png"
@@ -83,13 +85,15 @@ class ExportMixin:
         """Main process: final (EMA) model and, if the family builds one, the pipeline."""
         final_dir = os.path.join(self.config.output_dir, "final_model")
         model = copy.deepcopy(self._ema_weights_model()).eval()
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(final_dir, safe_serialization=True)
+        if hasattr(model, "save_pretrained"):  # staged and renamed: a cut export keeps the previous folder
+            with atomic_dir(final_dir, replace=True) as staging:
+                model.save_pretrained(staging, safe_serialization=True)
         else:
             final_dir = None
         pipeline = self.family.build_pipeline(model)
         pipeline_dir = None
         if pipeline is not None:
             pipeline_dir = os.path.join(self.config.output_dir, "pipeline")
-            pipeline.save_pretrained(pipeline_dir, safe_serialization=True)
+            with atomic_dir(pipeline_dir, replace=True) as staging:
+                pipeline.save_pretrained(staging, safe_serialization=True)
         return final_dir, pipeline_dir
