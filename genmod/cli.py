@@ -8,6 +8,7 @@
     genmod eval-tokenizer TOKENIZER_DIR            PSNR / SSIM / LPIPS / codebook usage of a tokenizer
     genmod tokenize TOKENIZER_DIR                  cache a dataset's latents / indices
     genmod make-speech-digits --out DIR            generate the spoken-digits corpus with espeak-ng
+    genmod make-shards SRC OUT --shard-size N      write an image / audio folder as webdataset tar shards
     genmod import KIND CHECKPOINT --out DIR        a released checkpoint (VAR, SiT, ...) as a genmod pipeline folder
     genmod export-diffusers PIPELINE_DIR OUT       self-contained folder for DiffusionPipeline(trust_remote_code)
     genmod verify RUN_DIR                          check a run's checkpoints and pipeline folder (exit 2 if broken)
