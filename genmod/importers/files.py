@@ -15,14 +15,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import shutil
-import uuid
 from typing import Iterable, Optional
 
 import torch
+
+from genmod.core.files import atomic_dir
 
 HUB_PREFIX = "hub:"
 
@@ -108,25 +107,7 @@ def check_keys(path: str, kind: str, expected: Iterable[str], found: Iterable[st
                        f"(e.g. {example!r}){hint}")
 
 
-@contextlib.contextmanager
 def atomic_output(out: str):
-    """Yield a staging folder next to ``out``; on success it replaces ``out``, on failure it is removed."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--out: {out} exists and is not a folder")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out)}.importing-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        trash = staging + ".old"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    """The folder ``--out`` written through a staging folder beside it (:func:`genmod.core.files.atomic_dir`):
+    it replaces ``out`` only when the import finished, so nothing half-written stays."""
+    return atomic_dir(out, replace=True)
