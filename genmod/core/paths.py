@@ -95,6 +95,14 @@ class AffinePath:
             return self._d_sigma_fn(_as_time(t))
         return self._autograd_derivative(self._sigma_fn, _as_time(t))
 
+    def network_timestep(self, t):
+        """What a network's timestep embedder sees at time ``t``: ``1000 t`` (DESIGN.md §1).
+
+        ``DiscreteSchedulePath`` overrides it with the DDPM step index, as the official DDPM code feeds it.
+        Families call this at the network edge instead of writing ``1000 * t``.
+        """
+        return 1000 * t
+
     @staticmethod
     def _autograd_derivative(fn, t):
         with torch.enable_grad():
@@ -332,6 +340,12 @@ class DiscreteSchedulePath(AffinePath):
     def t_to_step(self, t) -> torch.Tensor:
         """Continuous t -> (fractional) DDPM step ``t N - 1``."""
         return _as_time(t) * self.num_steps - 1
+
+    def network_timestep(self, t):
+        """The DDPM step ``n = N t - 1`` of ``alpha_bar[n]`` (0..N-1 on the knots), the integer the official
+        DDPM / ADM / LatentLM / CausalFusion / Diffusion Forcing code feeds its embedder (Ho et al. 2020,
+        Sec. 4: ``t in {1..T}`` there is ``n + 1`` here). Between knots it is the same affine map."""
+        return t * self.num_steps - 1
 
     def _log_a2_and_slope(self, t):
         t = _as_time(t)
