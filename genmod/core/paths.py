@@ -291,12 +291,14 @@ class VPPath(AffinePath):
 # Discrete DDPM schedules on continuous t
 # ---------------------------------------------------------------------------------------------
 def ddpm_alphas_cumprod(schedule: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
-                        beta_end: float = 0.02, cosine_s: float = 0.008) -> torch.Tensor:
+                        beta_end: float = 0.02, cosine_s: float = 0.008, start: float = -3.0, end: float = 3.0,
+                        tau: float = 1.0) -> torch.Tensor:
     """``prod_{i<=n} (1 - beta_i)`` for n = 0..N-1 (float64).
 
     ``linear``: betas evenly spaced in [beta_start, beta_end] (Ho et al. 2020, Sec. 4).
     ``cosine``: ``alpha_bar(n) = f(n)/f(0)``, ``f(n) = cos(((n/N) + s)/(1 + s) * pi/2)^2``, betas clipped
-    at 0.999 (Nichol & Dhariwal 2021, eq. 17).
+    at 0.999 (Nichol & Dhariwal 2021, eq. 17). ``sigmoid``: ``f(u) = sigmoid(end / tau) - sigmoid((start + u (end -
+    start)) / tau)`` in place of the cosine's f, u = n/N, same clipping (Jabri et al. 2022, Fig. 8; DF v1.5 video).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
@@ -306,8 +308,12 @@ def ddpm_alphas_cumprod(schedule: str = "linear", num_steps: int = 1000, beta_st
         n = torch.arange(num_steps + 1, dtype=torch.float64)
         f = torch.cos(((n / num_steps) + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    elif schedule == "sigmoid":
+        u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        f = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64)) - torch.sigmoid((start + u * (end - start)) / tau)
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     else:
-        raise ValueError(f"schedule: expected 'linear' or 'cosine', got {schedule!r}")
+        raise ValueError(f"schedule: expected 'linear', 'cosine' or 'sigmoid', got {schedule!r}")
     return torch.cumprod(1 - betas, dim=0)
 
 
@@ -377,11 +383,11 @@ PATHS = {"linear": LinearPath, "cosine": CosinePath, "vp": VPPath}
 
 
 def get_path(name: str | AffinePath, **kwargs) -> AffinePath:
-    """A path by name (``linear``, ``cosine``, ``vp``, ``ddpm_linear``, ``ddpm_cosine``) or passed through."""
+    """A path by name (``linear``, ``cosine``, ``vp``, ``ddpm_linear``, ``ddpm_cosine``, ``ddpm_sigmoid``) or passed through."""
     if isinstance(name, AffinePath):
         return name
     if name in PATHS:
         return PATHS[name](**kwargs)
-    if name in ("ddpm_linear", "ddpm_cosine"):
+    if name in ("ddpm_linear", "ddpm_cosine", "ddpm_sigmoid"):
         return DiscreteSchedulePath(schedule=name.split("_")[1], **kwargs)
-    raise ValueError(f"path: expected one of {', '.join(list(PATHS) + ['ddpm_linear', 'ddpm_cosine'])}, got {name!r}")
+    raise ValueError(f"path: expected one of {', '.join(list(PATHS) + ['ddpm_linear', 'ddpm_cosine', 'ddpm_sigmoid'])}, got {name!r}")

@@ -61,15 +61,20 @@ class DiffusionForcingConfig(TrainConfig):
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    causal: bool = True  # False: full attention over the window and the bidirectional fused SNR (DFoT)
     conditional: bool = False
     class_dropout_prob: float = 0.1
     # diffusion forcing
-    path: Literal["linear", "cosine", "vp", "ddpm_linear", "ddpm_cosine"] = "cosine"
+    path: Literal["linear", "cosine", "vp", "ddpm_linear", "ddpm_cosine", "ddpm_sigmoid"] = "cosine"
     prediction: Literal["velocity", "x0", "epsilon"] = "velocity"
     noise_level: Literal["random_all", "full_sequence"] = "random_all"
     loss_weighting: Literal["fused_snr", "min_snr", "none"] = "fused_snr"
     snr_gamma: float = 5.0
     fused_snr_decay: float = 0.96
+    # "frame": the decay applies per model frame; "step": per source time step, so it is raised to
+    # frame_stack * frame_skip as the reference code does (0.96 -> 0.9216 for its Minecraft frame_skip 2)
+    fused_snr_decay_per: Literal["frame", "step"] = "frame"
+    frame_skip: int = 1  # source frames per data frame (read only by fused_snr_decay_per="step")
     clip_noise: float = 6.0  # 0 = off
     history_drop_prob: float = 0.0
     # sampling (previews and exported pipeline defaults)
@@ -77,6 +82,8 @@ class DiffusionForcingConfig(TrainConfig):
     schedule: Literal["autoregressive", "pyramid", "full_sequence"] = "pyramid"
     slope: float = 1.0
     context_noise: float = 0.02
+    stabilization: Literal["v1.5", "v1.5_ddpm", "dfot", "fixed_noise"] = "v1.5"
+    clip_denoised: float = 1.0  # clamp the x0 prediction of video frames to [-c, c]; 0 = off (latents)
     preview_context: int = 2
     preview_frames: int = 16
 
@@ -84,11 +91,13 @@ class DiffusionForcingConfig(TrainConfig):
         super().validate()
         from genmod.train import ConfigError
 
-        for name in ("num_frames", "frame_stack", "num_inference_steps", "preview_frames"):
+        for name in ("num_frames", "frame_stack", "frame_skip", "num_inference_steps", "preview_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.context_noise < 1:
             raise ConfigError(f"--context_noise: must be in [0, 1), got {self.context_noise}")
+        if self.clip_denoised < 0:
+            raise ConfigError(f"--clip_denoised: must be >= 0 (0 = off), got {self.clip_denoised}")
         if not 0 <= self.history_drop_prob < 1:
             raise ConfigError(f"--history_drop_prob: must be in [0, 1), got {self.history_drop_prob}")
         if self.backbone == "unet" and self.dataset in SEQUENCE_DATASETS:
@@ -164,9 +173,10 @@ class DiffusionForcingFamily(Family):
                 in_channels=first.shape[1], sample_size=first.shape[-1], block_out_channels=tuple(cfg.unet_channels),
                 layers_per_block=cfg.unet_layers_per_block, temporal_attention_levels=tuple(cfg.unet_temporal_levels),
                 attention_head_dim=cfg.unet_head_dim, max_frames=cfg.num_frames, num_classes=num_classes,
-                class_dropout_prob=cfg.class_dropout_prob)
+                class_dropout_prob=cfg.class_dropout_prob, causal=cfg.causal)
         common = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                      max_frames=cfg.num_frames, num_classes=num_classes, class_dropout_prob=cfg.class_dropout_prob)
+                      max_frames=cfg.num_frames, num_classes=num_classes, class_dropout_prob=cfg.class_dropout_prob,
+                      causal=cfg.causal)
         if self.is_sequence:
             dim = dataset[0]["sequence"].shape[-1]
             return DiffusionForcingTransformer(modality="sequence", in_channels=dim * cfg.frame_stack, **common)
@@ -186,7 +196,9 @@ class DiffusionForcingFamily(Family):
             return None
         if cfg.loss_weighting == "min_snr":
             return min_snr_weight(self.path, t, cfg.snr_gamma, cfg.prediction)
-        return fused_snr_weight(self.path, t, cfg.snr_gamma, cfg.fused_snr_decay, cfg.prediction)
+        power = cfg.frame_stack * cfg.frame_skip if cfg.fused_snr_decay_per == "step" else 1
+        return fused_snr_weight(self.path, t, cfg.snr_gamma, cfg.fused_snr_decay, cfg.prediction, causal=cfg.causal,
+                                decay_power=power)
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
         cfg = self.config
@@ -206,7 +218,7 @@ class DiffusionForcingFamily(Family):
         inner = unwrap_model(model)
         labels = batch["label"].to(device) if inner.config.num_classes else None
         actions = batch["actions"].to(device) if inner.config.action_dim else None
-        out = model(x_t, 1000 * t, labels, actions=actions, history_cut=history_cut, dropout_generator=generator).sample
+        out = model(x_t, self.path.network_timestep(t), labels, actions=actions, history_cut=history_cut, dropout_generator=generator).sample
         weight = self.loss_weight(t)
         per_frame = flow_matching_loss(out, x0, noise, t, path=self.path, prediction=cfg.prediction, reduction="none")
         per_frame = per_frame.flatten(2).mean(-1)  # [B, T]
@@ -222,7 +234,8 @@ class DiffusionForcingFamily(Family):
         cfg = self.config
         settings = RolloutSettings(path=self.path, prediction=cfg.prediction, schedule=cfg.schedule,
                                    num_inference_steps=cfg.num_inference_steps, slope=cfg.slope,
-                                   context_noise=cfg.context_noise, clip_denoised=None if self.is_sequence else 1.0)
+                                   context_noise=cfg.context_noise, stabilization=cfg.stabilization,
+                                   clip_denoised=None if self.is_sequence or cfg.clip_denoised == 0 else cfg.clip_denoised)
         return rollout(model, context, num_frames, settings, generator=generator, **kwargs)
 
     @torch.no_grad()

@@ -77,6 +77,8 @@ class DiffusionForcingPipeline(GenmodPipeline):
         guidance_strength: float = 0.0,
         guidance_grad: str = "x0",
         context_noise: float | None = None,
+        stabilization: str = "v1.5",
+        clip_denoised: float | None | str = "auto",
         use_kv_cache: bool = True,
         class_labels=None,
         actions: torch.Tensor | None = None,
@@ -88,7 +90,8 @@ class DiffusionForcingPipeline(GenmodPipeline):
         """Generate ``num_frames`` frames after ``context`` (``(B, C_f, C, H, W)`` in [-1, 1], or
         ``(B, steps, D)`` for sequences); without ``context``, ``num_context_frames`` (default 1)
         frames are generated first. ``schedule``: autoregressive | pyramid | full_sequence |
-        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off).
+        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off). ``stabilization``: see
+        ``genmod.diffusion_forcing.stabilization``; ``clip_denoised``: ``auto`` clamps x0 to [-1, 1] for video only.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -102,7 +105,8 @@ class DiffusionForcingPipeline(GenmodPipeline):
             context_noise=self.config.context_noise if context_noise is None else context_noise,
             kv_cache="reencode" if use_kv_cache else None, guidance_scale=guidance_scale,
             history_guidance=history_guidance, guidance_fn=guidance_fn, guidance_strength=guidance_strength,
-            guidance_grad=guidance_grad, clip_denoised=1.0 if self.transformer.config.modality == "video" else None,
+            guidance_grad=guidance_grad, stabilization=stabilization, clip_denoised=(
+                (1.0 if self.transformer.config.modality == "video" else None) if clip_denoised == "auto" else clip_denoised),
         )
         conditions = dict(class_labels=class_labels, actions=actions, generator=generator)
         if context is None:

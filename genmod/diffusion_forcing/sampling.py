@@ -1,32 +1,32 @@
 """Diffusion Forcing rollouts: scheduling matrices, stabilised clean context, KV cache, sliding window, guidance.
 
 ``rollout`` generates ``num_frames`` frames after ``context`` in chunks (Chen et al. 2024, Sec. 3.3,
-Alg. 2). Each chunk of ``h`` frames sees the last ``window - h`` clean frames as history and is
-denoised along a scheduling matrix ``K[m, t]`` (``genmod.diffusion_forcing.schedules``): at step
-``m`` every frame whose level changes takes one deterministic DDIM step (Song et al. 2021, eq. 12,
-eta = 0) from ``t = tau[K[m]]`` to ``tau[K[m + 1]]`` on the package path,
-``x_to = alpha(t_to) x0_hat + sigma(t_to) eps_hat`` (for the linear path this is the Euler step of
-the flow ODE).
+Alg. 2). Each chunk of ``h`` frames sees the last clean frames as history and is denoised along a
+scheduling matrix ``K[m, t]`` (``genmod.diffusion_forcing.schedules``): at step ``m`` every frame whose
+level changes takes one DDIM step (Song et al. 2021, eq. 12) from ``t = tau[K[m]]`` to ``tau[K[m + 1]]``
+on the package path, ``x_to = alpha(t_to) x0_hat + sigma(t_to) eps_hat`` for ``eta = 0`` (for the
+linear path the Euler step of the flow ODE); ``eta > 0`` adds fresh noise (``genmod.samplers.ddim_step``).
 
-* **Stabilisation** (Sec. 3.3, "stabilizing autoregressive generation"): clean frames (context and
-  finished frames) are shown to the model as slightly noisy, ``alpha(t_c) x + sigma(t_c) z`` at level
-  ``t_c = context_noise`` with ``z`` drawn once per frame; the frames themselves are never changed.
-* **KV cache**: the history is clean and fixed during a chunk, so its keys/values are computed once
-  per chunk (``kv_cache="reencode"``, exactly the uncached result) or once per frame and kept
-  (``"incremental"``; identical while the rollout fits in the window, then a Transformer-XL-style
-  recurrence); ``None`` recomputes history and chunk at every step (the reference).
+* **Chunks**: by default every chunk has ``chunk_size`` frames (``window - min(max(C, 1), window // 2)``)
+  and sees the last ``window - h`` frames; ``history_frames = L`` re-chooses them per chunk as DFoT does:
+  ``c = min(L, frames so far)`` history frames and ``h = min(remaining, window - c[, chunk_size])``.
+* **Stabilisation** (Sec. 3.3): clean frames (context and finished frames) are shown to the model as if
+  at level ``t_c = context_noise``; ``stabilization`` picks the official semantics
+  (``genmod.diffusion_forcing.stabilization``: ``v1.5`` scales by alpha without noise, the default).
+* **KV cache**: the history is fixed during a chunk, so its keys/values are computed once per chunk
+  (``kv_cache="reencode"``, exactly the uncached result) or once per frame and kept (``"incremental"``;
+  identical while the rollout fits in the window, then a Transformer-XL-style recurrence); ``None``
+  recomputes history and chunk at every step (the reference). Non-causal models and fresh-noise
+  stabilisation recompute the history at every step (a cache would not be exact).
+* **Non-causal models** (``config.causal = False``, DFoT): every chunk frame is evaluated at every step
+  (a frame sees the later ones).
 * **Sliding window**: a chunk never sees more than ``window`` frames (default the training length),
   so rollouts can be far longer than training clips; temporal positions are rotary (relative).
-* **History guidance** (Song et al. 2025, HG-v): ``pred = u + w (c - u)`` where ``c`` sees the history
-  and ``u`` sees it fully noised (``history_guidance="noise"``, the DFoT choice) or not at all
-  (``"drop"``: attention to history masked; needs a model trained with ``history_drop_prob > 0``).
-  ``w = guidance_scale``; 1 is off (docs/DESIGN.md §1).
-* **Gradient guidance** (DF planning, Sec. 3.4 / App. D): ``guidance_fn(x0_hat [B, n, ...]) -> loss``
-  per sample (lower is better) moves the x0 prediction of the frames being updated by
-  ``-guidance_strength * grad loss`` before the DDIM step (which re-derives eps from it). The gradient is
-  taken at ``x0_hat`` (``guidance_grad="x0"``, reconstruction-guidance style, no backprop through the
-  network) or with respect to ``x_t`` through the network (``"x_t"``, as the DF code does; then it is
-  classifier guidance ``eps' = eps + guidance_strength (alpha / sigma) grad loss``).
+* **History guidance** (Song et al. 2025; HG-v ``noise``/``drop``, HG-f ``fractional``, HG-t ``temporal``)
+  and **gradient / Monte Carlo guidance** (DF Sec. 3.4): ``genmod.diffusion_forcing.guidance``.
+  ``guidance_fn(x0_hat [B, n, ...]) -> loss`` per sample (lower is better) moves the x0 prediction of the
+  frames being updated before the DDIM step; the gradient is taken at ``x0_hat`` (``guidance_grad="x0"``)
+  or with respect to ``x_t`` through the network (``"x_t"``, as the DF code does).
 """
 
 from __future__ import annotations
@@ -35,23 +35,24 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from genmod.core.paths import AffinePath, broadcast_like, get_path
+from genmod.core.paths import AffinePath, get_path
 from genmod.core.settings import with_options
+from genmod.diffusion_forcing.guidance import GUIDANCE_SCALING, HISTORY_GUIDANCE, denoise
+from genmod.diffusion_forcing.predictor import Predictor
 from genmod.diffusion_forcing.schedules import get_scheduling_matrix, level_times
-from genmod.samplers import combine_guidance, get_time_grid
+from genmod.diffusion_forcing.stabilization import STABILIZATION_MODES, Stabilizer, draw, present_clean
+from genmod.samplers import ddim_step, get_time_grid
 
 KV_CACHE_MODES = (None, "reencode", "incremental")
 PREDICTIONS = ("velocity", "x0", "epsilon")
+__all__ = ["RolloutSettings", "rollout", "present_clean", "chunk_sizes", "plan_chunks"]
 
 
 def _randn(shape: Sequence[int], generator, device, dtype=torch.float32) -> torch.Tensor:
     """Gaussian noise; ``generator`` may be a list of one per sample (diffusers convention)."""
-    gen_device = generator[0].device if isinstance(generator, list) else (generator.device if generator is not None else device)
-    noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(gen_device), dtype=dtype)
-    return noise.to(device)
+    return draw(shape, generator, device, dtype)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,16 @@ class RolloutSettings:
         window: frames a chunk sees, history included (default the model's ``max_frames``).
         time_grid: the ``samplers`` grid the levels map to; context_noise: stabilisation level ``t_c``.
         kv_cache: ``None`` | ``reencode`` | ``incremental`` (how the clean history is encoded).
-        guidance_scale, history_guidance: history guidance weight w (1 = off) and the unconditional kind.
-        guidance_fn, guidance_strength, guidance_grad: gradient guidance on the x0 prediction (Sec. 3.4).
-        clip_denoised: clamp the x0 prediction to ``[-c, c]`` (pixels: 1).
+        guidance_scale, history_guidance: history guidance weight w (1 = off) and its kind (``noise`` |
+            ``drop`` HG-v, ``fractional`` HG-f at level ``history_freq_scale``, ``temporal`` HG-t over
+            ``history_subsets`` with ``history_weights``).
+        guidance_fn, guidance_strength, guidance_grad: gradient guidance on the x0 prediction (Sec. 3.4);
+            guidance_scaling: ``constant`` or ``ddim`` (``sigma_t sigma_next / alpha_t``, DF v1.5);
+            guidance_mc_samples: Monte Carlo guidance samples (> 1 needs ``guidance_grad="x_t"``).
+        clip_denoised: clamp the x0 prediction to ``[-c, c]`` (pixels: 1; None for latents and sequences).
+        stabilization: ``v1.5`` | ``v1.5_ddpm`` | ``dfot`` | ``fixed_noise`` (``stabilization`` module).
+        eta: DDIM stochasticity (0 deterministic, 1 DDPM posterior).
+        history_frames: DFoT's per-chunk history length L (``-1`` = ``window - 1``; None = fixed chunks).
     """
 
     path: str | AffinePath = "cosine"
@@ -87,14 +95,23 @@ class RolloutSettings:
     guidance_strength: float = 0.0
     guidance_grad: str = "x0"
     clip_denoised: float | None = None
+    stabilization: str = "v1.5"
+    eta: float = 0.0
+    history_frames: int | None = None
+    history_freq_scale: float = 0.5
+    history_subsets: Sequence[Sequence[int]] | None = None
+    history_weights: Sequence[float] | None = None
+    guidance_scaling: str = "constant"
+    guidance_mc_samples: int = 1
 
     def __post_init__(self):
+        self._check_session6_fields()
         if self.kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache: expected one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
         if self.guidance_grad not in ("x0", "x_t"):
             raise ValueError(f"guidance_grad: expected 'x0' or 'x_t', got {self.guidance_grad!r}")
-        if self.history_guidance not in ("noise", "drop"):
-            raise ValueError(f"history_guidance: expected 'noise' or 'drop', got {self.history_guidance!r}")
+        if self.history_guidance not in HISTORY_GUIDANCE:
+            raise ValueError(f"history_guidance: expected one of {', '.join(HISTORY_GUIDANCE)}, got {self.history_guidance!r}")
         if not 0 <= self.context_noise < 1:
             raise ValueError(f"context_noise: must be in [0, 1), got {self.context_noise}")
         if self.prediction not in PREDICTIONS:
@@ -108,73 +125,22 @@ class RolloutSettings:
         if self.clip_denoised is not None and self.clip_denoised <= 0:
             raise ValueError(f"clip_denoised: must be > 0 or None, got {self.clip_denoised}")
 
-
-def present_clean(path: AffinePath, frames: torch.Tensor, context_noise: float, generator) -> torch.Tensor:
-    """Stabilisation: clean frames as the model sees them, ``alpha(t_c) x + sigma(t_c) z`` (z fresh)."""
-    if context_noise <= 0:
-        return frames
-    z = _randn(frames.shape, generator, frames.device, frames.dtype)
-    t = torch.tensor(float(context_noise), dtype=torch.float64)
-    return float(path.alpha(t)) * frames + float(path.sigma(t)) * z
-
-
-class _Predictor:
-    """Runs the network on ``history + chunk`` (or the chunk with a cached history) and returns
-    predictions of the chunk frames in the model's prediction type."""
-
-    def __init__(self, model, labels, actions, context_noise: float):
-        self.model, self.labels, self.actions, self.context_noise = model, labels, actions, context_noise
-        self.caches = None
-        self.history = None  # (presented frames [B, n, ...], first frame index)
-
-    def set_history(self, presented: torch.Tensor | None, start: int, use_cache: bool, keep_cache: bool = False):
-        """History for the next chunk; ``use_cache`` encodes it once now (``keep_cache``: extend the old cache)."""
-        self.history = (presented, start) if presented is not None and presented.shape[1] else (None, start)
-        if not use_cache:
-            self.caches = None
-            return
-        if not keep_cache or self.caches is None:
-            self.caches = self.model.make_kv_caches()
-            if self.history[0] is not None:
-                self._forward(self.history[0], self._ctx_levels(self.history[0]), start, self.caches, update_cache=True)
-
-    def append_to_cache(self, presented: torch.Tensor, start: int, keep_frames: int):
-        """Incremental cache: add finished frames, then keep only the last ``keep_frames`` frames."""
-        self._forward(presented, self._ctx_levels(presented), start, self.caches, update_cache=True)
-        per = self.model.tokens_per_frame
-        for cache in self.caches:
-            cache.crop(keep_frames * per) if keep_frames > 0 else cache.reset()
-
-    def _ctx_levels(self, frames):
-        return torch.full(frames.shape[:2], 1000.0 * self.context_noise, device=frames.device)
-
-    def _actions(self, start: int, count: int):
-        return None if self.actions is None else self.actions[:, start:start + count]
-
-    def _forward(self, x, timestep, start, caches, update_cache=False, history_cut=None):
-        return self.model(x, timestep, self.labels, actions=self._actions(start, x.shape[1]), frame_offset=start,
-                          kv_caches=caches, update_cache=update_cache, history_cut=history_cut).sample
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, start: int, history: str = "keep") -> torch.Tensor:
-        """Prediction for chunk frames ``x`` ``[B, n, ...]`` at times ``t`` ``[n]`` starting at frame ``start``.
-
-        ``history``: ``keep`` (cached or explicit), ``drop`` (masked out) or a tensor of replacement
-        history frames (fully noised) shown at ``t = 1``.
-        """
-        batch = x.shape[0]
-        levels = (1000.0 * t.float()).to(x.device).expand(batch, -1)
-        hist, hist_start = self.history
-        if isinstance(history, torch.Tensor):
-            full_x = torch.cat([history, x], 1)
-            full_t = torch.cat([torch.full(history.shape[:2], 1000.0, device=x.device), levels], 1)
-            return self._forward(full_x, full_t, hist_start, None)[:, history.shape[1]:]
-        if history == "drop":
-            return self._forward(x, levels, start, None)
-        if self.caches is not None or hist is None:
-            return self._forward(x, levels, start, self.caches)
-        full_x = torch.cat([hist, x], 1)
-        full_t = torch.cat([self._ctx_levels(hist), levels], 1)
-        return self._forward(full_x, full_t, hist_start, None)[:, hist.shape[1]:]
+    def _check_session6_fields(self):
+        if self.stabilization not in STABILIZATION_MODES:
+            raise ValueError(f"stabilization: expected one of {', '.join(STABILIZATION_MODES)}, got {self.stabilization!r}")
+        if self.eta < 0:
+            raise ValueError(f"eta: must be >= 0, got {self.eta}")
+        if self.history_frames is not None and self.history_frames < 1 and self.history_frames != -1:
+            raise ValueError(f"history_frames: must be >= 1, -1 (window - 1) or None, got {self.history_frames}")
+        if not 0 < self.history_freq_scale < 1:
+            raise ValueError(f"history_freq_scale: must be in (0, 1), got {self.history_freq_scale}")
+        if self.history_guidance == "temporal" and (not self.history_subsets or self.history_weights is None
+                                                    or len(self.history_subsets) != len(self.history_weights)):
+            raise ValueError("history_subsets/history_weights: temporal history guidance needs one weight per subset")
+        if self.guidance_scaling not in GUIDANCE_SCALING:
+            raise ValueError(f"guidance_scaling: expected one of {', '.join(GUIDANCE_SCALING)}, got {self.guidance_scaling!r}")
+        if self.guidance_mc_samples < 1 or (self.guidance_mc_samples > 1 and self.guidance_grad != "x_t"):
+            raise ValueError(f"guidance_mc_samples: must be >= 1 (> 1 only with guidance_grad='x_t'), got {self.guidance_mc_samples}")
 
 
 @dataclass
@@ -185,14 +151,24 @@ class _Rollout:
     settings: RolloutSettings
     path: AffinePath
     tau: torch.Tensor  # [S + 1] times of the levels 0..S
-    predictor: _Predictor
+    predictor: Predictor
     generator: object
     window: int
+    num_context: int
     bar: object = None
 
     @property
     def guided(self) -> bool:
         return self.settings.guidance_scale != 1.0
+
+    @property
+    def stabilizer(self) -> Stabilizer:
+        return self.predictor.stabilizer
+
+    @property
+    def use_cache(self) -> bool:
+        """A KV cache is exact only for a causal model whose history is fixed during the chunk."""
+        return self.settings.kv_cache is not None and self.predictor.causal and not self.stabilizer.fresh
 
 
 def _compute_dtype(model) -> torch.dtype:
@@ -231,11 +207,47 @@ def chunk_sizes(num_frames: int, chunk_size: int) -> list[int]:
     return [min(chunk_size, num_frames - done) for done in range(0, num_frames, chunk_size)]
 
 
+def plan_chunks(num_context: int, num_frames: int, window: int, chunk_size: int | None,
+                history_frames: int | None) -> list[tuple[int, int]]:
+    """``(h, c)`` per chunk: frames generated and history frames seen (module doc, "Chunks").
+
+    ``history_frames`` None: fixed chunks (``chunk_size`` given) with ``c = window - h``; else DFoT's rule
+    ``c = min(L, frames so far)``, ``h = min(remaining, window - c, chunk_size)``."""
+    if history_frames is None:
+        return [(h, window - h) for h in chunk_sizes(num_frames, chunk_size)]
+    limit = window - 1 if history_frames == -1 else history_frames
+    if not num_context <= limit < window:
+        raise ValueError(f"history_frames: must be in [num_context={num_context}, window={window}), got {limit}")
+    plan, done, total = [], num_context, num_context + num_frames
+    while done < total:
+        c = min(limit, done)
+        h = min(total - done, window - c, chunk_size or window)
+        plan.append((h, c))
+        done += h
+    return plan
+
+
 def _progress_bar(settings: RolloutSettings, chunks: list[int], progress: bool):
     """tqdm over denoising steps (a total only when every chunk has the same matrix)."""
     total = sum(get_scheduling_matrix(settings.schedule, settings.num_inference_steps, h, settings.slope).shape[0] - 1
                 for h in set(chunks))
     return tqdm(total=total if len(set(chunks)) == 1 else None, disable=not progress, desc="rollout", unit="step")
+
+
+def _start(model, settings: RolloutSettings, context, class_labels, actions, generator, num_frames):
+    """The rollout's shared state and its chunk plan."""
+    num_context = context.shape[1]
+    window, chunk_size = _window_and_chunk(model, settings, num_context)
+    if actions is not None and actions.shape[1] < num_context + num_frames:
+        raise ValueError(f"actions: need {num_context + num_frames} frames of actions, got {actions.shape[1]}")
+    steps = settings.num_inference_steps
+    tau = level_times(steps, get_time_grid(settings.time_grid, steps)).to(context.device)
+    path = get_path(settings.path)
+    stabilizer = Stabilizer(path, settings.stabilization, settings.context_noise)
+    predictor = Predictor(model, class_labels, actions, path, stabilizer, generator)
+    run = _Rollout(model, settings, path, tau, predictor, generator, window, num_context)
+    user_chunk = settings.chunk_size if settings.history_frames is not None else chunk_size
+    return run, plan_chunks(num_context, num_frames, window, user_chunk, settings.history_frames)
 
 
 def rollout(
@@ -253,8 +265,8 @@ def rollout(
 ) -> torch.Tensor:
     """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame]``; returns ``[B, C + num_frames, *frame]``.
 
-    Chunk by chunk (Chen et al. 2024, Sec. 3.3, Alg. 2): each chunk sees the last ``window - h`` clean
-    frames as stabilised history and is denoised along the scheduling matrix. ``settings``: a
+    Chunk by chunk (Chen et al. 2024, Sec. 3.3, Alg. 2): each chunk sees the last clean frames as
+    stabilised history and is denoised along the scheduling matrix. ``settings``: a
     ``RolloutSettings``; ``options`` (its field names) override single fields. ``actions``:
     ``[B, C + num_frames, A]`` for action-conditioned models. Everything random comes from ``generator``.
     """
@@ -262,55 +274,68 @@ def rollout(
     if num_frames < 1:
         raise ValueError(f"num_frames: must be >= 1, got {num_frames}")
     context = _check_context(model, context, batch_size)
-    num_context = context.shape[1]
-    window, chunk_size = _window_and_chunk(model, settings, num_context)
-    if actions is not None and actions.shape[1] < num_context + num_frames:
-        raise ValueError(f"actions: need {num_context + num_frames} frames of actions, got {actions.shape[1]}")
-    steps = settings.num_inference_steps
-    tau = level_times(steps, get_time_grid(settings.time_grid, steps)).to(context.device)
-    run = _Rollout(model, settings, get_path(settings.path), tau,
-                   _Predictor(model, class_labels, actions, settings.context_noise), generator, window)
+    run, plan = _start(model, settings, context, class_labels, actions, generator, num_frames)
     frames = list(context.unbind(1))
-    presented = list(present_clean(run.path, context, settings.context_noise, generator).unbind(1)) if num_context else []
-    chunks = chunk_sizes(num_frames, chunk_size)
-    run.bar = _progress_bar(settings, chunks, progress)
-    for chunk_index, h in enumerate(chunks):
+    presented = list(run.stabilizer.static(context, generator).unbind(1)) if run.num_context else []
+    run.bar = _progress_bar(settings, [h for h, _ in plan], progress)
+    for chunk_index, (h, keep) in enumerate(plan):
         start = len(frames)
-        # 1. history: the last `window - h` clean frames, shown stabilised (encoded once if cached)
-        uncond_history = _set_history(run, presented, start, h, chunk_index)
+        # 1. history: the last `keep` clean frames, shown stabilised (encoded once if cached)
+        uncond_history = _set_history(run, frames, presented, start, keep, chunk_index)
         # 2. denoise the chunk along the scheduling matrix (Alg. 2)
         x, shown = _denoise_chunk(run, context.shape[0], h, start, uncond_history)
         # 3. the finished frames become clean context: kept as generated, shown stabilised
         frames.extend(x.unbind(1))
         presented.extend(shown)
-        if settings.kv_cache == "incremental":
-            run.predictor.append_to_cache(torch.stack(shown, 1), start, keep_frames=window)
+        if settings.kv_cache == "incremental" and run.use_cache:
+            run.predictor.append_to_cache(torch.stack(shown, 1), start, keep_frames=run.window)
     run.bar.close()
     return torch.stack(frames, 1)
 
 
-def _set_history(run: _Rollout, presented: list, start: int, h: int, chunk_index: int):
+def _set_history(run: _Rollout, frames: list, presented: list, start: int, keep: int, chunk_index: int):
     """Give the predictor the chunk's history; returns the history the unconditional branch of history
     guidance sees: fully noised frames (``noise``) or ``"drop"`` (Song et al. 2025, HG-v)."""
-    keep = run.window - h
     hist_start = max(0, start - keep)
     hist = torch.stack(presented[hist_start:], 1) if start > hist_start else None
-    kv_cache = run.settings.kv_cache
-    incremental = kv_cache == "incremental" and chunk_index > 0
+    clean = torch.stack(frames[hist_start:], 1) if hist is not None else None
+    generated = torch.arange(hist_start, start, device=run.tau.device) >= run.num_context
+    incremental = run.settings.kv_cache == "incremental" and chunk_index > 0 and run.use_cache
     if incremental:  # slide the window: keep only the frames this chunk may see
         for cache in run.predictor.caches:
             cache.crop(keep * run.model.tokens_per_frame) if keep > 0 else cache.reset()
-    run.predictor.set_history(hist, hist_start, use_cache=kv_cache is not None, keep_cache=incremental)
+    run.predictor.set_history(hist, clean, hist_start, generated, use_cache=run.use_cache, keep_cache=incremental)
     if run.guided and run.settings.history_guidance == "noise" and hist is not None:
         return _randn(hist.shape, run.generator, hist.device, hist.dtype)
     return "drop"
 
 
+def _chunk_inputs(run: _Rollout, x, shown, cur, n):
+    """Inputs ``[B, n, ...]`` and times ``[n]`` of the first ``n`` chunk frames: finished ones stabilised
+    (fresh noise drawn here under fresh-noise modes), the others at their level ``tau[K[m]]``."""
+    x_in = torch.stack([shown[i] if cur[i] == 0 else x[:, i] for i in range(n)], 1)
+    done = cur[:n] == 0
+    if run.stabilizer.fresh and bool(done.any()):
+        x_in = torch.where(done.reshape(1, -1, *([1] * (x.dim() - 2))),
+                           run.stabilizer.refresh(x_in, done, run.generator), x_in)
+    t_in = torch.where(done, torch.full_like(run.tau[cur[:n]], run.settings.context_noise), run.tau[cur[:n]])
+    return x_in, t_in
+
+
+def _step_frame(run: _Rollout, x0_hat, eps_hat, t_from, t_to, dtype):
+    """The DDIM step of one frame (``eta = 0``: the deterministic step, written as before session 6)."""
+    path, eta = run.path, run.settings.eta
+    if eta == 0:
+        return path.alpha(t_to).to(dtype) * x0_hat + path.sigma(t_to).to(dtype) * eps_hat
+    noise = _randn(x0_hat.shape, run.generator, x0_hat.device, dtype)
+    return ddim_step(x0_hat, eps_hat, path, t_from, t_to, eta, noise)
+
+
 def _denoise_chunk(run: _Rollout, batch: int, h: int, start: int, uncond_history):
     """Denoise ``h`` new frames along the scheduling matrix ``K[m, t]`` (Chen et al. 2024, Alg. 2).
 
-    Returns the clean frames ``[B, h, *frame]`` and their stabilised versions (a list of ``h``)."""
-    settings, path, tau = run.settings, run.path, run.tau
+    Returns the clean frames ``[B, h, *frame]`` and their static stabilised views (a list of ``h``)."""
+    settings, tau = run.settings, run.tau
     matrix = get_scheduling_matrix(settings.schedule, settings.num_inference_steps, h, settings.slope).to(tau.device)
     dtype = _compute_dtype(run.model)
     x = _randn((batch, h, *run.model.frame_shape), run.generator, tau.device, dtype)
@@ -320,56 +345,19 @@ def _denoise_chunk(run: _Rollout, batch: int, h: int, start: int, uncond_history
         changed = (cur != nxt).nonzero().flatten()
         if changed.numel() == 0:
             continue
-        # 1. inputs: frames up to the last changing one (later frames cannot influence them, causal);
-        #    finished frames are shown stabilised at t_c, the others at their level tau[K[m]]
-        n = int(changed.max()) + 1
-        x_in = torch.stack([shown[i] if cur[i] == 0 else x[:, i] for i in range(n)], 1)
-        t_in = torch.where(cur[:n] == 0, torch.full_like(tau[cur[:n]], settings.context_noise), tau[cur[:n]])
+        # 1. inputs: frames up to the last changing one (a causal model's later frames cannot influence
+        #    them; a non-causal model sees the whole chunk)
+        n = int(changed.max()) + 1 if run.predictor.causal else h
+        x_in, t_in = _chunk_inputs(run, x, shown, cur, n)
         # 2. x0 / eps predictions with history and gradient guidance
-        x0_hat, eps_hat = _denoise(run.predictor, settings, path, x_in, t_in, start, uncond_history, changed)
-        # 3. DDIM step (eta = 0) of every changing frame to its next level; a frame reaching level 0 is
-        #    its x0 prediction, stabilised once for later steps
+        x0_hat, eps_hat = denoise(run.predictor, settings, run.path, x_in, t_in, tau[nxt[:n]], start, uncond_history,
+                                  changed, run.generator, cur[:n] != 0)
+        # 3. DDIM step of every changing frame to its next level; a frame reaching level 0 is its x0
+        #    prediction, given its static stabilised view once
         for i in changed.tolist():
-            t_to = tau[nxt[i]]
-            x[:, i] = path.alpha(t_to).to(dtype) * x0_hat[:, i] + path.sigma(t_to).to(dtype) * eps_hat[:, i]
+            x[:, i] = _step_frame(run, x0_hat[:, i], eps_hat[:, i], tau[cur[i]], tau[nxt[i]], dtype)
             if nxt[i] == 0:
                 x[:, i] = x0_hat[:, i]
-                shown[i] = present_clean(path, x[:, i:i + 1], settings.context_noise, run.generator)[:, 0]
+                shown[i] = run.stabilizer.static(x[:, i:i + 1], run.generator)[:, 0]
         run.bar.update()
     return x, shown
-
-
-def _guided_prediction(predictor, settings: RolloutSettings, x_in, t_in, start, uncond_history):
-    """The network prediction of the chunk frames, with history guidance ``u + w (c - u)``."""
-    pred = predictor(x_in, t_in, start)
-    if settings.guidance_scale != 1.0:
-        with torch.no_grad():
-            pred_u = predictor(x_in.detach(), t_in, start, history=uncond_history)
-        pred = combine_guidance(pred, pred_u, settings.guidance_scale)
-    return pred
-
-
-def _denoise(predictor, settings: RolloutSettings, path, x_in, t_in, start, uncond_history, changed):
-    """``(x0_hat, eps_hat)`` for the evaluated chunk frames, with history and gradient guidance (Sec. 3.4)."""
-    guidance_fn, strength = settings.guidance_fn, settings.guidance_strength
-    use_grad = guidance_fn is not None and strength != 0
-    through_network = use_grad and settings.guidance_grad == "x_t"
-    with torch.enable_grad() if through_network else torch.no_grad():
-        if through_network:
-            x_in = x_in.detach().requires_grad_(True)
-        pred = _guided_prediction(predictor, settings, x_in, t_in, start, uncond_history)
-        t_b = t_in[None].expand(x_in.shape[0], -1)
-        x0_hat = path.convert(pred, x_in, t_b, src=settings.prediction, dst="x0")
-        if through_network:  # DF code: d loss / d x_t through the network
-            (grad,) = torch.autograd.grad(guidance_fn(x0_hat[:, changed]).sum(), x_in)
-            x0_hat, x_in = x0_hat.detach() - strength * grad, x_in.detach()
-    if use_grad and not through_network:  # d loss / d x0_hat at the prediction (no network backprop)
-        with torch.enable_grad():
-            x0_var = x0_hat.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(guidance_fn(x0_var[:, changed]).sum(), x0_var)
-        x0_hat = x0_hat - strength * grad
-    if settings.clip_denoised is not None:
-        x0_hat = x0_hat.clamp(-settings.clip_denoised, settings.clip_denoised)
-    a, s = broadcast_like(path.alpha(t_b), x_in), broadcast_like(path.sigma(t_b), x_in)
-    eps_hat = (x_in - a * x0_hat) / s.clamp(min=1e-8)
-    return x0_hat, eps_hat

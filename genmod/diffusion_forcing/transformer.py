@@ -7,7 +7,7 @@ noise level ``k_t``. The paper's model is an RNN; here it is a transformer (as t
   positions) or a ``[D]`` vector (sequences, one token per frame);
 * attention is **block-causal over frames** (``genmod.nn.masks.block_mask``, block id = frame):
   patches of a frame see each other, a frame sees only earlier frames, so future frames never change
-  past outputs;
+  past outputs; ``causal=False`` attends over the whole window instead (DFoT, Song et al. 2025);
 * time enters as 1D rotary positions over the frame index (RoFormer), so a score depends only on the
   frame offset: a sliding window or a KV cache of earlier frames needs no re-indexing;
 * each frame's condition ``c_t = TimestepEmbedder(1000 t_t) [+ label] [+ Linear(action_t)]``
@@ -47,6 +47,8 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
         action_dim: 0 = no actions; else per-frame actions ``[B, T, action_dim]``.
         rope_base: base of the temporal rotary positions.
         attention_backend: ``sdpa`` | ``xformers`` | ``math``; qk_norm: None | ``layernorm`` | ``rmsnorm``.
+        causal: ``True`` block-causal over frames (DF v1.5 video); ``False`` full attention over the window
+            (DFoT's default and the DF planning transformer), where every frame sees every other frame.
     """
 
     _supports_gradient_checkpointing = True
@@ -70,6 +72,7 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
         rope_base: float = 10000.0,
         attention_backend: str = "sdpa",
         qk_norm: str | None = None,
+        causal: bool = True,
     ):
         super().__init__()
         if modality not in MODALITIES:
@@ -202,7 +205,7 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
         q_frames = torch.arange(frame_offset, frame_offset + frames, device=device)
         k_frames = torch.arange(frame_offset - cached_frames, frame_offset + frames, device=device)
         q_ids, k_ids = q_frames.repeat_interleave(per), k_frames.repeat_interleave(per)
-        mask = block_mask(q_ids, k_ids, "block_causal")
+        mask = block_mask(q_ids, k_ids, "block_causal" if self.config.causal else "full")
         if history_cut is not None:
             cut = torch.as_tensor(history_cut, device=device).long().reshape(-1, 1, 1)
             mask = mask & ((k_ids[None, None, :] >= cut) | (q_ids[None, :, None] < cut))

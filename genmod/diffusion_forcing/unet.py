@@ -15,7 +15,8 @@ diffusion U-Net factorised into space and time (VDM, Ho et al. 2022), made causa
 * **time**: at the levels in ``temporal_attention_levels`` (and in the middle block) every spatial
   location attends over frames with a **causal** mask (a frame sees itself and earlier frames only)
   and 1D rotary positions over the frame index, so scores depend on frame offsets only. These are the
-  only layers that mix frames, so future frames never change past outputs.
+  only layers that mix frames, so future frames never change past outputs (``causal=False``: full
+  attention over the window, DFoT's non-causal mode).
 
 The temporal layers use ``genmod.nn.attention.Attention`` with the clean-context KV cache exactly
 like the transformer: ``make_kv_caches()`` gives one ``KVCache`` per temporal layer, holding the
@@ -147,12 +148,12 @@ def _up_levels(make: _BlockFactory, channels, attn_levels, layers_per_block, ski
     return up
 
 
-def _temporal_mask(frame_offset: int, frames: int, cached: int, history_cut, batch: int, device):
+def _temporal_mask(frame_offset: int, frames: int, cached: int, history_cut, batch: int, device, causal: bool = True):
     """Frame-causal mask ``[Lq, Lk]`` (or ``[B, Lq, Lk]`` with ``history_cut``) over ``cached`` earlier frames
     and this call's frames, one token per frame; returns it and the query frame ids."""
     q_ids = torch.arange(frame_offset, frame_offset + frames, device=device)
     k_ids = torch.arange(frame_offset - cached, frame_offset + frames, device=device)
-    mask = block_mask(q_ids, k_ids, "block_causal")
+    mask = block_mask(q_ids, k_ids, "block_causal" if causal else "full")
     if history_cut is not None:  # frames < cut are invisible to frames >= cut
         cut = torch.as_tensor(history_cut, device=device).long().reshape(-1, 1, 1)
         if cut.shape[0] != batch:
@@ -178,6 +179,7 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         action_dim: 0 = no actions; else per-frame actions ``[B, T, action_dim]``.
         rope_base: base of the temporal rotary positions; attention_backend: ``sdpa`` | ``xformers`` | ``math``.
         modality: only ``video`` (kept so code that reads ``config.modality`` treats both backbones alike).
+        causal: ``True`` causal temporal attention (DF v1.5); ``False`` full attention over the window (DFoT).
     """
 
     _supports_gradient_checkpointing = True  # resnets and temporal attention through genmod.nn.checkpoint_block
@@ -199,6 +201,7 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         rope_base: float = 10000.0,
         attention_backend: str = "sdpa",
         modality: str = "video",
+        causal: bool = True,
     ):
         super().__init__()
         self.gradient_checkpointing = False
@@ -281,7 +284,7 @@ class DiffusionForcingUNet(ModelMixin, ConfigMixin):
         cond = cond.to(sample.dtype).flatten(0, 1)
         # 2. frame-causal mask over cached + current frames, and the rotary positions of the current frames
         cached = len(kv_caches[0]) if kv_caches else 0
-        mask, q_ids = _temporal_mask(frame_offset, frames, cached, history_cut, batch, sample.device)
+        mask, q_ids = _temporal_mask(frame_offset, frames, cached, history_cut, batch, sample.device, self.config.causal)
         rope = rope_frequencies(q_ids, self.config.attention_head_dim, base=self.config.rope_base)  # all levels share it
         caches = iter(kv_caches if kv_caches is not None else [None] * len(layers))
 
