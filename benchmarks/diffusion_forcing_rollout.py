@@ -60,7 +60,8 @@ def stability(family, model, args, device) -> dict:
         t0 = time.time()
         with torch.no_grad():
             out = family.rollout(model, truth[:, :args.context], total - args.context, gen, schedule="autoregressive",
-                                 chunk_size=1, num_inference_steps=args.steps, context_noise=level, kv_cache="reencode")
+                                 chunk_size=1, num_inference_steps=args.steps, context_noise=level, kv_cache="reencode",
+                                 stabilization=args.stabilization)
         _sync(device)
         mse = ((out - truth) ** 2).flatten(2).mean(-1)  # [N, T] in [-1, 1] units
         psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
@@ -218,6 +219,8 @@ def main():
     p.add_argument("--multiple", type=int, default=4, help="rollout length in training clip lengths")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--context-noise", type=float, nargs="*", default=[0.0, 0.02, 0.1])
+    p.add_argument("--stabilization", default="v1.5", choices=["v1.5", "v1.5_ddpm", "dfot", "fixed_noise"],
+                   help="how clean frames are shown (the tables before session 6 used fixed_noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps-only", action="store_true", help="speed table only, on a random model of the default size")
     p.add_argument("--fps-frames", type=int, default=32)

@@ -11,7 +11,9 @@ the "drop" kind of history guidance). All randomness comes from the trainer's ge
 
 Network (``backbone``): ``transformer`` (``DiffusionForcingTransformer``, video or sequences) or ``unet``
 (``DiffusionForcingUNet``, video only: a per-frame conv U-Net with causal temporal attention, which
-learns appearance much faster on a CPU budget).
+learns appearance much faster on a CPU budget); ``causal=False`` gives either full attention over the
+window and the bidirectional fused SNR (DFoT). The network is fed ``path.network_timestep(t)`` (the DDPM
+step n on ``ddpm_*`` paths).
 
 Data: ``moving_shapes`` clips ``[T, 3, S, S]`` (pixels) or ``oscillators`` series ``[T * k, D]``
 grouped into ``T`` frames of ``k = frame_stack`` steps (DF's frame stacking).
