@@ -13,6 +13,11 @@ and time (MAR / LatentLM ``ddpm_batch_mul = 4``). Total loss = ``ce_weight * CE 
 Latents come from a saved sigma-VAE (``--tokenizer``; image patches in raster order, audio frames in
 time order), normalised by the data mean / std stored in the tokenizer's ``shift_factor`` /
 ``scaling_factor`` (computed once on the first batches when the tokenizer has none, as LatentLM does).
+As in the released ``train_hf.py``, the language model trains on posterior samples (sigma-VAE:
+``mu + sigma_b * eps`` with one sigma per item, fresh every step) and the statistics come from such
+samples (``--latent_sample``, default on; ``--no-latent_sample`` trains on ``mu``, the old behaviour).
+With ``--cache_latents`` the normalised means (and a KL posterior's std) are cached and the noise is
+drawn per step. Captioning encodes with the mean.
 The diffusion path defaults to the continuous cosine path with a velocity output; the paper's DDPM
 cosine with epsilon-prediction is ``--path ddpm_cosine --prediction epsilon``.
 """
@@ -52,6 +57,7 @@ class LatentLMConfig(TrainConfig):
     tokenizer: Optional[str] = None
     latent_stats_batches: int = 8  # batches used for the latent mean/std when the tokenizer has none
     cache_latents: bool = True  # encode the dataset once before training (in memory) instead of every step
+    latent_sample: bool = True  # train on (and take the stats from) posterior samples, as LatentLM; False: the mean
     # speech_digits only: clip length in seconds; longer clips are dropped (not cropped) so speech matches text
     audio_duration: Optional[float] = None
     # conditioning and layout
@@ -131,6 +137,31 @@ def next_element_loss(model, packed, generator: torch.Generator, path, predictio
             "num_text_targets": float(next_is_text.sum()), "num_latent_targets": float(next_is_latent.sum())}
 
 
+def posterior_std(tokenizer, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The normalised per-element posterior std of a KL tokenizer (None for a sigma-VAE, whose noise scale is
+    drawn per item, see :func:`sample_from_cached`)."""
+    with torch.no_grad():
+        if hasattr(tokenizer, "posterior"):  # genmod KLVAE
+            return (0.5 * tokenizer.posterior(x)[1]).exp() * tokenizer.config.scaling_factor
+        if hasattr(tokenizer, "latent_norm"):  # a diffusers AutoencoderKL (its own encode gives the distribution)
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.encode(tokenizer, x).latent_dist.std * tokenizer.latent_norm[0]
+    return None
+
+
+def sample_from_cached(tokenizer, mean: torch.Tensor, std: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """A posterior sample from cached normalised means (noise drawn on ``generator``'s device): ``mean + std * eps``
+    for a KL posterior; for a sigma-VAE ``normalize(mu + sigma_b * eps)`` = ``mean + scaling_factor * sigma_b * eps``,
+    the same draws as ``tokenizer.encode(x, sample=True, generator=generator)``."""
+    if std is not None:
+        eps = torch.randn(mean.shape, generator=generator, device=generator.device)
+        return mean + std * eps.to(mean.device, mean.dtype)
+    zeros = torch.zeros(mean.shape, device=generator.device, dtype=mean.dtype)
+    noise = tokenizer.add_noise(zeros, generator).to(mean.device)
+    return mean + tokenizer.config.scaling_factor * noise
+
+
 class LatentLMFamily(Family):
     """Text/class-conditional next-token diffusion on sigma-VAE latents (images or audio), plus captioning."""
 
@@ -182,8 +213,11 @@ class LatentLMFamily(Family):
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False)
         for batch in tqdm(loader, desc="encoding latents", leave=False):
             latents = self.tokenizer.encode(batch[key])
+            std = posterior_std(self.tokenizer, batch[key]) if self.config.latent_sample else None
             for i in range(len(latents)):
                 item = {"latents": latents[i], "label": batch["label"][i]}
+                if std is not None:
+                    item["latent_std"] = std[i]
                 if "caption" in batch:
                     item["caption"] = batch["caption"][i]
                 items.append(item)
@@ -195,7 +229,9 @@ class LatentLMFamily(Family):
         if cfg.scaling_factor != 1.0 or cfg.shift_factor != 0.0:
             return
         loader = torch.utils.data.DataLoader(self.raw_dataset(), batch_size=64, shuffle=False)
-        self.tokenizer.compute_latent_stats(loader, max_batches=self.config.latent_stats_batches)
+        generator = torch.Generator().manual_seed(self.config.seed) if self.config.latent_sample else None
+        self.tokenizer.compute_latent_stats(loader, max_batches=self.config.latent_stats_batches,
+                                            sample=self.config.latent_sample, generator=generator)
 
     def data_info(self) -> dict:
         """Latent channels and grid, classes, sample rate of the dataset through the tokenizer."""
@@ -221,14 +257,19 @@ class LatentLMFamily(Family):
         num_classes = cfg.num_classes if cfg is not None else (self.data_info()["num_classes"] if self.config.condition == "class" else 0)
         return LatentLMTokenizer(num_classes, self.config.max_text_length)
 
-    def encode_batch(self, batch: dict, model) -> torch.Tensor:
-        """Normalised latent tokens ``[B, L, D]`` of a batch (cached ``latents`` or encoded inputs)."""
+    def encode_batch(self, batch: dict, model, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Normalised latent tokens ``[B, L, D]`` of a batch (cached ``latents`` or encoded inputs): posterior
+        samples drawn with ``generator`` when one is given and ``--latent_sample`` is on, else the means."""
+        sample = generator is not None and self.config.latent_sample
         if "latents" in batch:
-            return unwrap_model(model).latents_to_tokens(batch["latents"])
+            z = batch["latents"]
+            if sample:
+                z = sample_from_cached(self.tokenizer, z, batch.get("latent_std"), generator)
+            return unwrap_model(model).latents_to_tokens(z)
         x = batch[MODALITY_KEYS[self.modality]]
         self.tokenizer.to(x.device)
         with torch.no_grad():
-            z = self.tokenizer.encode(x)
+            z = self.tokenizer.encode(x, sample=True, generator=generator) if sample else self.tokenizer.encode(x)
         return unwrap_model(model).latents_to_tokens(z)
 
     # -- model, loss, sampler --------------------------------------------------------------------
@@ -246,7 +287,7 @@ class LatentLMFamily(Family):
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
         cfg = self.config
-        latents = self.encode_batch(batch, model)
+        latents = self.encode_batch(batch, model, generator)
         batch_size = latents.shape[0]
         tok = self.text_tokenizer(model)
         drop = (torch.rand(batch_size, generator=generator, device=generator.device) < cfg.cond_dropout_prob).tolist()
