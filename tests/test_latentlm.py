@@ -125,7 +125,9 @@ def _gaussian_head(path, mean, std, prediction):
     """The exact head output for data x0 ~ N(mean, diag(std^2)): E[x0 | x_t] converted to ``prediction``."""
 
     def head(x_t, timestep, hidden):
-        t = (timestep / 1000).to(torch.float64)[:, None]
+        # invert path.network_timestep: 1000 t, or the DDPM step n = 1000 t - 1 on ddpm_* paths (issue 21)
+        shift = 1.0 if path.name == "discrete" else 0.0
+        t = ((timestep.to(torch.float64) + shift) / 1000)[:, None]
         a, s = path.alpha(t), path.sigma(t)
         x = x_t.to(torch.float64)
         x0 = mean + a * std**2 / (a**2 * std**2 + s**2) * (x - a * mean)

@@ -19,7 +19,8 @@ samples (``--latent_sample``, default on; ``--no-latent_sample`` trains on ``mu`
 With ``--cache_latents`` the normalised means (and a KL posterior's std) are cached and the noise is
 drawn per step. Captioning encodes with the mean.
 The diffusion path defaults to the continuous cosine path with a velocity output; the paper's DDPM
-cosine with epsilon-prediction is ``--path ddpm_cosine --prediction epsilon``.
+cosine with epsilon-prediction is ``--path ddpm_cosine --prediction epsilon`` (integer steps n drawn
+uniformly and fed to the head as n, as the released code; ``path.network_timestep``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from genmod.core.loss import flow_matching_loss
-from genmod.core.paths import get_path
+from genmod.core.paths import DiscreteSchedulePath, get_path
 from genmod.latentlm.sampling import generate_latents, generate_text
 from genmod.latentlm.text import BOL, BOS, EOL, EOS, LATENT, NULL, PAD, LatentLMTokenizer, pack_sequences
 from genmod.latentlm.transformer import LatentLMTransformer
@@ -116,6 +117,16 @@ def item_segments(tokenizer: LatentLMTokenizer, condition: str, caption: Optiona
     return [[BOS, BOL], LATENT, [EOL, *text, EOS]]
 
 
+def draw_head_time(path, num: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Per-token diffusion times ``[num]``: ``t ~ U(0, 1)`` on a continuous path; on a DDPM table the integer step
+    ``n ~ U{0..N-1}`` at its knot ``t = (n + 1) / N``, as LatentLM's ``train_hf.py`` draws its 1000 timesteps
+    uniformly (so the head is fed exactly ``n``, :meth:`DiscreteSchedulePath.network_timestep`)."""
+    if isinstance(path, DiscreteSchedulePath):
+        n = torch.randint(0, path.num_steps, (num,), generator=generator, device=generator.device)
+        return path.step_to_t(n).float().to(device)
+    return torch.rand(num, generator=generator, device=generator.device).to(device)
+
+
 def next_element_loss(model, packed, generator: torch.Generator, path, prediction: str, diffusion_batch_mul: int = 4,
                       ce_weight: float = 1.0) -> dict:
     """CE on positions whose next element is a (non-pad) discrete token, diffusion loss on positions
@@ -128,10 +139,10 @@ def next_element_loss(model, packed, generator: torch.Generator, path, predictio
     cond = hidden[next_is_latent].repeat(diffusion_batch_mul, 1)  # [N * mul, C]
     x0 = packed.latents[:, 1:][next_is_latent].repeat(diffusion_batch_mul, 1)  # [N * mul, D]
     device = x0.device
-    t = torch.rand(x0.shape[0], generator=generator, device=generator.device).to(device)
+    t = draw_head_time(path, x0.shape[0], generator, device)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device, x0.dtype)
     x_t = path.sample(x0, noise, t).x_t
-    head_out = unwrap_model(model).head(x_t, 1000 * t, cond)
+    head_out = unwrap_model(model).head(x_t, path.network_timestep(t), cond)  # 1000 t; the DDPM step n on ddpm_*
     diffusion = flow_matching_loss(head_out, x0, noise, t, path=path, prediction=prediction)
     return {"loss": ce_weight * ce + diffusion, "ce": ce.detach(), "diffusion": diffusion.detach(),
             "num_text_targets": float(next_is_text.sum()), "num_latent_targets": float(next_is_latent.sum())}

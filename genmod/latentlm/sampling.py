@@ -49,11 +49,11 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
 
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if do_cfg:
-            out = model.head(torch.cat([x_t, x_t]), 1000 * torch.cat([t, t]), hidden)
+            out = model.head(torch.cat([x_t, x_t]), path.network_timestep(torch.cat([t, t])), hidden)
             cond, uncond = out.chunk(2)
             out = combine_guidance(cond, uncond, guidance_scale)
         else:
-            out = model.head(x_t, 1000 * t, hidden)
+            out = model.head(x_t, path.network_timestep(t), hidden)
         if cfg.prediction != "velocity":
             out = path.convert(out, x_t, t, src=cfg.prediction, dst="velocity")
         return out

@@ -12,7 +12,7 @@ The final state ``h_i`` at position ``i`` predicts element ``i + 1``:
 
 * a discrete next element through the LM head (logits, cross-entropy), and
 * a continuous next element through the next-token diffusion head (Sec. 2.2): an adaLN MLP
-  ``DiffusionHead(x_t, 1000 t, c_i)`` conditioned on ``c_i = Linear(RMSNorm(h_i))`` (the code's
+  ``DiffusionHead(x_t, path.network_timestep(t), c_i)`` conditioned on ``c_i = Linear(RMSNorm(h_i))`` (the code's
   ``ConditionLayer``) and the timestep embedding, with SwiGLU + RMSNorm blocks as in LatentLM.
 
 Sequences may be left-padded (``key_mask``) with per-sample ``positions``, which is how prompts of
@@ -227,5 +227,5 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
     # -- diffusion head ------------------------------------------------------------------------------
     def head(self, x_t: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """The next-token diffusion head's output (``prediction`` type) for noisy ``x_t [..., D]`` at
-        ``timestep = 1000 t [...]``, conditioned on decoder states ``hidden [..., C]``."""
+        ``timestep = path.network_timestep(t) [...]`` (``1000 t``; the DDPM step n on ``ddpm_*`` paths), conditioned on decoder states ``hidden [..., C]``."""
         return self.diffusion_head(x_t, timestep, self.condition(hidden))
