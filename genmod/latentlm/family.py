@@ -73,6 +73,7 @@ class LatentLMConfig(TrainConfig):
     num_kv_heads: Optional[int] = None
     mlp_ratio: float = 4.0
     latent_patch_size: int = 1  # images: one token = a p x p patch of latent vectors (shorter sequences)
+    rope_spacing: Literal["llama", "latentlm"] = "llama"  # latentlm: the released code's 10000^(-i/(d/2-1))
     # diffusion head
     head_width: int = 256
     head_depth: int = 3
@@ -293,7 +294,7 @@ class LatentLMFamily(Family):
             hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             mlp_ratio=cfg.mlp_ratio, head_width=cfg.head_width, head_depth=cfg.head_depth,
             head_mlp_ratio=cfg.head_mlp_ratio, path=cfg.path, prediction=cfg.prediction, modality=self.modality,
-            max_text_length=cfg.max_text_length,
+            max_text_length=cfg.max_text_length, rope_spacing=cfg.rope_spacing,
         )
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
