@@ -315,8 +315,8 @@ class DiscreteSchedulePath(AffinePath):
     """A DDPM ``alphas_cumprod`` table as a continuous VP path.
 
     Step ``n`` (0-based, ``n = N-1`` noisiest) sits at ``t = (n + 1) / N``, so ``t = 0`` is clean data; the
-    network is fed ``n`` itself (:meth:`network_timestep`), as the official DDPM code does. ``log alpha^2`` is interpolated
-    piecewise-linearly between knots (with ``log alpha^2 = 0`` at t = 0), ``sigma = sqrt(1 - alpha^2)``.
+    network is fed ``n`` itself (:meth:`network_timestep`), as the official DDPM code does. ``log alpha^2`` is
+    interpolated piecewise-linearly between knots (with ``log alpha^2 = 0`` at t = 0), ``sigma = sqrt(1 - alpha^2)``.
     For the linear 1e-4..0.02 table this tracks ``VPPath(0.1, 20)`` closely.
     """
 

@@ -162,7 +162,8 @@ def posterior_std(tokenizer, x: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
-def sample_from_cached(tokenizer, mean: torch.Tensor, std: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+def sample_from_cached(tokenizer, mean: torch.Tensor, std: Optional[torch.Tensor],
+                       generator: torch.Generator) -> torch.Tensor:
     """A posterior sample from cached normalised means (noise drawn on ``generator``'s device): ``mean + std * eps``
     for a KL posterior; for a sigma-VAE ``normalize(mu + sigma_b * eps)`` = ``mean + scaling_factor * sigma_b * eps``,
     the same draws as ``tokenizer.encode(x, sample=True, generator=generator)``."""

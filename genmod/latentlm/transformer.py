@@ -205,7 +205,8 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         past = len(kv_caches[0]) if kv_caches else 0
         if positions is None:
             positions = torch.arange(past, past + length, device=tokens.device)
-        cos, sin = rope_frequencies(positions, self.head_dim, base=self.config.rope_base, spacing=self.config.rope_spacing)
+        cos, sin = rope_frequencies(positions, self.head_dim, base=self.config.rope_base,
+                                    spacing=self.config.rope_spacing)
         mask = None
         if key_mask is not None:
             if key_mask.shape != (batch, past + length):
@@ -232,5 +233,6 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
     # -- diffusion head ------------------------------------------------------------------------------
     def head(self, x_t: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """The next-token diffusion head's output (``prediction`` type) for noisy ``x_t [..., D]`` at
-        ``timestep = path.network_timestep(t) [...]`` (``1000 t``; the DDPM step n on ``ddpm_*`` paths), conditioned on decoder states ``hidden [..., C]``."""
+        ``timestep = path.network_timestep(t) [...]`` (``1000 t``; the DDPM step n on ``ddpm_*`` paths),
+        conditioned on decoder states ``hidden [..., C]``."""
         return self.diffusion_head(x_t, timestep, self.condition(hidden))
