@@ -1,8 +1,8 @@
 """CausalFusion (causalfusion/causalfusion at e138d8d) through ``genmod import causalfusion``: the official outputs, reproduced.
 
 Fixtures (tests/fixtures/causalfusion/README.md) come from the official code with random, perturbed
-weights. The official network is fed the integer DDPM step n; genmod's time is ``t = (n + 1) / 1000``
-(``time_convention="ddpm_index"`` feeds ``1000 t - 1``), so genmod's timestep here is ``n + 1``.
+weights. The official network is fed the integer DDPM step n; genmod's time is ``t = (n + 1) / 1000`` and the
+sampler feeds the network ``path.network_timestep(t) = n`` (issue 21), so a direct model call here passes n.
 """
 
 import json
@@ -60,13 +60,13 @@ def test_sizes_and_conventions_come_from_the_keys(official, model):
 
 def test_training_forward_under_the_generalized_causal_mask_matches(official, model):
     _, out, info = official
-    pred = _train_pred(model, out, info["split_sizes"], out["train_steps"] + 1)
+    pred = _train_pred(model, out, info["split_sizes"], out["train_steps"])
     assert (pred - out["train_pred"]).abs().max() < 1e-5
-    # the two conventions the importer switches on are needed: integer step n, LayerNorm eps 1e-5
-    assert (_train_pred(model, out, info["split_sizes"], out["train_steps"]) - out["train_pred"]).abs().max() > 1e-3
+    # the two conventions are needed: integer step n (not genmod's old n + 1), LayerNorm eps 1e-5
+    assert (_train_pred(model, out, info["split_sizes"], out["train_steps"] + 1) - out["train_pred"]).abs().max() > 1e-3
     eps6 = CausalFusionTransformer(**{**model.config, "norm_eps": 1e-6})
     eps6.load_state_dict(model.state_dict())
-    assert (_train_pred(eps6, out, info["split_sizes"], out["train_steps"] + 1) - out["train_pred"]).abs().max() > 1e-5
+    assert (_train_pred(eps6, out, info["split_sizes"], out["train_steps"]) - out["train_pred"]).abs().max() > 1e-5
 
 
 @pytest.mark.parametrize("step", [999, 250])
@@ -76,7 +76,7 @@ def test_kv_cached_inference_with_cfg_matches(official, model, step):
     with torch.no_grad():
         caches = model.prefill_condition(torch.cat([labels, torch.full_like(labels, NULL)]), 4)
         eps = model.forward_cached(torch.cat([out["infer_tokens"]] * 2), torch.arange(16).expand(4, -1), caches,
-                                   timestep=torch.full((4,), step + 1.0))
+                                   timestep=torch.full((4,), float(step)))
     cond, uncond = eps.chunk(2)
     assert (combine_guidance(cond, uncond, info["cfg_scale"]) - out[f"infer_cfg_{step}"]).abs().max() < 1e-5
     if step == 250:

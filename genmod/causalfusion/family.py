@@ -164,7 +164,7 @@ class CausalFusionFamily(ImageFamily):
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
         x_t = self.path.sample(x0, noise, t).x_t
         labels = batch["label"].to(x0.device) if inner.config.num_classes else None
-        out = model(x_t, 1000 * t, labels, clean_sample=x0, token_order=order, step_sizes=step_sizes,
+        out = model(x_t, self.path.network_timestep(t), labels, clean_sample=x0, token_order=order, step_sizes=step_sizes,
                     dropout_generator=generator).sample
         # per-token weights: AR order -> raster positions
         weight_ar = ar_step_weights(step_sizes, cfg.max_ar_weight, cfg.min_ar_weight).to(x0.device, torch.float32)

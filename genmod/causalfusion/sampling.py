@@ -241,10 +241,10 @@ class _CleanPrefix:
             pos_n = pos_BN.repeat(reps, 1)
             if self.caches is not None:
                 caches = self.caches if (not self.do_cfg or reps == 2) else self._cond_half()
-                out = model.forward_cached(x, pos_n, caches, timestep=1000 * t, commit=False)
+                out = model.forward_cached(x, pos_n, caches, timestep=self.path.network_timestep(t), commit=False)
             else:
-                out = model.forward_tokens(x, pos_n, 1000 * t, y, clean_tokens.repeat(reps, 1, 1), clean_pos.repeat(reps, 1),
-                                           clean_sizes, [x.shape[1]], step_index)
+                out = model.forward_tokens(x, pos_n, self.path.network_timestep(t), y, clean_tokens.repeat(reps, 1, 1),
+                                           clean_pos.repeat(reps, 1), clean_sizes, [x.shape[1]], step_index)
             if settings.prediction != "velocity":
                 out = self.path.convert(out, x, t, src=settings.prediction, dst="velocity")
             return out

@@ -8,7 +8,8 @@ plain pre-LN transformer (not adaLN) with in-context conditioning:
   positions; the null class id ``num_classes`` for classifier-free guidance);
 * clean tokens of earlier AR steps and noisy tokens of the current step share one input projection
   and one learned position table (initialised 2D sin-cos); **only the noisy tokens** add the
-  timestep embedding of ``timestep = 1000 * t`` (package convention, t = 1 noise);
+  timestep embedding of ``timestep = path.network_timestep(t)`` (``1000 t`` on continuous paths, the
+  integer DDPM step n of ``alpha_bar[n]`` on ``ddpm_*`` paths, as the official code feeds it);
 * QK-LayerNorm in every attention, GELU-tanh MLP, final LayerNorm + zero-initialised Linear;
 * the generalized causal mask of ``genmod.nn.masks`` (the paper's generalized causal attention): condition tokens see each
   other; clean tokens are block-causal over AR steps; noisy tokens of step s see the clean tokens of
@@ -81,9 +82,10 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
         attention_backend: ``sdpa`` | ``xformers`` | ``math``.
         norm_eps: epsilon of every LayerNorm (blocks, q/k norms, head); the official release uses 1e-5.
         qkv_bias: biases on the q/k/v projections (the official fused ``qkv`` Linear has none).
-        time_convention: ``genmod`` (the t-embedder sees ``timestep = 1000 t``) or ``ddpm_index`` (it sees the
-            integer DDPM step ``n = 1000 t - 1`` of ``alpha_bar[n]``, as the official ADM-style training and
-            sampler feed it; genmod's discrete time puts step n at ``t = (n + 1) / 1000``).
+        time_convention: provenance only, ``genmod`` or ``ddpm_index`` (weights trained on the integer DDPM
+            step n, as the official release; set by the importer). The t-embedder sees ``timestep`` as given
+            in both: the one place that maps package time to the network's timestep is the caller's
+            ``path.network_timestep(t)`` (the step n on ``ddpm_*`` paths, issue 21).
     """
 
     _supports_gradient_checkpointing = True
@@ -184,20 +186,8 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
                 timestep = timestep.expand(tokens.shape[0])
             if timestep.shape != (tokens.shape[0],):
                 raise ValueError(f"timestep: expected a scalar or shape ({tokens.shape[0]},), got {tuple(timestep.shape)}")
-            h = h + self.t_embedder(self._embedder_time(timestep), h.dtype).to(h.dtype)[:, None]
+            h = h + self.t_embedder(timestep, h.dtype).to(h.dtype)[:, None]
         return h
-
-    def _embedder_time(self, timestep: torch.Tensor) -> torch.Tensor:
-        """What the t-embedder sees: ``1000 t`` (genmod) or the DDPM step ``n = 1000 t - 1`` (``ddpm_index``).
-
-        ``ddpm_index`` snaps values within 1e-3 of an integer onto it, so that ``1000 t`` rounded in float32
-        feeds exactly the integer the official network saw in training (ADM's ``t`` index).
-        """
-        if self.config.time_convention == "genmod":
-            return timestep
-        step = timestep.double() - 1
-        nearest = step.round()
-        return torch.where((step - nearest).abs() < 1e-3, nearest, step).float()
 
     def _blocks(self, h: torch.Tensor, mask=None, kv_caches: list[KVCache] | None = None, commit: bool = True) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -286,7 +276,7 @@ class CausalFusionTransformer(ModelMixin, ConfigMixin):
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Teacher-forced training forward on images ``[B, C, H, W]`` (the dual-factorization training input).
 
-        ``sample`` is the noisy image at ``timestep = 1000 * t`` (one per sample), ``clean_sample`` the
+        ``sample`` is the noisy image at ``timestep = path.network_timestep(t)`` (one per sample), ``clean_sample`` the
         clean one; tokens are visited in ``token_order [B, L]`` (raster when None) and split into AR steps
         of ``step_sizes`` (one step when None: plain diffusion, no clean tokens needed). The sequence is
         ``[cond | clean tokens of steps 0..N-2 | noisy tokens of all N steps]``; the output is the

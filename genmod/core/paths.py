@@ -320,9 +320,9 @@ def ddpm_alphas_cumprod(schedule: str = "linear", num_steps: int = 1000, beta_st
 class DiscreteSchedulePath(AffinePath):
     """A DDPM ``alphas_cumprod`` table as a continuous VP path.
 
-    Step ``n`` (0-based, ``n = N-1`` noisiest) sits at ``t = (n + 1) / N``, so ``t = 0`` is clean data and
-    the network timestep ``1000 t`` equals ``n + 1`` for N = 1000. ``log alpha^2`` is interpolated
-    piecewise-linearly between knots (with ``log alpha^2 = 0`` at t = 0), ``sigma = sqrt(1 - alpha^2)``.
+    Step ``n`` (0-based, ``n = N-1`` noisiest) sits at ``t = (n + 1) / N``, so ``t = 0`` is clean data; the
+    network is fed ``n`` itself (:meth:`network_timestep`), as the official DDPM code does. ``log alpha^2`` is
+    interpolated piecewise-linearly between knots (with ``log alpha^2 = 0`` at t = 0), ``sigma = sqrt(1 - alpha^2)``.
     For the linear 1e-4..0.02 table this tracks ``VPPath(0.1, 20)`` closely.
     """
 
@@ -350,8 +350,16 @@ class DiscreteSchedulePath(AffinePath):
     def network_timestep(self, t):
         """The DDPM step ``n = N t - 1`` of ``alpha_bar[n]`` (0..N-1 on the knots), the integer the official
         DDPM / ADM / LatentLM / CausalFusion / Diffusion Forcing code feeds its embedder (Ho et al. 2020,
-        Sec. 4: ``t in {1..T}`` there is ``n + 1`` here). Between knots it is the same affine map."""
-        return t * self.num_steps - 1
+        Sec. 4: ``t in {1..T}`` there is ``n + 1`` here). Between knots it is the same affine map; values within
+        1e-3 of an integer are snapped onto it (computed in float64), so a knot ``t = (n + 1) / N`` stored in
+        float32 feeds exactly the integer ``n`` the official network saw in training."""
+        time = torch.as_tensor(t)
+        step = time.double() * self.num_steps - 1
+        nearest = step.round()
+        step = torch.where((step - nearest).abs() < 1e-3, nearest, step)
+        if not isinstance(t, torch.Tensor):
+            return float(step) if step.dim() == 0 else step.float()
+        return step.to(t.dtype if t.is_floating_point() else torch.float32)
 
     def _log_a2_and_slope(self, t):
         t = _as_time(t)

@@ -5,8 +5,9 @@ causalfusion/causalfusion) is genmod's ``CausalFusionTransformer`` once three th
 options: LayerNorm epsilon 1e-5 everywhere (``norm_eps``), one fused ``qkv`` Linear without bias
 (split into ``to_q / to_k / to_v`` with ``qkv_bias=False``; its q/k LayerNorms are ``norm_q / norm_k``), and
 the network timestep: the official ADM-style DDPM (linear betas 1e-4..0.02, 1000 steps, epsilon
-prediction) feeds the integer step n of ``alpha_bar[n]``, while genmod's discrete path puts step n at
-``t = (n + 1) / 1000`` (``time_convention="ddpm_index"`` feeds ``1000 t - 1``). The official sampler, ancestral
+prediction) feeds the integer step n of ``alpha_bar[n]``; genmod's discrete path puts step n at
+``t = (n + 1) / 1000`` and feeds ``path.network_timestep(t) = n`` (``time_convention="ddpm_index"`` records the
+provenance). The official sampler, ancestral
 DDPM with FIXED_LARGE variance respaced to 250 steps and CFG on epsilon with scale 4 (README), is the
 pipeline's saved default (``solver="ddpm"``, ``time_grid="ddpm"``); one AR step, as the release samples.
 

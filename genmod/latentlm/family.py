@@ -13,8 +13,14 @@ and time (MAR / LatentLM ``ddpm_batch_mul = 4``). Total loss = ``ce_weight * CE 
 Latents come from a saved sigma-VAE (``--tokenizer``; image patches in raster order, audio frames in
 time order), normalised by the data mean / std stored in the tokenizer's ``shift_factor`` /
 ``scaling_factor`` (computed once on the first batches when the tokenizer has none, as LatentLM does).
+As in the released ``train_hf.py``, the language model trains on posterior samples (sigma-VAE:
+``mu + sigma_b * eps`` with one sigma per item, fresh every step) and the statistics come from such
+samples (``--latent_sample``, default on; ``--no-latent_sample`` trains on ``mu``, the old behaviour).
+With ``--cache_latents`` the normalised means (and a KL posterior's std) are cached and the noise is
+drawn per step. Captioning encodes with the mean.
 The diffusion path defaults to the continuous cosine path with a velocity output; the paper's DDPM
-cosine with epsilon-prediction is ``--path ddpm_cosine --prediction epsilon``.
+cosine with epsilon-prediction is ``--path ddpm_cosine --prediction epsilon`` (integer steps n drawn
+uniformly and fed to the head as n, as the released code; ``path.network_timestep``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from genmod.core.loss import flow_matching_loss
-from genmod.core.paths import get_path
+from genmod.core.paths import DiscreteSchedulePath, get_path
 from genmod.latentlm.sampling import generate_latents, generate_text
 from genmod.latentlm.text import BOL, BOS, EOL, EOS, LATENT, NULL, PAD, LatentLMTokenizer, pack_sequences
 from genmod.latentlm.transformer import LatentLMTransformer
@@ -52,6 +58,7 @@ class LatentLMConfig(TrainConfig):
     tokenizer: Optional[str] = None
     latent_stats_batches: int = 8  # batches used for the latent mean/std when the tokenizer has none
     cache_latents: bool = True  # encode the dataset once before training (in memory) instead of every step
+    latent_sample: bool = True  # train on (and take the stats from) posterior samples, as LatentLM; False: the mean
     # speech_digits only: clip length in seconds; longer clips are dropped (not cropped) so speech matches text
     audio_duration: Optional[float] = None
     # conditioning and layout
@@ -66,6 +73,7 @@ class LatentLMConfig(TrainConfig):
     num_kv_heads: Optional[int] = None
     mlp_ratio: float = 4.0
     latent_patch_size: int = 1  # images: one token = a p x p patch of latent vectors (shorter sequences)
+    rope_spacing: Literal["llama", "latentlm"] = "llama"  # latentlm: the released code's 10000^(-i/(d/2-1))
     # diffusion head
     head_width: int = 256
     head_depth: int = 3
@@ -110,6 +118,16 @@ def item_segments(tokenizer: LatentLMTokenizer, condition: str, caption: Optiona
     return [[BOS, BOL], LATENT, [EOL, *text, EOS]]
 
 
+def draw_head_time(path, num: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Per-token diffusion times ``[num]``: ``t ~ U(0, 1)`` on a continuous path; on a DDPM table the integer step
+    ``n ~ U{0..N-1}`` at its knot ``t = (n + 1) / N``, as LatentLM's ``train_hf.py`` draws its 1000 timesteps
+    uniformly (so the head is fed exactly ``n``, :meth:`DiscreteSchedulePath.network_timestep`)."""
+    if isinstance(path, DiscreteSchedulePath):
+        n = torch.randint(0, path.num_steps, (num,), generator=generator, device=generator.device)
+        return path.step_to_t(n).float().to(device)
+    return torch.rand(num, generator=generator, device=generator.device).to(device)
+
+
 def next_element_loss(model, packed, generator: torch.Generator, path, prediction: str, diffusion_batch_mul: int = 4,
                       ce_weight: float = 1.0) -> dict:
     """CE on positions whose next element is a (non-pad) discrete token, diffusion loss on positions
@@ -122,13 +140,39 @@ def next_element_loss(model, packed, generator: torch.Generator, path, predictio
     cond = hidden[next_is_latent].repeat(diffusion_batch_mul, 1)  # [N * mul, C]
     x0 = packed.latents[:, 1:][next_is_latent].repeat(diffusion_batch_mul, 1)  # [N * mul, D]
     device = x0.device
-    t = torch.rand(x0.shape[0], generator=generator, device=generator.device).to(device)
+    t = draw_head_time(path, x0.shape[0], generator, device)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device, x0.dtype)
     x_t = path.sample(x0, noise, t).x_t
-    head_out = unwrap_model(model).head(x_t, 1000 * t, cond)
+    head_out = unwrap_model(model).head(x_t, path.network_timestep(t), cond)  # 1000 t; the DDPM step n on ddpm_*
     diffusion = flow_matching_loss(head_out, x0, noise, t, path=path, prediction=prediction)
     return {"loss": ce_weight * ce + diffusion, "ce": ce.detach(), "diffusion": diffusion.detach(),
             "num_text_targets": float(next_is_text.sum()), "num_latent_targets": float(next_is_latent.sum())}
+
+
+def posterior_std(tokenizer, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The normalised per-element posterior std of a KL tokenizer (None for a sigma-VAE, whose noise scale is
+    drawn per item, see :func:`sample_from_cached`)."""
+    with torch.no_grad():
+        if hasattr(tokenizer, "posterior"):  # genmod KLVAE
+            return (0.5 * tokenizer.posterior(x)[1]).exp() * tokenizer.config.scaling_factor
+        if hasattr(tokenizer, "latent_norm"):  # a diffusers AutoencoderKL (its own encode gives the distribution)
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.encode(tokenizer, x).latent_dist.std * tokenizer.latent_norm[0]
+    return None
+
+
+def sample_from_cached(tokenizer, mean: torch.Tensor, std: Optional[torch.Tensor],
+                       generator: torch.Generator) -> torch.Tensor:
+    """A posterior sample from cached normalised means (noise drawn on ``generator``'s device): ``mean + std * eps``
+    for a KL posterior; for a sigma-VAE ``normalize(mu + sigma_b * eps)`` = ``mean + scaling_factor * sigma_b * eps``,
+    the same draws as ``tokenizer.encode(x, sample=True, generator=generator)``."""
+    if std is not None:
+        eps = torch.randn(mean.shape, generator=generator, device=generator.device)
+        return mean + std * eps.to(mean.device, mean.dtype)
+    zeros = torch.zeros(mean.shape, device=generator.device, dtype=mean.dtype)
+    noise = tokenizer.add_noise(zeros, generator).to(mean.device)
+    return mean + tokenizer.config.scaling_factor * noise
 
 
 class LatentLMFamily(Family):
@@ -182,8 +226,11 @@ class LatentLMFamily(Family):
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False)
         for batch in tqdm(loader, desc="encoding latents", leave=False):
             latents = self.tokenizer.encode(batch[key])
+            std = posterior_std(self.tokenizer, batch[key]) if self.config.latent_sample else None
             for i in range(len(latents)):
                 item = {"latents": latents[i], "label": batch["label"][i]}
+                if std is not None:
+                    item["latent_std"] = std[i]
                 if "caption" in batch:
                     item["caption"] = batch["caption"][i]
                 items.append(item)
@@ -195,7 +242,9 @@ class LatentLMFamily(Family):
         if cfg.scaling_factor != 1.0 or cfg.shift_factor != 0.0:
             return
         loader = torch.utils.data.DataLoader(self.raw_dataset(), batch_size=64, shuffle=False)
-        self.tokenizer.compute_latent_stats(loader, max_batches=self.config.latent_stats_batches)
+        generator = torch.Generator().manual_seed(self.config.seed) if self.config.latent_sample else None
+        self.tokenizer.compute_latent_stats(loader, max_batches=self.config.latent_stats_batches,
+                                            sample=self.config.latent_sample, generator=generator)
 
     def data_info(self) -> dict:
         """Latent channels and grid, classes, sample rate of the dataset through the tokenizer."""
@@ -221,14 +270,19 @@ class LatentLMFamily(Family):
         num_classes = cfg.num_classes if cfg is not None else (self.data_info()["num_classes"] if self.config.condition == "class" else 0)
         return LatentLMTokenizer(num_classes, self.config.max_text_length)
 
-    def encode_batch(self, batch: dict, model) -> torch.Tensor:
-        """Normalised latent tokens ``[B, L, D]`` of a batch (cached ``latents`` or encoded inputs)."""
+    def encode_batch(self, batch: dict, model, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Normalised latent tokens ``[B, L, D]`` of a batch (cached ``latents`` or encoded inputs): posterior
+        samples drawn with ``generator`` when one is given and ``--latent_sample`` is on, else the means."""
+        sample = generator is not None and self.config.latent_sample
         if "latents" in batch:
-            return unwrap_model(model).latents_to_tokens(batch["latents"])
+            z = batch["latents"]
+            if sample:
+                z = sample_from_cached(self.tokenizer, z, batch.get("latent_std"), generator)
+            return unwrap_model(model).latents_to_tokens(z)
         x = batch[MODALITY_KEYS[self.modality]]
         self.tokenizer.to(x.device)
         with torch.no_grad():
-            z = self.tokenizer.encode(x)
+            z = self.tokenizer.encode(x, sample=True, generator=generator) if sample else self.tokenizer.encode(x)
         return unwrap_model(model).latents_to_tokens(z)
 
     # -- model, loss, sampler --------------------------------------------------------------------
@@ -241,12 +295,12 @@ class LatentLMFamily(Family):
             hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             mlp_ratio=cfg.mlp_ratio, head_width=cfg.head_width, head_depth=cfg.head_depth,
             head_mlp_ratio=cfg.head_mlp_ratio, path=cfg.path, prediction=cfg.prediction, modality=self.modality,
-            max_text_length=cfg.max_text_length,
+            max_text_length=cfg.max_text_length, rope_spacing=cfg.rope_spacing,
         )
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
         cfg = self.config
-        latents = self.encode_batch(batch, model)
+        latents = self.encode_batch(batch, model, generator)
         batch_size = latents.shape[0]
         tok = self.text_tokenizer(model)
         drop = (torch.rand(batch_size, generator=generator, device=generator.device) < cfg.cond_dropout_prob).tolist()

@@ -2,8 +2,11 @@
 
 Latents (Sun et al. 2024, Sec. 2.2 and the released ``sample_hf.py``): the decoder runs on the prompt
 once, then one latent at a time with a KV cache. For each latent the diffusion head is solved from
-noise (scaled by ``temperature``, as MAR/LatentLM do) to data with DPM-Solver++(2M) in
-``num_head_steps`` steps; classifier-free guidance runs the conditional and the null-condition
+noise to data with DPM-Solver++(2M) in ``num_head_steps`` steps. ``temperature`` is genmod's own knob:
+it scales the initial noise of that deterministic ODE solve (``x_1 = temperature * eps``), nothing else.
+The released LatentLM has no temperature; MAR's (Li et al. 2024) is a different thing, a factor on the
+per-step noise of its ancestral DDPM head sampler, which an ODE solve does not have. At 1 all agree.
+Classifier-free guidance runs the conditional and the null-condition
 sequences as one batch, both fed the same sampled latent, and mixes the head outputs
 ``u + w (c - u)`` (package convention, w = 1 is off). Text: greedy / top-k / top-p next-token
 sampling at discrete positions (captioning). ``use_kv_cache=False`` recomputes the whole sequence at
@@ -49,11 +52,11 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
 
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if do_cfg:
-            out = model.head(torch.cat([x_t, x_t]), 1000 * torch.cat([t, t]), hidden)
+            out = model.head(torch.cat([x_t, x_t]), path.network_timestep(torch.cat([t, t])), hidden)
             cond, uncond = out.chunk(2)
             out = combine_guidance(cond, uncond, guidance_scale)
         else:
-            out = model.head(x_t, 1000 * t, hidden)
+            out = model.head(x_t, path.network_timestep(t), hidden)
         if cfg.prediction != "velocity":
             out = path.convert(out, x_t, t, src=cfg.prediction, dst="velocity")
         return out

@@ -12,7 +12,7 @@ The final state ``h_i`` at position ``i`` predicts element ``i + 1``:
 
 * a discrete next element through the LM head (logits, cross-entropy), and
 * a continuous next element through the next-token diffusion head (Sec. 2.2): an adaLN MLP
-  ``DiffusionHead(x_t, 1000 t, c_i)`` conditioned on ``c_i = Linear(RMSNorm(h_i))`` (the code's
+  ``DiffusionHead(x_t, path.network_timestep(t), c_i)`` conditioned on ``c_i = Linear(RMSNorm(h_i))`` (the code's
   ``ConditionLayer``) and the timestep embedding, with SwiGLU + RMSNorm blocks as in LatentLM.
 
 Sequences may be left-padded (``key_mask``) with per-sample ``positions``, which is how prompts of
@@ -63,6 +63,8 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         path, prediction: the head's diffusion path (``genmod.core.paths``) and its output type.
         modality: ``image`` or ``audio`` (how latents map to tokens and back).
         max_text_length: longest text (bytes) the tokenizer keeps.
+        rope_base, rope_spacing: RoPE base and frequency spacing: ``llama`` (``base^(-2i/d)``, the default) or
+            ``latentlm`` (``base^(-i/(d/2-1))``, the released LatentLM's; needed to run its weights).
     """
 
     _supports_gradient_checkpointing = True  # decoder blocks through genmod.nn.checkpoint_block
@@ -90,6 +92,7 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         modality: str = "image",
         max_text_length: int = 64,
         attention_backend: str = "sdpa",
+        rope_spacing: str = "llama",
     ):
         super().__init__()
         self.gradient_checkpointing = False
@@ -97,6 +100,8 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"prediction: expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         if modality not in ("image", "audio"):
             raise ValueError(f"modality: expected 'image' or 'audio', got {modality!r}")
+        if rope_spacing not in ("llama", "latentlm"):
+            raise ValueError(f"rope_spacing: expected 'llama' or 'latentlm', got {rope_spacing!r}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"num_heads: hidden_size {hidden_size} / num_heads {num_heads} must be an even integer")
         patches_fit = modality == "image" and not any(int(s) % latent_patch_size for s in latent_grid)
@@ -200,7 +205,8 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
         past = len(kv_caches[0]) if kv_caches else 0
         if positions is None:
             positions = torch.arange(past, past + length, device=tokens.device)
-        cos, sin = rope_frequencies(positions, self.head_dim, base=self.config.rope_base)
+        cos, sin = rope_frequencies(positions, self.head_dim, base=self.config.rope_base,
+                                    spacing=self.config.rope_spacing)
         mask = None
         if key_mask is not None:
             if key_mask.shape != (batch, past + length):
@@ -227,5 +233,6 @@ class LatentLMTransformer(ModelMixin, ConfigMixin):
     # -- diffusion head ------------------------------------------------------------------------------
     def head(self, x_t: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """The next-token diffusion head's output (``prediction`` type) for noisy ``x_t [..., D]`` at
-        ``timestep = 1000 t [...]``, conditioned on decoder states ``hidden [..., C]``."""
+        ``timestep = path.network_timestep(t) [...]`` (``1000 t``; the DDPM step n on ``ddpm_*`` paths),
+        conditioned on decoder states ``hidden [..., C]``."""
         return self.diffusion_head(x_t, timestep, self.condition(hidden))

@@ -160,15 +160,20 @@ def sincos_3d(grid_t: int, grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
 
 
 def rope_frequencies(
-    positions: torch.Tensor, head_dim: int, base: float = 10000.0, axes_dims: Sequence[int] | None = None
+    positions: torch.Tensor, head_dim: int, base: float = 10000.0, axes_dims: Sequence[int] | None = None,
+    spacing: str = "llama",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cos and sin tables ``[..., N, head_dim / 2]`` for ``apply_rope``.
 
     1D (``axes_dims=None``): ``positions`` is ``[N]`` or ``[B, N]``; pair ``i`` turns by
-    ``pos * base^(-2i / head_dim)``. N-D: ``positions`` is ``[..., N, A]`` (e.g. from
+    ``pos * base^(-2i / head_dim)`` (``spacing="llama"``, RoFormer / LLaMA) or ``pos * base^(-i / (head_dim/2 - 1))``
+    (``spacing="latentlm"``: the exponents span [0, 1] evenly, as the released LatentLM's ``build_rel_pos``; the
+    slowest pair turns by exactly ``pos / base``). N-D: ``positions`` is ``[..., N, A]`` (e.g. from
     ``grid_positions``: (row, col) or (t, row, col)) and ``axes_dims`` (A even parts summing to
     ``head_dim``) gives each axis its own share of the pairs, rotated by that axis' position.
     """
+    if spacing not in ("llama", "latentlm"):
+        raise ValueError(f"spacing: expected 'llama' or 'latentlm', got {spacing!r}")
     positions = positions.to(torch.float64)
     if axes_dims is None:
         axes_dims, positions = [head_dim], positions.unsqueeze(-1)
@@ -179,7 +184,8 @@ def rope_frequencies(
         raise ValueError(f"positions: expected [..., N, {len(axes_dims)}] for {len(axes_dims)} axes, got {tuple(positions.shape)}")
     angles = []
     for axis, d in enumerate(axes_dims):
-        inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
+        pairs = torch.arange(d // 2, dtype=torch.float64, device=positions.device)
+        inv_freq = base ** (-2 * pairs / d if spacing == "llama" else -pairs / max(d // 2 - 1, 1))
         angles.append(positions[..., axis : axis + 1] * inv_freq)
     angle = torch.cat(angles, dim=-1)
     return angle.cos().float(), angle.sin().float()

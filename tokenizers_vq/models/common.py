@@ -87,11 +87,17 @@ class LatentNormMixin:
     def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.config.scaling_factor + self.config.shift_factor
 
+    def _raw_sample(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """An un-normalised posterior sample (the tokenizer's ``encode(x, sample=True)`` with the norm undone)."""
+        return self.denormalize_latents(self.encode(x, sample=True, generator=generator))
+
     @torch.no_grad()
-    def compute_latent_stats(self, dataloader: Iterable, max_batches: Optional[int] = None) -> dict:
-        """Global mean / std of the raw (deterministic) latents over ``dataloader``; stores
-        ``shift_factor = mean`` and ``scaling_factor = 1 / std`` in the config so that
-        :meth:`encode` returns latents with mean 0 and std 1 on that data."""
+    def compute_latent_stats(self, dataloader: Iterable, max_batches: Optional[int] = None, sample: bool = False,
+                             generator: Optional[torch.Generator] = None) -> dict:
+        """Global mean / std of the raw latents over ``dataloader``: the deterministic ones, or with ``sample=True``
+        posterior samples (``encode(x, sample=True)``; LatentLM takes its statistics from sigma-VAE samples);
+        stores ``shift_factor = mean`` and ``scaling_factor = 1 / std`` in the config so that :meth:`encode`
+        returns latents with mean 0 and std 1 on that data."""
         was_training = self.training
         self.eval()
         total = total_sq = 0.0
@@ -100,7 +106,8 @@ class LatentNormMixin:
         for i, batch in enumerate(tqdm(dataloader, desc="latent stats", leave=False)):
             if max_batches is not None and i >= max_batches:
                 break
-            z = self.encode_raw(batch_input(batch, self.config.modality).to(device)).double()
+            x = batch_input(batch, self.config.modality).to(device)
+            z = (self._raw_sample(x, generator) if sample else self.encode_raw(x)).double()
             total += z.sum().item()
             total_sq += z.pow(2).sum().item()
             count += z.numel()

@@ -5,7 +5,8 @@ The encoder predicts the mean ``mu`` only. During training a per-sample scalar n
 ``sigma ~ N(0, (C_sigma / 0.8)^2)`` (its sign is irrelevant, ``|N|`` in the paper's notation) multiplies
 ``eps ~ N(0, I)``: ``z = mu + sigma * eps``. Because sigma is fixed rather than learned, the latent keeps
 variance (no variance collapse) for autoregressive next-token diffusion. The regulariser is the L2 pull
-``mean_l2_weight * mean(mu^2)``. At evaluation the latent is ``mu`` (deterministic).
+``mean_l2_weight * mean(mu^2)``. At evaluation the latent is ``mu`` (deterministic); ``encode(x, sample=True)``
+gives the noisy sample (what LatentLM's language model is trained on).
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ class SigmaVAE(ModelMixin, ConfigMixin, LatentNormMixin):
         return self.encoder(x)
 
     @apply_forward_hook
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic normalised latent (``mu``)."""
-        return self.normalize_latents(self.encoder(x))
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Normalised latent: ``mu`` (``sample=False``), or the training-time sample ``mu + sigma_b * eps``
+        (one sigma per item, :meth:`add_noise`), which LatentLM's language model trains on."""
+        mu = self.encoder(x)
+        return self.normalize_latents(self.add_noise(mu, generator) if sample else mu)
 
     @apply_forward_hook
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
