@@ -207,7 +207,8 @@ def test_verify_reports_each_checkpoint_latest_and_pipeline(tmp_path, capsys, pi
     root = tmp_path / "checkpoints"
     assert code == 0 and lines == []
     assert out.splitlines() == [f"{_step(tmp_path, 2)}: ok", f"{_step(tmp_path, 4)}: ok",
-                                f"{root / 'latest'}: names step-00000004", f"{tmp_path / 'pipeline'}: ok"]
+                                f"{root / 'latest'}: names step-00000004", f"{tmp_path / 'final_model'}: ok",
+                                f"{tmp_path / 'pipeline'}: ok (no manifest: structure checked)"]
     (_step(tmp_path, 2) / "training_state.pt").write_bytes(b"x")
     (tmp_path / "pipeline" / "transformer" / "config.json").write_text("{not json")
     code, _, out = run_cli(capsys, "verify", tmp_path)
@@ -216,7 +217,8 @@ def test_verify_reports_each_checkpoint_latest_and_pipeline(tmp_path, capsys, pi
                                    "(training_state.pt has 1 bytes, the manifest says "
                                    f"{os.path.getsize(_step(tmp_path, 4) / 'training_state.pt')})")
     assert out.splitlines()[1:3] == [f"{_step(tmp_path, 4)}: ok", f"{root / 'latest'}: names step-00000004"]
-    assert out.splitlines()[3] == f"{tmp_path / 'pipeline'}: BROKEN: {tmp_path / 'pipeline' / 'transformer' / 'config.json'}: invalid JSON"
+    assert out.splitlines()[4].startswith(f"{tmp_path / 'pipeline'}: BROKEN: "
+                                          f"{tmp_path / 'pipeline' / 'transformer' / 'config.json'}: invalid JSON (")
     assert_one_line_error(capsys, ["verify", tmp_path / "nowhere"], "genmod verify: error:", "no such run folder")
 
 

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from genmod.core.files import atomic_dir
+from genmod.core.files import atomic_dir, check_safetensors
 
 HUB_PREFIX = "hub:"
 
@@ -75,6 +75,7 @@ def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dic
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        check_safetensors(path)  # truncated or foreign: one line naming the file
         state = load_file(path)
     else:
         try:
@@ -110,4 +111,4 @@ def check_keys(path: str, kind: str, expected: Iterable[str], found: Iterable[st
 def atomic_output(out: str):
     """The folder ``--out`` written through a staging folder beside it (:func:`genmod.core.files.atomic_dir`):
     it replaces ``out`` only when the import finished, so nothing half-written stays."""
-    return atomic_dir(out, replace=True)
+    return atomic_dir(out, replace=True, manifest=True)

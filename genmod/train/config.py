@@ -117,10 +117,16 @@ class TrainConfig:
         for name in ("dataset_size", "resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dataset_size is not None and self.dataset_size > MAX_DATASET_SIZE:
+            raise ConfigError(f"--dataset_size: must be <= {MAX_DATASET_SIZE} (built-in datasets draw every item up "
+                              f"front, ~9 s per 100000), got {self.dataset_size}")
         for name in ("dataset", "resume", "init_weights"):
             value = getattr(self, name)
             if value is not None and (not value.strip() or "\x00" in value):
                 raise ConfigError(f"--{name}: must be a name or path, got {value!r}")
+
+
+MAX_DATASET_SIZE = 1_000_000  # --dataset_size cap (issue 15: 1e30 used to build forever)
 
 
 def check_finite(config) -> None:
