@@ -147,8 +147,6 @@ def check_eval_arguments(args, metrics) -> None:
     nearest neighbours, a known dataset, existing feature-net / Inception files, a writable ``--out``."""
     from genmod.core.arguments import check_count, check_finite
     from genmod.core.files import check_output_path
-    from genmod.data import check_dataset_name
-
     for steps in _as_list(getattr(args, "num_inference_steps", None)):
         check_count("--num-inference-steps/--steps", steps)
     for scale in _as_list(getattr(args, "guidance_scale", None)):
@@ -156,11 +154,8 @@ def check_eval_arguments(args, metrics) -> None:
     check_count("--batch-size", getattr(args, "batch_size", None))
     needed = max([1] + [NEIGHBOURS[m] for m in metrics if m in NEIGHBOURS]) + 1
     check_count(f"--num-samples (the metrics {','.join(metrics)} need)", getattr(args, "num_samples", None), needed)
-    if args.dataset is not None:
-        try:
-            check_dataset_name(args.dataset)
-        except ValueError as err:
-            raise ValueError(f"--dataset: {err}") from None
+    if args.dataset is not None and not args.dataset.strip():  # other names: a dataset or a registered feature net
+        raise ValueError(f"--dataset: must be a dataset name, got {args.dataset!r}")
     for flag, path in (("--feature-net", args.feature_net), ("--inception-weights", args.inception_weights)):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"{flag}: no such file or folder {path!r}")

@@ -98,7 +98,7 @@ def load_model_folder(folder: str, load, config: str = "config.json", weights: b
     if weights and not check_weights_folder(folder):
         raise CorruptFileError(f"{folder}: no .safetensors weights")
     try:
-        return load()
+        model = load()
     except (OSError, RuntimeError, TypeError, ValueError, KeyError, AttributeError, NotImplementedError) as err:
         if isinstance(err, (CorruptFileError, OutputPathError)):
             raise
@@ -106,6 +106,17 @@ def load_model_folder(folder: str, load, config: str = "config.json", weights: b
         if isinstance(err, NotImplementedError) and "meta tensor" in detail:
             detail = "its weights do not fit its config.json (tensors missing or foreign)"
         raise CorruptFileError(f"{folder}: cannot be loaded ({type(err).__name__}: {detail})") from None
+    check_no_missing_weights(model, folder)
+    return model
+
+
+def check_no_missing_weights(model, folder: str) -> None:
+    """diffusers leaves the tensors a weights file lacks on the meta device (a foreign or partial file): one line."""
+    state = model.state_dict() if hasattr(model, "state_dict") and callable(model.state_dict) else {}
+    missing = [key for key, value in state.items() if getattr(value, "is_meta", False)]
+    if missing:
+        raise CorruptFileError(f"{folder}: its weights lack {len(missing)} tensors of the model its config.json "
+                               f"describes (e.g. {missing[0]!r}); a foreign or partial file")
 
 
 def file_sha256(path: str) -> str:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from genmod.core.files import CorruptFileError, check_weights_folder, load_model_folder, read_json_object
+from genmod.core.files import (CorruptFileError, check_no_missing_weights, check_weights_folder, load_model_folder,
+                               read_json_object)
 
 TRUSTED_PREFIXES = ("genmod.",)
 # Before the namespace move these packages installed at the top level; folders saved then name e.g.
@@ -68,25 +69,33 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
     from genmod.pipelines import PIPELINE_MODULES
 
     path = os.fspath(path)
-    index = _import_named_components(path)
     index_file = os.path.join(path, "model_index.json")
-    if str(index.get("_class_name")) not in PIPELINE_MODULES:
+    exported = isinstance(read_json_object(index_file).get("_class_name"), list)  # genmod export-diffusers output
+    index = read_json_object(index_file) if exported else _import_named_components(path)
+    if exported:
+        _check_code_file(path, index_file, "_class_name", index["_class_name"][0])
+    elif str(index.get("_class_name")) not in PIPELINE_MODULES:
         raise CorruptFileError(f"{index_file}: unknown pipeline class {index.get('_class_name')!r}")
     for name, (library, class_name) in _components(index):
+        if exported and library.startswith(EXPORTED_PREFIX):  # its code ships in the folder; never imported here
+            _check_code_file(os.path.join(path, name), index_file, name, library)
+            library, class_name = None, None
         _check_component(path, index_file, name, library, class_name)
     return index
 
 
-def _check_component(path: str, index_file: str, name: str, library: str, class_name: str) -> None:
-    if not library.startswith(TRUSTED_PREFIXES + tuple(LEGACY_PREFIXES)) and library not in OTHER_LIBRARIES:
-        raise CorruptFileError(f"{index_file}: component {name!r} names library {library!r}, which genmod does not load")
-    try:
-        module = sys.modules.get(library) or importlib.import_module(library)
-        found = getattr(module, class_name, None)
-    except ImportError:
-        found = None
-    if not isinstance(found, type):
-        raise CorruptFileError(f"{index_file}: component {name!r} names class {class_name!r}, which {library} lacks")
+EXPORTED_PREFIX = "gm_"  # module files written by genmod export-diffusers
+
+
+def _check_code_file(folder: str, index_file: str, name: str, module) -> None:
+    if not isinstance(module, str) or not os.path.isfile(os.path.join(folder, f"{module}.py")):
+        raise CorruptFileError(f"{index_file}: {name!r} names code {module!r}, which is not in {folder}")
+
+
+def _check_component(path: str, index_file: str, name: str, library, class_name) -> None:
+    """A component's library and class (``library=None``: code shipped in the folder) and its files."""
+    if library is not None:
+        _check_component_class(index_file, name, library, class_name)
     folder = os.path.join(path, name)
     if not os.path.isdir(folder):
         raise CorruptFileError(f"{folder}: missing (model_index.json names component {name!r})")
@@ -98,14 +107,22 @@ def _check_component(path: str, index_file: str, name: str, library: str, class_
         raise CorruptFileError(f"{folder}: no .safetensors weights")
 
 
+def _check_component_class(index_file: str, name: str, library: str, class_name: str) -> None:
+    if not library.startswith(TRUSTED_PREFIXES + tuple(LEGACY_PREFIXES)) and library not in OTHER_LIBRARIES:
+        raise CorruptFileError(f"{index_file}: component {name!r} names library {library!r}, which genmod does not load")
+    try:
+        module = sys.modules.get(library) or importlib.import_module(library)
+        found = getattr(module, class_name, None)
+    except ImportError:
+        found = None
+    if not isinstance(found, type):
+        raise CorruptFileError(f"{index_file}: component {name!r} names class {class_name!r}, which {library} lacks")
+
+
 def _check_no_missing_weights(pipe, path: str) -> None:
-    """diffusers leaves tensors a weights file lacks on the meta device (a foreign or partial file): one line."""
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            missing = [key for key, value in component.state_dict().items() if value.is_meta]
-            if missing:
-                raise CorruptFileError(f"{os.path.join(path, name)}: its weights lack {len(missing)} tensors of the "
-                                       f"model its config.json describes (e.g. {missing[0]!r}); a foreign or partial file")
+            check_no_missing_weights(component, os.path.join(path, name))
 
 
 class GenmodPipeline(DiffusionPipeline):
