@@ -81,10 +81,10 @@ def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dic
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ImportError_(f"{path}: refused: unpickling it would execute code ({str(err).splitlines()[0][:120]}); "
+            raise ImportError_(f"{path}: refused: unpickling it would execute code ({_first_line(err)}); "
                                f"only weights-only checkpoints are read") from None
         except Exception as err:
-            raise ImportError_(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+            raise ImportError_(f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)})") from None
     keys = [key] if isinstance(key, str) else list(key or [])
     for name in keys:
         if isinstance(state, dict) and isinstance(state.get(name), dict):
@@ -94,6 +94,11 @@ def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dic
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
         raise ImportError_(f"{path}: expected a state dict of tensors (under one of {keys or 'the top level'}), found {found}")
     return state
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error's message (at most 120 characters; empty messages stay empty)."""
+    return (str(err).strip().splitlines() or [""])[0][:120]
 
 
 def check_keys(path: str, kind: str, expected: Iterable[str], found: Iterable[str], guess: Optional[str] = None) -> None:

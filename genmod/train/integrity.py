@@ -54,12 +54,14 @@ def _checkpoint_lines(run_dir: str) -> list[tuple[bool, str]]:
         try:
             find_checkpoint(run_dir, path)  # required files, then every file against the manifest
         except CheckpointError as err:
-            lines.append((False, f"{path}: BROKEN: {str(err).splitlines()[0]}"))
+            lines.append((False, f"{path}: BROKEN: {(str(err).splitlines() or [''])[0]}"))
             continue
         verified = os.path.isfile(os.path.join(path, MANIFEST))
         lines.append((True, f"{path}: ok" if verified else f"{path}: unverified (no manifest: written before "
                                                                    "manifests; its weights are well formed)"))
     latest = os.path.join(checkpoints_root(run_dir), "latest")
+    if lines and not os.path.isfile(latest):
+        lines.append((False, f"{latest}: BROKEN: missing (--resume latest takes the newest intact checkpoint)"))
     if os.path.isfile(latest):
         step = _latest_step(run_dir)
         names = {os.path.basename(path) for _, path in list_checkpoints(run_dir)}
@@ -81,7 +83,7 @@ def _model_folder_line(folder: str) -> tuple[bool, str]:
             check_weights_folder(folder)
         problems = verify_manifest(folder) if os.path.isfile(os.path.join(folder, MANIFEST)) else None
     except (CorruptFileError, OSError) as err:
-        return False, f"{folder}: BROKEN: {str(err).splitlines()[0]}"
+        return False, f"{folder}: BROKEN: {(str(err).splitlines() or [''])[0]}"
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         return False, f"{folder}: BROKEN: " + "; ".join(problems[:3]) + more
