@@ -107,7 +107,7 @@ CONFIG_KEYS = ["hidden_size", "depth", "num_heads", "patch_size", "in_channels",
 SCHEDULER_KEYS = ["solver", "shift", "num_train_timesteps", "path", "prediction_type", "no_such_key"]
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_fuzz_pipeline_folders(capsys, pipe_dir, tmp_path_factory, bounded_sampling, data):
     root = tmp_path_factory.mktemp("pipes")
@@ -117,7 +117,7 @@ def test_fuzz_pipeline_folders(capsys, pipe_dir, tmp_path_factory, bounded_sampl
     for how in hows:
         try:
             damage_pipeline(folder, how, root)
-        except (OSError, ValueError, TypeError):  # an earlier damage removed or garbled that file: nothing to add
+        except Exception:  # noqa: BLE001 - an earlier damage removed or garbled that file: nothing to add
             pass
     edits = data.draw(st.lists(st.tuples(st.sampled_from(CONFIG_KEYS + SCHEDULER_KEYS), st.sampled_from(JSON_VALUES)),
                                max_size=2))
@@ -163,7 +163,7 @@ def other_checkpoints(tmp_path_factory, pipe_dir):
 CHECKPOINT_DAMAGE = RUN_DAMAGE + ("other-config", "other-family")
 
 
-@fuzz(25)
+@fuzz(50)
 @given(data=st.data())
 def test_fuzz_training_checkpoints(straight_run, other_checkpoints, tmp_path_factory, caplog, data):
     """Damage up to two files of the toy run's checkpoints (cut, emptied, flipped, removed, garbage, or the model
@@ -227,7 +227,7 @@ KEYS = ["lr", "max_steps", "depth", "num_heads", "hidden_size", "width", "num_fr
         "scales", "tokenizer", "schedule", "solver", "dataset", "dataset_size", "resume", "no_such_field", "_config_class"]
 
 
-@fuzz(40)
+@fuzz(80)
 @given(family=st.sampled_from(sorted(FAMILIES)),
        config=st.dictionaries(st.sampled_from(KEYS), st.sampled_from(JSON_VALUES + [1e30, 10**30, "latest"]), max_size=4)
        | st.sampled_from(JSON_VALUES),
@@ -271,7 +271,7 @@ IMAGE_KINDS = ["rgb", "grey", "rgba", "tiny", "wide", "16bit", "palette", "cmyk-
 GOOD_IMAGES = {"rgb", "grey", "rgba", "tiny", "wide", "16bit", "palette", "cmyk-jpeg"}
 
 
-@fuzz(40)
+@fuzz(80)
 @given(kinds=st.lists(st.sampled_from(IMAGE_KINDS), min_size=0, max_size=4), on_error=st.sampled_from(["raise", "skip"]),
        channels=st.sampled_from(["1", "3"]))
 def test_fuzz_image_folders(capsys, tmp_path_factory, kinds, on_error, channels):
@@ -306,7 +306,7 @@ def _audio_file(path, kind: str, rng) -> None:
 AUDIO_KINDS = ["pcm16", "float", "pcm8", "stereo", "8khz", "silent-empty", "cut", "zero-byte", "garbage"]
 
 
-@fuzz(30)
+@fuzz(60)
 @given(kinds=st.lists(st.sampled_from(AUDIO_KINDS), min_size=1, max_size=4), on_error=st.sampled_from(["raise", "skip"]),
        duration=st.sampled_from(["0", "0.05", "1"]))
 def test_fuzz_audio_folders(capsys, tmp_path_factory, kinds, on_error, duration):
@@ -361,7 +361,7 @@ def _damage_cache(folder, name: str, how: str) -> None:
         damage_file(folder / name, how)
 
 
-@fuzz(30)
+@fuzz(60)
 @given(data=st.data())
 def test_fuzz_tokenizer_caches(token_cache, tmp_path_factory, data):
     from genmod.tokenizers_vq.cache import CachedLatentDataset

@@ -74,7 +74,7 @@ def stop_before_metrics(monkeypatch):
     monkeypatch.setattr(cli, "held_out_report", stop)
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_fuzz_eval(capsys, pipe_dir, places, tmp_path_factory, stop_before_metrics, data):
     fresh = tmp_path_factory.mktemp("eval") / "out"
@@ -172,7 +172,7 @@ def stop_at_metrics(monkeypatch):
     monkeypatch.setattr(report, "evaluate_images", stop)
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_fuzz_eval_folder(capsys, folders, places, tmp_path_factory, stop_at_metrics, data):
     names = sorted(folders)
@@ -262,7 +262,7 @@ TOKENIZER_TEXT = ["--dataset", "--split", "--device"]
 TOKENIZER_NAMES = ["shapes", "tones", "oscillators", "moving_shapes", "test", "train", "cpu", "cuda", "meta", "cuda:7"]
 
 
-@fuzz(30)
+@fuzz(60)
 @given(data=st.data())
 def test_fuzz_eval_tokenizer(capsys, tokenizers, places, tmp_path_factory, small_datasets, data):
     variant = data.draw(st.just("intact") | st.sampled_from(sorted(tokenizers)))
@@ -276,7 +276,7 @@ def test_fuzz_eval_tokenizer(capsys, tokenizers, places, tmp_path_factory, small
         assert code == 2  # a broken tokenizer folder never evaluates
 
 
-@fuzz(30)
+@fuzz(60)
 @given(data=st.data())
 def test_fuzz_tokenize(capsys, tokenizers, places, tmp_path_factory, small_datasets, data):
     variant = data.draw(st.just("intact") | st.sampled_from(sorted(tokenizers)))
@@ -327,7 +327,7 @@ def checkpoints(tmp_path_factory):
     return root, files
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_fuzz_import(capsys, checkpoints, places, tmp_path_factory, data):
     root, files = checkpoints
@@ -349,7 +349,7 @@ def test_fuzz_import(capsys, checkpoints, places, tmp_path_factory, data):
 # genmod export-diffusers and genmod verify on damaged pipeline folders
 
 
-@fuzz(25)
+@fuzz(50)
 @given(data=st.data())
 def test_fuzz_export_diffusers(capsys, damaged_pipelines, places, tmp_path_factory, data):
     name = data.draw(st.sampled_from(sorted(damaged_pipelines)))
@@ -393,7 +393,7 @@ def damaged_pipelines(pipe_dir, tmp_path_factory):
     return folders
 
 
-@fuzz(20)
+@fuzz(40)
 @given(data=st.data())
 def test_fuzz_verify(capsys, toy_run, tmp_path_factory, data):
     """``genmod verify`` on a run with files cut, removed or changed: exit 2 with a BROKEN line for the part
@@ -422,7 +422,7 @@ def test_fuzz_verify(capsys, toy_run, tmp_path_factory, data):
 # genmod make-shards / make-speech-digits / demo
 
 
-@fuzz(30)
+@fuzz(60)
 @given(data=st.data())
 def test_fuzz_make_shards(capsys, folders, places, tmp_path_factory, data):
     source = data.draw(st.sampled_from(sorted(k for k in folders if not k.endswith(".npz"))))
@@ -447,7 +447,7 @@ def stop_before_espeak(monkeypatch):
     monkeypatch.setattr(speech_digits, "espeak_binary", stop)
 
 
-@fuzz(25)
+@fuzz(50)
 @given(data=st.data())
 def test_fuzz_make_speech_digits(capsys, places, tmp_path_factory, stop_before_espeak, data):
     pairs = data.draw(flag_values(["--num", "--seed", "--sample-rate", "--test-fraction", "--workers"], []))
@@ -470,7 +470,7 @@ def stop_at_trainer(monkeypatch):
     monkeypatch.setattr(train, "Trainer", Stop)
 
 
-@fuzz(25)
+@fuzz(50)
 @given(data=st.data())
 def test_fuzz_demo(capsys, places, tmp_path_factory, stop_at_trainer, data):
     pairs = data.draw(flag_values(["--max-steps", "--num-eval", "--num-inference-steps", "--guidance-scale"], []))
@@ -499,7 +499,7 @@ COMMON_NUMERIC = ["--lr", "--max_steps", "--batch_size", "--dataset_size", "--em
 COMMON_TEXT = ["--dataset", "--resume", "--init_weights", "--output_dir"]
 
 
-@fuzz(50)
+@fuzz(100)
 @given(data=st.data())
 def test_fuzz_train_other_families(capsys, tmp_path_factory, bounded_training, data):
     family = data.draw(st.sampled_from(sorted(FAMILY_FLAGS)))
