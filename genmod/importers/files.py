@@ -84,7 +84,8 @@ def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dic
             raise ImportError_(f"{path}: refused: unpickling it would execute code ({_first_line(err)}); "
                                f"only weights-only checkpoints are read") from None
         except Exception as err:
-            raise ImportError_(f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+            detail = f"{type(err).__name__}: {_first_line(err)}" if _first_line(err) else f"{type(err).__name__}, empty or cut file"
+            raise ImportError_(f"{path}: not a readable checkpoint ({detail})") from None
     keys = [key] if isinstance(key, str) else list(key or [])
     for name in keys:
         if isinstance(state, dict) and isinstance(state.get(name), dict):
