@@ -13,12 +13,16 @@ import os
 
 import torch
 
+from genmod.core.arguments import check_name
+from genmod.core.files import check_output_path
 from genmod.evals.generator_adapter import generate_samples, pipeline_sampler
 from genmod.evals.held_out import held_out_report, pipeline_num_classes
 from genmod.evals.report import (DEFAULT_METRICS, eval_folders, evaluate_images, markdown_table, plot_sweep, real_floor,
                                  resolve_spaces, versions, write_report)
 
 METRIC_CHOICES = ("fid", "isc", "kid", "prc", "pppr", "dc")
+# nearest-neighbour metrics need more samples than their k (torch-fidelity prc k=3, P-precision k=4, D/C k=5)
+NEIGHBOURS = {"prc": 3, "pppr": 4, "dc": 5}
 
 
 def load_pipeline_for_eval(path: str):
@@ -45,8 +49,10 @@ def dataset_of(path: str) -> str | None:
     for _ in range(4):
         config = os.path.join(folder, "train_config.json")
         if os.path.isfile(config):
-            with open(config) as f:
-                return json.load(f).get("dataset")
+            from genmod.core.files import read_json_object
+
+            dataset = read_json_object(config).get("dataset")
+            return dataset if isinstance(dataset, str) else None
         folder = os.path.dirname(folder)
     return None
 
@@ -124,10 +130,37 @@ def _numbers(cast):
         try:
             values = [cast(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}") from None
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}")
         return values if len(values) > 1 else values[0]
 
     return parse
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_eval_arguments(args, metrics) -> None:
+    """One-line errors before anything loads: counts, finite guidance, enough samples for the metrics'
+    nearest neighbours, a known dataset, existing feature-net / Inception files, a writable ``--out``."""
+    from genmod.core.arguments import check_count, check_finite
+    from genmod.core.files import check_output_path
+    for steps in _as_list(getattr(args, "num_inference_steps", None)):
+        check_count("--num-inference-steps/--steps", steps)
+    for scale in _as_list(getattr(args, "guidance_scale", None)):
+        check_finite("--guidance-scale/--guidance", scale)
+    check_count("--batch-size", getattr(args, "batch_size", None))
+    needed = max([1] + [NEIGHBOURS[m] for m in metrics if m in NEIGHBOURS]) + 1
+    check_count(f"--num-samples (the metrics {','.join(metrics)} need)", getattr(args, "num_samples", None), needed)
+    if args.dataset is not None and not args.dataset.strip():  # other names: a dataset or a registered feature net
+        raise ValueError(f"--dataset: must be a dataset name, got {args.dataset!r}")
+    for flag, path in (("--feature-net", args.feature_net), ("--inception-weights", args.inception_weights)):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag}: no such file or folder {path!r}")
+    if args.out is not None:
+        check_output_path(args.out, folder=True)
 
 
 def main_eval(argv: list[str] | None = None) -> int:
@@ -157,6 +190,10 @@ def main_eval(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2")
+    if not os.path.exists(args.path):
+        raise FileNotFoundError(f"{args.path}: no such checkpoint or pipeline folder")
+    check_eval_arguments(args, [] if args.held_out else args.metrics)
+    check_output_path(args.out or os.path.join(args.path, "eval"), folder=True)
     if args.held_out:
         return _main_held_out(args)
     report = eval_pipeline(args.path, args.metrics, args.num_samples, args.num_inference_steps, args.guidance_scale,
@@ -182,6 +219,9 @@ def main_eval_folder(argv: list[str] | None = None) -> int:
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--real-cache-name", default=None, help="cache the real set's features under this name")
     args = parser.parse_args(argv)
+    check_eval_arguments(args, args.metrics)
+    if args.real_cache_name is not None:
+        check_name("--real-cache-name", args.real_cache_name)
     report = eval_folders(args.generated, args.real, args.metrics, features=args.features, dataset=args.dataset,
                           out_dir=args.out, feature_net_path=args.feature_net, inception_weights=args.inception_weights,
                           real_cache=args.real_cache_name)

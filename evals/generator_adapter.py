@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from typing import Callable, Optional
 
 import numpy as np
@@ -247,11 +248,19 @@ def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None
     """Read an ADM-style ``.npz``: uint8 ``(N, C, H, W)`` images and labels (None if absent)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such .npz file")
-    with np.load(path, allow_pickle=False) as data:
-        if "arr_0" not in data:
-            raise ValueError(f"{path}: field arr_0 (uint8 NHWC images) is missing")
-        images = data["arr_0"]
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"{path}: arr_0 must be uint8 NHWC, got {images.dtype} with shape {images.shape}")
-        labels = torch.from_numpy(data["arr_1"]).long() if "arr_1" in data else None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"{path}: field arr_0 (uint8 NHWC images) is missing")
+            images = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in data else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable .npz of images ({type(err).__name__}: {str(err)[:120]})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got {images.dtype} with shape {images.shape}")
+    if labels is not None and (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"{path}: arr_1 must hold one integer label per image, got {labels.dtype} {labels.shape}")
+    labels = torch.from_numpy(labels).long() if labels is not None else None
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels

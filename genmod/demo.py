@@ -49,8 +49,18 @@ def demo_config(args):
     return config
 
 
+def _check_arguments(args) -> None:
+    """One-line errors before training: ``--num-eval`` within the held-out set, a writable ``--out``."""
+    from genmod.core.arguments import check_count
+    from genmod.core.files import check_output_path
+
+    check_count("--num-eval", args.num_eval, 2, 50000)  # the held-out pair draws 2 N shapes test images
+    check_output_path(args.out, folder=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_arguments(args)
     from genmod.flow.family import FlowFamily
     from genmod.pipelines import load_pipeline
     from genmod.train import Trainer

@@ -207,7 +207,8 @@ def test_verify_reports_each_checkpoint_latest_and_pipeline(tmp_path, capsys, pi
     root = tmp_path / "checkpoints"
     assert code == 0 and lines == []
     assert out.splitlines() == [f"{_step(tmp_path, 2)}: ok", f"{_step(tmp_path, 4)}: ok",
-                                f"{root / 'latest'}: names step-00000004", f"{tmp_path / 'pipeline'}: ok"]
+                                f"{root / 'latest'}: names step-00000004", f"{tmp_path / 'final_model'}: ok",
+                                f"{tmp_path / 'pipeline'}: ok (no manifest: structure checked)"]
     (_step(tmp_path, 2) / "training_state.pt").write_bytes(b"x")
     (tmp_path / "pipeline" / "transformer" / "config.json").write_text("{not json")
     code, _, out = run_cli(capsys, "verify", tmp_path)
@@ -216,7 +217,8 @@ def test_verify_reports_each_checkpoint_latest_and_pipeline(tmp_path, capsys, pi
                                    "(training_state.pt has 1 bytes, the manifest says "
                                    f"{os.path.getsize(_step(tmp_path, 4) / 'training_state.pt')})")
     assert out.splitlines()[1:3] == [f"{_step(tmp_path, 4)}: ok", f"{root / 'latest'}: names step-00000004"]
-    assert out.splitlines()[3] == f"{tmp_path / 'pipeline'}: BROKEN: {tmp_path / 'pipeline' / 'transformer' / 'config.json'}: invalid JSON"
+    assert out.splitlines()[4].startswith(f"{tmp_path / 'pipeline'}: BROKEN: "
+                                          f"{tmp_path / 'pipeline' / 'transformer' / 'config.json'}: invalid JSON (")
     assert_one_line_error(capsys, ["verify", tmp_path / "nowhere"], "genmod verify: error:", "no such run folder")
 
 
@@ -263,3 +265,105 @@ def test_second_trainer_into_a_busy_folder_is_refused_and_a_stale_lock_taken_ove
                for r in caplog.records)
     assert not lock.exists()  # released when the run ended
     assert [m["step"] for m in __import__("genmod.train", fromlist=["read_metrics"]).read_metrics(tmp_path)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint faults: where each one resumes from, with the uninterrupted run's losses (docs/RESULTS.md table)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside the writer (nothing of the writer's own cleanup runs)."""
+
+
+def _fail_at(name, error):
+    """A ``genmod.train.checkpoint`` function replaced so that the step-4 checkpoint write fails inside it:
+    the real function runs first when it writes files (a half-written checkpoint), then ``error`` is raised."""
+    import genmod.train.checkpoint as checkpoint
+
+    real = getattr(checkpoint, name)
+
+    def fail(*args, **kwargs):
+        text = " ".join(str(a) for a in args)
+        if "step-00000004" in text or (name == "_save_model" and "tmp-step-00000004" in text):
+            if name in ("_save_model", "write_manifest"):
+                real(*args, **kwargs)
+            raise error
+        return real(*args, **kwargs)
+
+    return checkpoint, name, fail
+
+
+WRITE_FAULTS = {  # fault -> the checkpoint --resume latest continues from
+    "killed while writing model/ (its weights half on disk)": ("_save_model", Killed(), 2),
+    "killed after the manifest, before the fsync and rename": ("write_manifest", Killed(), 2),
+    "killed after the rename, before latest is updated": ("_atomic_write_text", Killed(), 2),
+    "disk full (OSError ENOSPC) while writing model/": ("_save_model", OSError(28, "No space left on device"), 2),
+    "OSError EIO in the fsync before the rename": ("_fsync_tree", OSError(5, "Input/output error"), 2),
+    "disk full while writing latest": ("_atomic_write_text", OSError(28, "No space left on device"), 2),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(WRITE_FAULTS))
+def test_a_failed_checkpoint_write_keeps_the_previous_ones_and_resumes_exactly(tmp_path, monkeypatch, fault):
+    from test_trainer import losses
+
+    from genmod.train import find_checkpoint
+    from genmod.train.integrity import find_resumable
+
+    name, error, resumed_from = WRITE_FAULTS[fault]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    _toy_run(straight)
+    with monkeypatch.context() as patch:
+        patch.setattr(*_fail_at(name, error))
+        with pytest.raises(type(error)):
+            _toy_run(run)
+    intact = _tree(_step(run, 2))
+    assert find_checkpoint(run, "latest").endswith("step-00000002")  # latest still names the complete step 2
+    assert find_resumable(run)[0].endswith(f"step-{resumed_from:08d}")
+    _toy_run(run, resume="latest")
+    assert losses(run) == losses(straight) and _tree(_step(run, 2)) == intact
+    assert find_checkpoint(run, "latest").endswith("step-00000006")
+
+
+DAMAGE_FAULTS = {  # damage after a finished 6-step run -> the checkpoint it resumes from (None: one-line error)
+    "step-6 model weights truncated": ({6: "model/diffusion_pytorch_model.safetensors"}, 4),
+    "step-6 training_state.pt emptied": ({6: "training_state.pt"}, 4),
+    "step-6 manifest removed": ({6: "manifest.json"}, 4),
+    "step-6 and step-4 weights truncated": ({step: "model/diffusion_pytorch_model.safetensors" for step in (6, 4)}, 2),
+    "latest holds garbage": ({"latest": "garbage"}, 6),
+    "latest removed": ({"latest": "remove"}, 6),
+    "every checkpoint truncated": ({step: "model/diffusion_pytorch_model.safetensors" for step in (6, 4, 2)}, None),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(DAMAGE_FAULTS))
+def test_damaged_checkpoints_resume_from_the_newest_intact_one(tmp_path, fault):
+    from test_trainer import losses
+
+    from genmod.train import CheckpointError
+
+    damage, resumed_from = DAMAGE_FAULTS[fault]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    _toy_run(straight)
+    _toy_run(run)
+    for step, rel in damage.items():
+        if step == "latest":
+            latest = run / "checkpoints" / "latest"
+            os.remove(latest) if rel == "remove" else latest.write_text(rel)
+            continue
+        path = _step(run, step) / rel
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+        if rel == "manifest.json":
+            os.remove(path)
+    untouched = {step: _tree(_step(run, step)) for step in (2, 4, 6) if step not in damage}
+    if resumed_from is None:
+        with pytest.raises(CheckpointError, match=f"^no intact checkpoint in {run}: ") as info:
+            _toy_run(run, resume="latest")
+        assert "\n" not in str(info.value)
+        return
+    from genmod.train.integrity import find_resumable
+
+    assert find_resumable(run)[0].endswith(f"step-{resumed_from:08d}")
+    _toy_run(run, resume="latest")
+    assert losses(run) == losses(straight)
+    assert all(_tree(_step(run, step)) == tree for step, tree in untouched.items() if step <= resumed_from)

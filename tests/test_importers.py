@@ -52,7 +52,7 @@ def test_nothing_half_written_stays_at_out(tmp_path):
     assert not out.exists() and os.listdir(tmp_path) == []
     with atomic_output(str(out)) as staging:
         open(os.path.join(staging, "model_index.json"), "w").write("{}")
-    assert sorted(os.listdir(out)) == ["model_index.json"] and os.listdir(tmp_path) == ["pipe"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "model_index.json"] and os.listdir(tmp_path) == ["pipe"]
 
 
 def test_unknown_import_kind_is_one_line(capsys):

@@ -125,19 +125,17 @@ class CachedLatentDataset(Dataset):
         path = os.path.join(cache_dir, INDEX_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {INDEX_FILE} in cache folder {cache_dir!r} (run genmod tokenize first)")
-        with open(path) as f:
-            self.index = json.load(f)
+        self.index = _read_index(cache_dir)
         tensors: dict[str, list[torch.Tensor]] = {}
         for shard in self.index["shards"]:
-            shard_path = os.path.join(cache_dir, shard["file"])
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{path}: shard {shard['file']!r} is missing")
-            for key, value in load_file(shard_path).items():
+            for key, value in load_file(_shard_path(cache_dir, path, shard)).items():
                 tensors.setdefault(key, []).append(value)
         self.tensors = {k: torch.cat(v) for k, v in tensors.items()}
         self.num_samples = int(self.index["num_samples"])
-        if self.tensors["labels"].shape[0] != self.num_samples:
-            raise ValueError(f"{path}: num_samples={self.num_samples} but shards hold {self.tensors['labels'].shape[0]}")
+        held = self.tensors["labels"].shape[0] if "labels" in self.tensors else 0
+        if held != self.num_samples or len(self.index["captions"]) != self.num_samples:
+            raise ValueError(f"{path}: stale cache: num_samples={self.num_samples} but the shards hold {held} "
+                             f"and the index {len(self.index['captions'])} captions (rerun genmod tokenize)")
         self.captions = self.index["captions"]
         self.class_names = self.index.get("class_names", [])
         self.num_classes = len(self.class_names)
@@ -155,6 +153,69 @@ class CachedLatentDataset(Dataset):
         return item
 
 
+INDEX_KEYS = {"num_samples": int, "shards": list, "captions": list, "tokenizer_config": dict}
+
+
+def _read_index(cache_dir: str) -> dict:
+    """``index.json`` of a cache, checked against its ``manifest.json`` (when written with one) and for its keys."""
+    from genmod.core.files import MANIFEST, CorruptFileError, read_json_object, verify_manifest
+
+    path = os.path.join(cache_dir, INDEX_FILE)
+    if os.path.isfile(os.path.join(cache_dir, MANIFEST)):
+        problems = verify_manifest(cache_dir)
+        if problems:
+            raise CorruptFileError(f"{cache_dir}: stale or damaged cache: {problems[0]} (rerun genmod tokenize)")
+    index = read_json_object(path)
+    for key, tp in INDEX_KEYS.items():
+        if not isinstance(index.get(key), tp) or isinstance(index.get(key), bool):
+            raise CorruptFileError(f"{path}: {key!r} is missing or not a {tp.__name__}")
+    return index
+
+
+def _shard_path(cache_dir: str, index_path: str, shard) -> str:
+    """The path of one listed shard, which exists and is a complete safetensors file."""
+    from genmod.core.files import check_safetensors
+
+    name = shard.get("file") if isinstance(shard, dict) else None
+    if not isinstance(name, str) or os.path.basename(name) != name or not name:
+        raise ValueError(f"{index_path}: bad shard entry {shard!r}")
+    shard_path = os.path.join(cache_dir, name)
+    if not os.path.isfile(shard_path):
+        raise FileNotFoundError(f"{index_path}: shard {name!r} is missing")
+    check_safetensors(shard_path)
+    return shard_path
+
+
+def check_modality(dataset, modality: str, name: str) -> None:
+    """One line when the dataset's items lack the field a ``modality`` tokenizer reads (``image`` / ``audio``)."""
+    if len(dataset) == 0:
+        raise ValueError(f"--dataset {name}: no items")
+    first = dataset[0]
+    if modality not in first:
+        raise ValueError(f"--dataset {name}: its items hold {sorted(first)}, not {modality!r}; this is an {modality} "
+                         "tokenizer")
+
+
+def check_tokenizer_arguments(args) -> None:
+    """One-line errors for the shared flags of ``genmod tokenize`` / ``genmod eval-tokenizer``, before loading."""
+    from genmod.core.arguments import check_count, check_device, check_finite
+    from genmod.core.files import check_output_path
+    from genmod.data import check_dataset_name
+
+    check_count("--num_samples", args.num_samples)
+    check_count("--batch_size", args.batch_size)
+    check_count("--shard_size", getattr(args, "shard_size", None))
+    check_finite("--duration", getattr(args, "duration", None), 0.0, strict=True)
+    check_device("--device", args.device)
+    if args.dataset is not None:
+        try:
+            check_dataset_name(args.dataset)
+        except ValueError as err:
+            raise ValueError(f"--dataset: {err}") from None
+    if args.out is not None:
+        check_output_path(args.out, folder=True)
+
+
 def cache_to_webdataset(cache_dir: str, out_dir: str, shard_size: int) -> str:
     """A :func:`tokenize_dataset` cache rewritten as webdataset tar shards (``latents.npy``,
     ``indices.npy``, ``cls``, ``txt`` per item) plus ``dataset.json`` holding the tokenizer, for
@@ -170,6 +231,7 @@ def main(argv: list[str]) -> int:
     """``genmod tokenize TOKENIZER_DIR --dataset NAME [--split train] [--out DIR] [--store auto]``."""
     import argparse
 
+    from genmod.core.files import atomic_dir, check_output_path
     from genmod.data import get_dataset
 
     from .folders import tokenizer_and_dataset
@@ -188,14 +250,22 @@ def main(argv: list[str]) -> int:
                         help="webdataset: tar shards OUT/train-%%06d.tar + dataset.json, streamed by --dataset webdataset:...")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    check_tokenizer_arguments(args)
     model_dir, dataset_name = tokenizer_and_dataset(args.tokenizer_dir, args.dataset)
-    model = load_tokenizer(model_dir).to(args.device)
     out_dir = args.out or os.path.join(model_dir, "..", f"cache-{dataset_name}-{args.split}")
-    cache_dir = out_dir if args.format == "safetensors" else tempfile.mkdtemp(prefix="genmod-tokenize-")
-    index = tokenize_dataset(model, get_dataset(dataset_name, split=args.split), cache_dir, batch_size=args.batch_size,
-                             shard_size=args.shard_size, store=args.store, num_samples=args.num_samples,
-                             tokenizer_path=os.path.abspath(model_dir))
-    if args.format == "webdataset":
+    check_output_path(out_dir, folder=True)
+    model = load_tokenizer(model_dir).to(args.device)
+    dataset = get_dataset(dataset_name, split=args.split)
+    check_modality(dataset, model.config.modality, dataset_name)
+    if args.format == "safetensors":  # staged and renamed: a cut run leaves the previous cache, never a stale mix
+        with atomic_dir(out_dir, replace=True, manifest=True) as staging:
+            tokenize_dataset(model, dataset, staging, batch_size=args.batch_size, shard_size=args.shard_size,
+                             store=args.store, num_samples=args.num_samples, tokenizer_path=os.path.abspath(model_dir))
+        index = os.path.join(out_dir, INDEX_FILE)
+    else:
+        cache_dir = tempfile.mkdtemp(prefix="genmod-tokenize-")
+        tokenize_dataset(model, dataset, cache_dir, batch_size=args.batch_size, shard_size=args.shard_size,
+                         store=args.store, num_samples=args.num_samples, tokenizer_path=os.path.abspath(model_dir))
         index = cache_to_webdataset(cache_dir, out_dir, args.shard_size)
         shutil.rmtree(cache_dir)
     print(f"wrote {index}")

@@ -1,9 +1,10 @@
 """Where a saved tokenizer lives: a model folder (``config.json``) or a training run holding ``final_model/``."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
+
+from genmod.core.files import read_json_object
 
 __all__ = ["resolve_tokenizer_dir", "tokenizer_and_dataset"]
 
@@ -18,8 +19,7 @@ def resolve_tokenizer_dir(path: str) -> tuple[str, Optional[dict]]:
     run_config = None
     for candidate in (os.path.join(model_dir, "..", "train_config.json"), os.path.join(path, "train_config.json")):
         if os.path.isfile(candidate):
-            with open(candidate) as f:
-                run_config = json.load(f)
+            run_config = read_json_object(candidate)
             break
     return model_dir, run_config
 

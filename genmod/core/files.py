@@ -28,7 +28,7 @@ import struct
 
 __all__ = ["CorruptFileError", "MANIFEST", "PICKLE_SUFFIXES", "check_safetensors", "check_weights_folder",
            "file_sha256", "write_manifest", "read_manifest", "verify_manifest", "OutputPathError", "check_output_path",
-           "atomic_path", "atomic_write", "atomic_dir"]
+           "atomic_path", "atomic_write", "atomic_dir", "read_json_object", "load_model_folder"]
 
 MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -73,6 +73,50 @@ def check_weights_folder(folder: str) -> list[str]:
     for path in tensors:
         check_safetensors(path)
     return tensors
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding an object; a missing, unreadable or non-object file is a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_model_folder(folder: str, load, config: str = "config.json", weights: bool = True):
+    """``load()`` of a model folder, after checking it: ``config`` is a JSON object, the weights are complete
+    ``.safetensors`` (never a pickle; ``weights=False`` for weight-less folders such as schedulers). Whatever
+    the loader then raises (a config value of the wrong type, weights of another shape or another model)
+    becomes one :class:`CorruptFileError` naming the folder."""
+    read_json_object(os.path.join(folder, config))
+    if weights and not check_weights_folder(folder):
+        raise CorruptFileError(f"{folder}: no .safetensors weights")
+    try:
+        model = load()
+    except (OSError, RuntimeError, TypeError, ValueError, KeyError, AttributeError, NotImplementedError) as err:
+        if isinstance(err, (CorruptFileError, OutputPathError)):
+            raise
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        if isinstance(err, NotImplementedError) and "meta tensor" in detail:
+            detail = "its weights do not fit its config.json (tensors missing or foreign)"
+        raise CorruptFileError(f"{folder}: cannot be loaded ({type(err).__name__}: {detail})") from None
+    check_no_missing_weights(model, folder)
+    return model
+
+
+def check_no_missing_weights(model, folder: str) -> None:
+    """diffusers leaves the tensors a weights file lacks on the meta device (a foreign or partial file): one line."""
+    state = model.state_dict() if hasattr(model, "state_dict") and callable(model.state_dict) else {}
+    missing = [key for key, value in state.items() if getattr(value, "is_meta", False)]
+    if missing:
+        raise CorruptFileError(f"{folder}: its weights lack {len(missing)} tensors of the model its config.json "
+                               f"describes (e.g. {missing[0]!r}); a foreign or partial file")
 
 
 def file_sha256(path: str) -> str:
@@ -219,10 +263,10 @@ def atomic_write(path, mode: str = "w", **kwargs):
 
 
 @contextlib.contextmanager
-def atomic_dir(path, replace: bool = False):
+def atomic_dir(path, replace: bool = False, manifest: bool = False):
     """Yield an empty staging folder beside ``path``; renamed onto ``path`` when the block ends normally
     (an existing ``path`` is replaced only with ``replace``, after the new folder is complete), removed
-    otherwise."""
+    otherwise. ``manifest``: :func:`write_manifest` into the staging folder last, before the rename."""
     path = check_output_path(path, folder=True)
     if os.path.exists(path) and not replace:
         raise OutputPathError(f"{path}: already exists; choose a new folder")
@@ -231,6 +275,8 @@ def atomic_dir(path, replace: bool = False):
     os.makedirs(staging)
     try:
         yield staging
+        if manifest:
+            write_manifest(staging)
         if os.path.exists(path):
             old = _temp_sibling(path, "old")
             os.rename(path, old)

@@ -58,6 +58,15 @@ def known_datasets() -> list[str]:
 def get_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
     """Build a dataset by name: ``"shapes"``, ``"fashion_mnist"``, ``"image_folder:/data/pets"``,
     ``"audio_folder:/data/speech"``, ``"torchvision:CIFAR10"``, ...; ``kwargs`` go to its class."""
+    check_dataset_name(name)
+    prefix, sep, argument = name.partition(":")
+    if sep:
+        return PREFIXED[prefix](argument, split=split, **kwargs)
+    return DATASETS[name](split=split, **kwargs)
+
+
+def check_dataset_name(name) -> None:
+    """A one-line ``ValueError`` unless ``name`` is a known dataset (a prefixed one with its argument)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
     prefix, sep, argument = name.partition(":")
@@ -66,10 +75,8 @@ def get_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
             raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_datasets())}")
         if not argument:
             raise ValueError(f"dataset {name!r} needs an argument after ':' (a path or a torchvision name)")
-        return PREFIXED[prefix](argument, split=split, **kwargs)
-    if name not in DATASETS:
+    elif name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_datasets())}")
-    return DATASETS[name](split=split, **kwargs)
 
 
 def collate(items: list[dict]) -> dict:
@@ -105,6 +112,6 @@ def collate(items: list[dict]) -> dict:
 __all__ = [
     "AudioFolderDataset", "DampedOscillatorDataset", "FashionMNIST", "ImageFolderDataset", "MovingShapesDataset",
     "ShapesDataset", "SpeechDigitsDataset", "ToneDataset", "TorchvisionDataset", "UnreadableFileError", "WebDatasetStream",
-    "collate", "get_dataset", "known_datasets", "make_image_grid", "read_idx", "register_dataset", "save_gif",
+    "check_dataset_name", "collate", "get_dataset", "known_datasets", "make_image_grid", "read_idx", "register_dataset", "save_gif",
     "save_image_grid", "save_wav", "write_idx",
 ]

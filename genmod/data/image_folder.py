@@ -17,6 +17,7 @@ from .crops import augment_rng, crop_and_flip, resize_shorter, to_tensor
 from .folders import (UnreadableFileError, check_on_error, evenly_spaced, progress, readable_name,
                       resolve_split_root, scan_class_folders, skip_or_raise, warn_skipped)
 
+MAX_IMAGE_SIZE = 8192  # --resolution cap: an 8192^2 RGB image is 200 MB; larger sides are a typo, not a dataset
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -62,8 +63,8 @@ def _check_arguments(on_error: str, channels: int, image_size: int | None, rando
         raise ValueError("random_crop=True needs image_size (--resolution)")
     if channels not in (1, 3):
         raise ValueError(f"channels={channels} must be 1 or 3")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size={image_size} must be positive")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size={image_size} must be in [1, {MAX_IMAGE_SIZE}]")
 
 
 def _unreadable_message(path, err: Exception) -> str:

@@ -25,6 +25,8 @@ import os
 import numpy as np
 import torch
 
+from genmod.core.files import atomic_dir
+
 from .folders import progress, readable_name
 
 INFO_FILE = "dataset.json"
@@ -143,6 +145,25 @@ class SourceImages:
         return {"image": None, "label": torch.tensor(label), "caption": f"a photo of a {readable_name(self.class_names[label])}"}
 
 
+def _check_arguments(args) -> None:
+    """One-line errors before any file is read: ranges, and an ``OUT`` that is new (or empty) and not inside ``SRC``."""
+    from genmod.core.arguments import check_count, check_finite
+    from genmod.core.files import check_output_path
+
+    from .image_folder import MAX_IMAGE_SIZE
+
+    check_count("--shard-size", args.shard_size)
+    check_count("--resolution", args.resolution, 1, MAX_IMAGE_SIZE)
+    check_count("--sample-rate", args.sample_rate, 1, 384000)
+    check_finite("--duration", args.duration)
+    check_output_path(args.out, folder=True)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise ValueError(f"OUT: {args.out} already exists and is not empty; choose a new folder")
+    src, out = os.path.realpath(args.src), os.path.realpath(args.out)
+    if out == src or out.startswith(src + os.sep):
+        raise ValueError(f"OUT: {args.out} lies inside SRC_FOLDER {args.src}; write the shards elsewhere")
+
+
 def main(argv: list[str]) -> int:
     """``genmod make-shards SRC_FOLDER OUT --shard-size N [--resolution R]``."""
     import argparse
@@ -160,12 +181,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=1.0, help="audio clip seconds (<= 0: keep each length)")
     parser.add_argument("--on-error", "--on_error", dest="on_error", default="raise", choices=["raise", "skip"])
     args = parser.parse_args(argv)
+    _check_arguments(args)
     args.duration = args.duration if args.duration > 0 else None
     dataset = _folder_dataset(args.src, args.resolution, args)
     extra = {}
     if hasattr(dataset, "image_size") and args.resolution is None:  # the original files, resized when read
         dataset, extra = SourceImages(dataset), {"channels": args.channels, "image_size": None}
-    path = write_shards(dataset, args.out, args.shard_size, getattr(dataset, "files", None) if extra else None, extra)
+    if os.path.isdir(args.out):
+        os.rmdir(args.out)  # empty (checked): the shards appear in it all at once
+    with atomic_dir(args.out) as staging:  # a cut run leaves no half set of shards
+        write_shards(dataset, staging, args.shard_size, getattr(dataset, "files", None) if extra else None, extra)
+    path = os.path.join(args.out, INFO_FILE)
     with open(path) as f:
         info = json.load(f)
     print(f"wrote {info['num_samples']} items in {len(info['shards'])} shards, {path}")

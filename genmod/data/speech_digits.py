@@ -97,6 +97,9 @@ def synthesize(text: str, voice: str, speed: int, pitch: int, sample_rate: int =
     return np.clip(wave, -1.0, 1.0)
 
 
+MAX_CLIPS = 1_000_000  # --num cap: the corpus plan is built in memory before espeak-ng runs
+
+
 def generate_speech_digits(out: str | os.PathLike, num: int = 2000, seed: int = 0, sample_rate: int = 16000,
                            test_fraction: float = 0.1, workers: int = 2, progress: bool = True) -> Path:
     """Write ``num`` clips and ``metadata.json`` into ``out``; returns the metadata path."""
@@ -206,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.1, help="fraction of clips marked split=test")
     parser.add_argument("--workers", type=int, default=2, help="espeak-ng processes at once")
     args = parser.parse_args(argv)
+    from genmod.core.arguments import check_count, check_finite
+    from genmod.core.files import check_output_path
+
+    check_count("--num", args.num, 1, MAX_CLIPS)
+    check_count("--sample-rate", args.sample_rate, 1000, 384000)
+    check_finite("--test-fraction", args.test_fraction, 0.0)
+    check_count("--workers", args.workers, 1, 64)
+    check_output_path(args.out, folder=True)
     path = generate_speech_digits(args.out, args.num, args.seed, args.sample_rate, args.test_fraction, args.workers)
     print(f"wrote {args.num} clips and {path}")
     return 0

@@ -58,8 +58,10 @@ class FlowMatchSolverScheduler(SchedulerMixin, ConfigMixin):
                  path: str = "linear", prediction_type: str = "velocity"):
         if solver not in SOLVERS:
             raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
-        if shift <= 0:
-            raise ValueError(f"shift: must be > 0, got {shift}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps: must be an int >= 1, got {num_train_timesteps!r}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < float("inf"):
+            raise ValueError(f"shift: must be a finite number > 0, got {shift!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         self.ode_solver = ODESolver(solver, get_path(path), prediction_type)

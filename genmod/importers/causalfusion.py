@@ -128,7 +128,7 @@ def load_vae(folder: str, channels: int):
     try:
         vae = load_tokenizer(folder)
     except (OSError, ValueError) as err:
-        raise ImportError_(f"--vae: {folder!r} is not a tokenizer folder ({str(err).splitlines()[0][:160]})") from None
+        raise ImportError_(f"--vae: {folder!r} is not a tokenizer folder ({(str(err).splitlines() or [''])[0][:160]})") from None
     found = getattr(vae.config, "latent_channels", None) or getattr(vae.config, "z_channels", None)
     if found is not None and int(found) != channels:
         raise ImportError_(f"--vae: {folder!r} has {found} latent channels, the transformer {channels} (MAR KL-16 has 16)")

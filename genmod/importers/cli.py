@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from genmod.core.files import check_output_path
 from genmod.importers import IMPORTERS
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> int:
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    check_output_path(args.out, folder=True)  # before any checkpoint is read
     out = getattr(module, function)(args)
     print(f"wrote {out}")
     return 0

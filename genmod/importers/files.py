@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from genmod.core.files import atomic_dir
+from genmod.core.files import atomic_dir, check_safetensors
 
 HUB_PREFIX = "hub:"
 
@@ -75,15 +75,17 @@ def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dic
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        check_safetensors(path)  # truncated or foreign: one line naming the file
         state = load_file(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ImportError_(f"{path}: refused: unpickling it would execute code ({str(err).splitlines()[0][:120]}); "
+            raise ImportError_(f"{path}: refused: unpickling it would execute code ({_first_line(err)}); "
                                f"only weights-only checkpoints are read") from None
         except Exception as err:
-            raise ImportError_(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+            detail = f"{type(err).__name__}: {_first_line(err)}" if _first_line(err) else f"{type(err).__name__}, empty or cut file"
+            raise ImportError_(f"{path}: not a readable checkpoint ({detail})") from None
     keys = [key] if isinstance(key, str) else list(key or [])
     for name in keys:
         if isinstance(state, dict) and isinstance(state.get(name), dict):
@@ -93,6 +95,11 @@ def load_state_dict(path: str, key: Optional[str | Iterable[str]] = None) -> dic
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
         raise ImportError_(f"{path}: expected a state dict of tensors (under one of {keys or 'the top level'}), found {found}")
     return state
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error's message (at most 120 characters; empty messages stay empty)."""
+    return (str(err).strip().splitlines() or [""])[0][:120]
 
 
 def check_keys(path: str, kind: str, expected: Iterable[str], found: Iterable[str], guess: Optional[str] = None) -> None:
@@ -110,4 +117,4 @@ def check_keys(path: str, kind: str, expected: Iterable[str], found: Iterable[st
 def atomic_output(out: str):
     """The folder ``--out`` written through a staging folder beside it (:func:`genmod.core.files.atomic_dir`):
     it replaces ``out`` only when the import finished, so nothing half-written stays."""
-    return atomic_dir(out, replace=True)
+    return atomic_dir(out, replace=True, manifest=True)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from genmod.core.files import check_weights_folder
+from genmod.core.files import (CorruptFileError, check_no_missing_weights, check_weights_folder, load_model_folder,
+                               read_json_object)
 
 TRUSTED_PREFIXES = ("genmod.",)
 # Before the namespace move these packages installed at the top level; folders saved then name e.g.
@@ -37,29 +38,91 @@ def _import_component_module(name: str) -> None:
         importlib.import_module(name)
 
 
+# libraries a model_index.json may name besides genmod's own (diffusers' schedulers / autoencoders)
+OTHER_LIBRARIES = ("diffusers", "transformers")
+
+
 def _import_named_components(path: str | os.PathLike) -> dict:
     index_file = os.path.join(os.fspath(path), "model_index.json")
     if not os.path.isfile(index_file):
         raise FileNotFoundError(f"{path}: not a pipeline folder (no model_index.json)")
-    try:
-        with open(index_file) as f:
-            index = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{index_file}: invalid JSON ({err})") from None
-    for value in index.values():
-        if isinstance(value, list) and value and isinstance(value[0], str):
+    index = read_json_object(index_file)
+    for name, value in _components(index):
+        try:
             _import_component_module(value[0])
+        except ImportError:
+            raise CorruptFileError(f"{index_file}: component {name!r} names module {value[0]!r}, which does not "
+                                   "exist in this genmod") from None
     return index
 
 
-def check_component_files(path: str | os.PathLike, index: dict) -> None:
-    """Every component folder named in ``model_index.json``: its weights are complete ``.safetensors`` (never a
-    pickle, which could run code); raises a one-line ``ValueError`` naming the first bad file."""
-    for name, value in index.items():
-        folder = os.path.join(os.fspath(path), name)
-        if name.startswith("_") or not isinstance(value, list) or not os.path.isdir(folder):
-            continue
-        check_weights_folder(folder)
+def _components(index: dict) -> list[tuple[str, list]]:
+    """``(name, [library, class])`` of each component a ``model_index.json`` names (absent ones left out)."""
+    return [(name, value) for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+            and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], str)]
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> dict:
+    """The ``model_index.json`` of a pipeline folder whose structure is sound: a known pipeline class, and
+    for each component a library genmod loads, a class it has, a folder with a JSON config and (models)
+    complete ``.safetensors`` weights. Raises a one-line error naming the first bad file."""
+    from genmod.pipelines import PIPELINE_MODULES
+
+    path = os.fspath(path)
+    index_file = os.path.join(path, "model_index.json")
+    exported = isinstance(read_json_object(index_file).get("_class_name"), list)  # genmod export-diffusers output
+    index = read_json_object(index_file) if exported else _import_named_components(path)
+    if exported:
+        _check_code_file(path, index_file, "_class_name", index["_class_name"][0])
+    elif str(index.get("_class_name")) not in PIPELINE_MODULES:
+        raise CorruptFileError(f"{index_file}: unknown pipeline class {index.get('_class_name')!r}")
+    for name, (library, class_name) in _components(index):
+        if exported and library.startswith(EXPORTED_PREFIX):  # its code ships in the folder; never imported here
+            _check_code_file(os.path.join(path, name), index_file, name, library)
+            library, class_name = None, None
+        _check_component(path, index_file, name, library, class_name)
+    return index
+
+
+EXPORTED_PREFIX = "gm_"  # module files written by genmod export-diffusers
+
+
+def _check_code_file(folder: str, index_file: str, name: str, module) -> None:
+    if not isinstance(module, str) or not os.path.isfile(os.path.join(folder, f"{module}.py")):
+        raise CorruptFileError(f"{index_file}: {name!r} names code {module!r}, which is not in {folder}")
+
+
+def _check_component(path: str, index_file: str, name: str, library, class_name) -> None:
+    """A component's library and class (``library=None``: code shipped in the folder) and its files."""
+    if library is not None:
+        _check_component_class(index_file, name, library, class_name)
+    folder = os.path.join(path, name)
+    if not os.path.isdir(folder):
+        raise CorruptFileError(f"{folder}: missing (model_index.json names component {name!r})")
+    if os.path.isfile(os.path.join(folder, "scheduler_config.json")):
+        read_json_object(os.path.join(folder, "scheduler_config.json"))
+        return
+    read_json_object(os.path.join(folder, "config.json"))
+    if not check_weights_folder(folder):
+        raise CorruptFileError(f"{folder}: no .safetensors weights")
+
+
+def _check_component_class(index_file: str, name: str, library: str, class_name: str) -> None:
+    if not library.startswith(TRUSTED_PREFIXES + tuple(LEGACY_PREFIXES)) and library not in OTHER_LIBRARIES:
+        raise CorruptFileError(f"{index_file}: component {name!r} names library {library!r}, which genmod does not load")
+    try:
+        module = sys.modules.get(library) or importlib.import_module(library)
+        found = getattr(module, class_name, None)
+    except ImportError:
+        found = None
+    if not isinstance(found, type):
+        raise CorruptFileError(f"{index_file}: component {name!r} names class {class_name!r}, which {library} lacks")
+
+
+def _check_no_missing_weights(pipe, path: str) -> None:
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            check_no_missing_weights(component, os.path.join(path, name))
 
 
 class GenmodPipeline(DiffusionPipeline):
@@ -67,11 +130,16 @@ class GenmodPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        if os.path.isdir(os.fspath(pretrained_model_name_or_path)):
-            index = _import_named_components(pretrained_model_name_or_path)
-            check_component_files(pretrained_model_name_or_path, index)
-            kwargs.setdefault("use_safetensors", True)  # never fall back to unpickling
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_pipeline_folder(path)
+        kwargs.setdefault("use_safetensors", True)  # never fall back to unpickling
+        load = super().from_pretrained  # errors past the structure check (a config value, a shape) name the folder
+        pipe = load_model_folder(path, lambda: load(pretrained_model_name_or_path, **kwargs), config="model_index.json",
+                                 weights=False)
+        _check_no_missing_weights(pipe, path)
+        return pipe
 
     @staticmethod
     def _generator_for(generator, batch_size: int):

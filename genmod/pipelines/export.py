@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-from genmod.core.files import atomic_dir
+from genmod.core.files import MANIFEST, CorruptFileError, atomic_dir, verify_manifest
 
 OWN_PACKAGES = ("genmod",)
 
@@ -130,11 +130,18 @@ def _write_modules(root_module: str, folder: str) -> str:
 
 
 def export_pipeline(pipeline_dir: str, out_dir: str) -> str:
-    """Copy ``pipeline_dir`` to ``out_dir`` as a self-contained (trust_remote_code) diffusers folder."""
+    """Copy ``pipeline_dir`` to ``out_dir`` as a self-contained (trust_remote_code) diffusers folder, with a
+    ``manifest.json`` (sizes and sha256 of its files; ``genmod verify OUT`` checks it)."""
+    from genmod.pipelines.base import check_pipeline_folder
+
     index_path = os.path.join(pipeline_dir, "model_index.json")
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"{pipeline_dir}: not a pipeline folder (no model_index.json)")
-    with atomic_dir(out_dir) as staging:  # a cut export leaves no out_dir and no staging folder
+    check_pipeline_folder(pipeline_dir)  # a broken folder is refused, not exported
+    problems = verify_manifest(pipeline_dir) if os.path.isfile(os.path.join(pipeline_dir, MANIFEST)) else []
+    if problems:
+        raise CorruptFileError(f"{pipeline_dir}: does not match its {MANIFEST}: {problems[0]}")
+    with atomic_dir(out_dir, manifest=True) as staging:  # a cut export leaves no out_dir and no staging folder
         shutil.rmtree(staging)
         shutil.copytree(pipeline_dir, staging)
         _write_export(index_path, pipeline_dir, staging)
@@ -143,11 +150,9 @@ def export_pipeline(pipeline_dir: str, out_dir: str) -> str:
 
 def _write_export(index_path: str, pipeline_dir: str, out_dir: str) -> None:
     """The flattened modules and rewritten ``model_index.json`` of the copy in ``out_dir``."""
-    with open(index_path) as f:
-        index = json.load(f)
     from genmod.pipelines.base import _import_named_components
 
-    _import_named_components(pipeline_dir)
+    index = _import_named_components(pipeline_dir)
     import genmod.pipelines as registry
 
     pipeline_cls = getattr(registry, index["_class_name"])

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from genmod.core.files import check_output_path
+from genmod.tokenizers_vq.cache import check_modality, check_tokenizer_arguments
 from genmod.tokenizers_vq.folders import tokenizer_and_dataset
 
 from .evaluation import evaluate_tokenizer, load_eval_dataset
@@ -36,10 +38,13 @@ def main_eval_tokenizer(argv: list[str]) -> int:
     from genmod.tokenizers_vq.models import load_tokenizer
 
     args = _parser().parse_args(argv)
+    check_tokenizer_arguments(args)
     model_dir, dataset_name = tokenizer_and_dataset(args.tokenizer_dir, args.dataset)
-    model = load_tokenizer(model_dir).to(args.device)
     out_dir = args.out or os.path.join(model_dir, "..", "eval")
+    check_output_path(out_dir, folder=True)
+    model = load_tokenizer(model_dir).to(args.device)
     dataset = load_eval_dataset(dataset_name, args.split, model.config.modality, args.duration)
+    check_modality(dataset, model.config.modality, dataset_name)
     metrics = evaluate_tokenizer(model, dataset, out_dir, num_samples=args.num_samples,
                                  batch_size=args.batch_size, lpips=args.lpips, baselines=args.baselines)
     print(json.dumps(metrics, indent=2))

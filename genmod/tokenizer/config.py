@@ -75,6 +75,15 @@ class TokenizerConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        for name in ("base_channels", "latent_channels", "codebook_size", "num_quantizers", "audio_segment",
+                     "disc_channels", "codebook_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("ch_mult", "strides", "fsq_levels", "scales"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name}: must be a non-empty list of ints >= 1, got {getattr(self, name)}")
+        if self.num_res_blocks < 0 or self.disc_layers < 0:
+            raise ConfigError(f"--num_res_blocks / --disc_layers: must be >= 0, got {self.num_res_blocks} / {self.disc_layers}")
         if self.modality == "audio":
             hop = math.prod(self.strides)
             if self.audio_segment % hop:

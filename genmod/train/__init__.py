@@ -112,7 +112,7 @@ def load_family_from_checkpoint(path: str, use_ema: bool = True):
     try:
         model.load_state_dict(load_weights(folder), strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{folder}: weights do not match the model ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{folder}: weights do not match the model ({(str(err).splitlines() or [''])[0]})") from None
     return family, model.eval()
 
 

@@ -307,7 +307,7 @@ def load_training_state(path: str) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files
-        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
 
 
 def load_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -322,7 +322,7 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         try:
             tensors.update(load_file(file))
         except Exception as err:
-            raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+            raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
     return tensors
 
 

@@ -117,18 +117,30 @@ class TrainConfig:
         for name in ("dataset_size", "resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dataset_size is not None and self.dataset_size > MAX_DATASET_SIZE:
+            raise ConfigError(f"--dataset_size: must be <= {MAX_DATASET_SIZE} (built-in datasets draw every item up "
+                              f"front, ~9 s per 100000), got {self.dataset_size}")
         for name in ("dataset", "resume", "init_weights"):
             value = getattr(self, name)
             if value is not None and (not value.strip() or "\x00" in value):
                 raise ConfigError(f"--{name}: must be a name or path, got {value!r}")
 
 
+MAX_DATASET_SIZE = 1_000_000  # --dataset_size cap (issue 15: 1e30 used to build forever)
+
+
+MAX_INT_FIELD = 2**31 - 1  # sizes, counts and steps past this are typos (1e30), and overflow torch's shapes
+
+
 def check_finite(config) -> None:
-    """Every float field (and every float in a tuple field) is finite: NaN / inf are one-line errors."""
+    """Every float field (and every float in a tuple field) is finite: NaN / inf are one-line errors; every
+    int field (but the seed; --dataset_size has its own cap) is at most :data:`MAX_INT_FIELD`."""
     for name, value in vars(config).items():
         values = value if isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise ConfigError(f"--{name}: must be a finite number, got {value}")
+        if name not in ("seed", "dataset_size") and any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_INT_FIELD for v in values):
+            raise ConfigError(f"--{name}: must be <= {MAX_INT_FIELD}, got {value}")
 
 
 def check_at_least(config, low, *names: str) -> None:

@@ -86,7 +86,7 @@ class ExportMixin:
         final_dir = os.path.join(self.config.output_dir, "final_model")
         model = copy.deepcopy(self._ema_weights_model()).eval()
         if hasattr(model, "save_pretrained"):  # staged and renamed: a cut export keeps the previous folder
-            with atomic_dir(final_dir, replace=True) as staging:
+            with atomic_dir(final_dir, replace=True, manifest=True) as staging:
                 model.save_pretrained(staging, safe_serialization=True)
         else:
             final_dir = None
@@ -94,6 +94,6 @@ class ExportMixin:
         pipeline_dir = None
         if pipeline is not None:
             pipeline_dir = os.path.join(self.config.output_dir, "pipeline")
-            with atomic_dir(pipeline_dir, replace=True) as staging:
+            with atomic_dir(pipeline_dir, replace=True, manifest=True) as staging:
                 pipeline.save_pretrained(staging, safe_serialization=True)
         return final_dir, pipeline_dir

@@ -107,7 +107,28 @@ def parse_config(cls, argv: list[str] | None = None, presets: Optional[dict] = N
         values.update(read_config_values(cls, config_file))
     config = cls(**{**values, **flag_values})
     config.validate()
+    check_start_paths(config)
     return config
+
+
+def check_start_paths(config) -> None:
+    """``--resume PATH`` and ``--init_weights PATH`` exist and are the right kind of folder, checked when the
+    flags are parsed (before the dataset, the model or the output folder): one line naming the flag."""
+    import os
+
+    resume = getattr(config, "resume", None)
+    if resume not in (None, "latest"):
+        if not os.path.exists(resume):
+            raise ConfigError(f"--resume: no such checkpoint {resume!r} (give 'latest' or a checkpoint folder)")
+        marks = ("trainer_state.json", "latest", os.path.join("checkpoints", "latest"))
+        if not os.path.isdir(resume) or not any(os.path.isfile(os.path.join(resume, m)) for m in marks):
+            raise ConfigError(f"--resume: {resume} is not a checkpoint folder (no trainer_state.json, no checkpoints/latest)")
+    init = getattr(config, "init_weights", None)
+    if init is not None:
+        if not os.path.isdir(init):
+            raise ConfigError(f"--init_weights: {init!r} is not a folder (a model folder or a pipeline folder)")
+        if not any(os.path.isfile(os.path.join(init, m)) for m in ("config.json", "model_index.json")):
+            raise ConfigError(f"--init_weights: {init} holds neither config.json nor model_index.json")
 
 
 def _preset_file(cls, name: str, presets: dict) -> str:

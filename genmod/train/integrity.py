@@ -3,17 +3,18 @@
 * :func:`find_resumable`: ``--resume latest`` takes the checkpoint ``checkpoints/latest`` names, or,
   when that one is broken (a file truncated or changed since its manifest was written, the manifest
   gone), the newest intact one before it; the broken ones are returned for the one-line warnings.
-* :func:`verify_run` / :func:`main`: one line per checkpoint, ``latest`` and the exported pipeline
-  folder (ok / unverified / what is wrong); exit 0 when all are intact, 2 otherwise.
+* :func:`verify_run` / :func:`main`: one line per checkpoint, ``latest``, ``final_model/`` and the exported
+  ``pipeline/`` folder (ok / unverified / what is wrong; folders against their ``manifest.json``), or one
+  line for a pipeline folder given itself (``genmod export-diffusers`` / ``genmod import`` output); exit 0
+  when all are intact, 2 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from genmod.core.files import MANIFEST, CorruptFileError, check_weights_folder
+from genmod.core.files import MANIFEST, CorruptFileError, check_weights_folder, read_json_object, verify_manifest
 
 from .checkpoint import STEP_DIR, CheckpointError, checkpoints_root, find_checkpoint, list_checkpoints
 
@@ -53,12 +54,14 @@ def _checkpoint_lines(run_dir: str) -> list[tuple[bool, str]]:
         try:
             find_checkpoint(run_dir, path)  # required files, then every file against the manifest
         except CheckpointError as err:
-            lines.append((False, f"{path}: BROKEN: {str(err).splitlines()[0]}"))
+            lines.append((False, f"{path}: BROKEN: {(str(err).splitlines() or [''])[0]}"))
             continue
         verified = os.path.isfile(os.path.join(path, MANIFEST))
         lines.append((True, f"{path}: ok" if verified else f"{path}: unverified (no manifest: written before "
                                                                    "manifests; its weights are well formed)"))
     latest = os.path.join(checkpoints_root(run_dir), "latest")
+    if lines and not os.path.isfile(latest):
+        lines.append((False, f"{latest}: BROKEN: missing (--resume latest takes the newest intact checkpoint)"))
     if os.path.isfile(latest):
         step = _latest_step(run_dir)
         names = {os.path.basename(path) for _, path in list_checkpoints(run_dir)}
@@ -67,47 +70,38 @@ def _checkpoint_lines(run_dir: str) -> list[tuple[bool, str]]:
     return lines
 
 
-def _pipeline_line(folder: str) -> tuple[bool, str]:
-    index_file = os.path.join(folder, "model_index.json")
+def _model_folder_line(folder: str) -> tuple[bool, str]:
+    """A pipeline folder (structure: :func:`~genmod.pipelines.base.check_pipeline_folder`) or a model folder
+    (config.json and weights); then its ``manifest.json`` when it has one."""
     try:
-        with open(index_file) as f:
-            index = json.load(f)
-        if not isinstance(index, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        return False, f"{folder}: BROKEN: {index_file} cannot be read ({type(err).__name__})"
-    try:
-        for name, value in sorted(index.items()):
-            component = os.path.join(folder, name)
-            if name.startswith("_") or not isinstance(value, list) or not os.path.isdir(component):
-                continue
-            check_weights_folder(component)
-            for config in ("config.json", "scheduler_config.json"):
-                if os.path.isfile(os.path.join(component, config)):
-                    _read_json(os.path.join(component, config))
-    except CorruptFileError as err:
-        return False, f"{folder}: BROKEN: {err}"
-    return True, f"{folder}: ok"
+        if os.path.isfile(os.path.join(folder, "model_index.json")):
+            from genmod.pipelines.base import check_pipeline_folder
 
-
-def _read_json(path: str) -> None:
-    try:
-        with open(path) as f:
-            json.load(f)
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptFileError(f"{path}: invalid JSON") from None
+            check_pipeline_folder(folder)
+        else:
+            read_json_object(os.path.join(folder, "config.json"))
+            check_weights_folder(folder)
+        problems = verify_manifest(folder) if os.path.isfile(os.path.join(folder, MANIFEST)) else None
+    except (CorruptFileError, OSError) as err:
+        return False, f"{folder}: BROKEN: {(str(err).splitlines() or [''])[0]}"
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        return False, f"{folder}: BROKEN: " + "; ".join(problems[:3]) + more
+    return True, f"{folder}: ok" if problems is not None else f"{folder}: ok (no manifest: structure checked)"
 
 
 def verify_run(run_dir: str) -> list[tuple[bool, str]]:
     """``(intact, line)`` per checkpoint, ``latest`` and the ``pipeline`` folder of a training output folder."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run folder")
+    if os.path.isfile(os.path.join(run_dir, "model_index.json")):  # a pipeline folder itself (exported, imported)
+        return [_model_folder_line(run_dir)]
     lines = _checkpoint_lines(run_dir)
-    pipeline = os.path.join(run_dir, "pipeline")
-    if os.path.isdir(pipeline):
-        lines.append(_pipeline_line(pipeline))
+    for name in ("final_model", "pipeline"):
+        if os.path.isdir(os.path.join(run_dir, name)):
+            lines.append(_model_folder_line(os.path.join(run_dir, name)))
     if not lines:
-        raise ValueError(f"{run_dir}: no checkpoints and no pipeline folder to verify")
+        raise ValueError(f"{run_dir}: no checkpoints, no final_model/ and no pipeline/ folder to verify")
     return lines
 
 

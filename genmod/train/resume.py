@@ -123,7 +123,7 @@ class ResumeMixin:
                 source = ema_dir if os.path.isdir(ema_dir) else os.path.join(path, "model")
                 load_ema_shadow(self.ema, load_weights(source), where=source)
         except RuntimeError as err:
-            raise CheckpointError(f"{path}: weights do not match the model ({str(err).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: weights do not match the model ({(str(err).splitlines() or [''])[0]})") from None
         if self.ema is not None:
             self.ema.num_updates = int(state.get("ema_num_updates", state["step"]))
 

@@ -12,21 +12,21 @@ TOKENIZER_CLASSES = {"vq": VQTokenizer, "sigma_vae": SigmaVAE, "kl_vae": KLVAE}
 def load_tokenizer(path: str):
     """Load any tokenizer saved with ``save_pretrained`` by the ``_class_name`` in its config.json, or a diffusers
     ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
-    import json
     import os
+
+    from genmod.core.files import load_model_folder, read_json_object
 
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no tokenizer config.json in {path!r}")
-    with open(config_file) as f:
-        config = json.load(f)
+    config = read_json_object(config_file)
     name = config.get("_class_name")
     if is_autoencoder_kl(config):  # a diffusers AutoencoderKL folder (SD / SDXL / FLUX VAE)
-        return DiffusersAutoencoderKL.from_pretrained(path)
+        return load_model_folder(path, lambda: DiffusersAutoencoderKL.from_pretrained(path, use_safetensors=True))
     classes = {cls.__name__: cls for cls in TOKENIZER_CLASSES.values()}
     if name not in classes:
         raise ValueError(f"{config_file}: _class_name {name!r} is not one of {sorted(classes) + ['AutoencoderKL']}")
-    return classes[name].from_pretrained(path)
+    return load_model_folder(path, lambda: classes[name].from_pretrained(path, use_safetensors=True))
 
 
 __all__ = ["DiffusersAutoencoderKL", "VQTokenizer", "SigmaVAE", "KLVAE", "TokenizerOutput", "gaussian_kl", "TOKENIZER_CLASSES", "load_tokenizer"]
