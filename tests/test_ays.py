@@ -140,3 +140,17 @@ def test_adaptive_solver_through_the_pipeline_and_the_sample_flags():
         pipe.scheduler.step(torch.zeros(1, 2, 1, 1), pipe.scheduler.timesteps[0], torch.zeros(1, 2, 1, 1))
     with pytest.raises(ValueError, match="rtol"):
         FlowMatchSolverScheduler(solver="dopri5", rtol=2.0)
+
+
+def test_flag_errors_name_the_flag():
+    from genmod.evals.cli import configure_scheduler
+    from genmod.sampling import build_parser, check_arguments
+
+    with pytest.raises(ValueError, match="genmod ays"):
+        configure_scheduler(mixture_pipeline(), schedule="ays")  # no saved grid yet
+    with pytest.raises(ValueError, match="--rtol"):
+        check_arguments(build_parser().parse_args(["some/pipeline", "--solver", "dopri5", "--rtol", "2"]))
+    with pytest.raises(ValueError, match="num_steps"):
+        optimize_time_grid(MIXTURE.velocity_fn(), MIXTURE.sample(8), 1)
+    with pytest.raises(ValueError, match="objective"):
+        optimize_time_grid(MIXTURE.velocity_fn(), MIXTURE.sample(8), 4, objective="fid")
