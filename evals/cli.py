@@ -57,57 +57,95 @@ def dataset_of(path: str) -> str | None:
     return None
 
 
+def configure_scheduler(pipe, **options) -> None:
+    """Set scheduler config fields (``solver``, ``schedule``, ``rtol``, ``atol``; None = keep) via ``from_config``."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return
+    scheduler = getattr(pipe, "scheduler", None)
+    for key in given:
+        if scheduler is None or key not in scheduler.config:
+            raise ValueError(f"--{key}: {type(pipe).__name__} has no scheduler with a {key} setting")
+    pipe.scheduler = type(scheduler).from_config(scheduler.config, **given)
+
+
 def eval_pipeline(path: str, metrics=DEFAULT_METRICS, num_samples: int = 1000, num_inference_steps=20,
                   guidance_scale=1.0, *,
                   dataset: str | None = None, features=("domain", "inception"), seed: int = 0, batch_size: int = 64,
                   out_dir: str | None = None, feature_net_path: str | None = None,
-                  inception_weights: str | None = None, save_samples: bool = True, pipeline=None) -> dict:
+                  inception_weights: str | None = None, save_samples: bool = True, pipeline=None,
+                  schedule=None, scheduler_options: dict | None = None) -> dict:
     """Evaluate a checkpoint or pipeline folder: ``num_samples`` class-balanced samples per setting.
 
-    ``num_inference_steps`` and ``guidance_scale`` may be lists: every combination is evaluated (a sweep) and a PNG of
-    FID/KID against the swept parameter is written. Writes ``report.json`` / ``report.md`` (and
-    ``samples_*.npz``) into ``out_dir`` (default ``<path>/eval``). Returns the report dict.
+    ``num_inference_steps``, ``guidance_scale`` and ``schedule`` (a flow time grid: uniform, shifted, karras,
+    cosine, ays) may be lists: every combination is evaluated (a sweep) and a PNG of FID/KID against the swept
+    steps or guidance is written. ``scheduler_options`` (``solver``, ``rtol``, ``atol``) are set on the scheduler.
+    Writes ``report.json`` / ``report.md`` (and ``samples_*.npz``) into ``out_dir`` (default ``<path>/eval``).
+    Returns the report dict.
     """
     pipe = pipeline if pipeline is not None else load_pipeline_for_eval(path)
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
+    configure_scheduler(pipe, **(scheduler_options or {}))
     dataset = dataset or dataset_of(path)
     if dataset is None and "domain" in features:
         raise ValueError(f"dataset: no train_config.json with a dataset found near {path}; pass --dataset")
     out_dir = out_dir or os.path.join(path, "eval")
     steps_list = list(num_inference_steps) if isinstance(num_inference_steps, (list, tuple)) else [num_inference_steps]
     guidance_list = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
+    schedule_list = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
     spaces = resolve_spaces(features, dataset, feature_net_path, inception_weights)
     reference, reference_name, floor, floor_name = real_floor(dataset, num_samples, seed) if dataset else (None,) * 4
-    num_classes = pipeline_num_classes(pipe)
+    context = dict(pipe=pipe, path=path, dataset=dataset, features=features, metrics=metrics, num_samples=num_samples,
+                   seed=seed, batch_size=batch_size, spaces=spaces, real=(reference, reference_name, floor, floor_name),
+                   feature_net_path=feature_net_path, out_dir=out_dir if save_samples else None)
     runs = []
-    for num_steps in steps_list:
-        for scale in guidance_list:
-            sampler = pipeline_sampler(pipe, num_inference_steps=num_steps, guidance_scale=scale)
-            fake, labels = generate_samples(sampler, num_samples, num_classes=num_classes, seed=seed,
-                                            batch_size=batch_size, desc=f"sampling steps={num_steps} w={scale}")
-            run = evaluate_images(fake, reference, spaces, metrics=metrics, real_cache=reference_name,
-                                  floor_uint8=floor, floor_cache=floor_name)
-            run["settings"] = {"path": os.path.abspath(path), "dataset": dataset, "steps": num_steps,
-                               "guidance": scale, "num_samples": num_samples, "seed": seed, "metrics": list(metrics)}
-            if labels is not None and "domain" in features:
-                from genmod.evals.feature_net import classifier_accuracy, get_feature_net
-
-                run["classifier_accuracy"] = classifier_accuracy(get_feature_net(dataset, feature_net_path), fake, labels)
-            if save_samples:
-                from genmod.evals.generator_adapter import save_npz
-
-                save_npz(os.path.join(out_dir, f"samples_steps{num_steps}_w{scale}.npz"), fake, labels)
-            runs.append(run)
+    for grid_name in schedule_list:
+        configure_scheduler(pipe, schedule=grid_name)
+        for num_steps in steps_list:
+            for scale in guidance_list:
+                runs.append(_evaluate_setting(num_steps, scale, **context))
     report = {"versions": versions(), "runs": runs}
-    markdown = "\n".join(markdown_table(run, f"{dataset}: steps={run['settings']['steps']}, guidance={run['settings']['guidance']}")
-                         for run in runs)
-    report["markdown"] = markdown
-    if len(runs) > 1:
+    report["markdown"] = "\n".join(markdown_table(run, _title(run)) for run in runs)
+    if len(steps_list) > 1 or len(guidance_list) > 1:
         parameter = "steps" if len(steps_list) > 1 else "guidance"
-        report["plot"] = plot_sweep(runs, parameter, os.path.join(out_dir, f"sweep_{parameter}.png"))
+        name = f"sweep_{parameter}.png" if len(schedule_list) == 1 else f"sweep_{parameter}_{schedule_list[-1]}.png"
+        report["plot"] = plot_sweep(runs[-len(steps_list) * len(guidance_list):], parameter, os.path.join(out_dir, name))
     report["files"] = write_report(report, out_dir)
     return report
+
+
+def _title(run) -> str:
+    settings = run["settings"]
+    grid = f", schedule={settings['schedule']}" if settings.get("schedule") else ""
+    return f"{settings['dataset']}: steps={settings['steps']}, guidance={settings['guidance']}{grid}"
+
+
+def _evaluate_setting(num_steps, scale, *, pipe, path, dataset, features, metrics, num_samples, seed, batch_size, spaces,
+                      real, feature_net_path, out_dir) -> dict:
+    """Sample and score one (steps, guidance) setting of the pipeline as its scheduler stands."""
+    reference, reference_name, floor, floor_name = real
+    sampler = pipeline_sampler(pipe, num_inference_steps=num_steps, guidance_scale=scale)
+    fake, labels = generate_samples(sampler, num_samples, num_classes=pipeline_num_classes(pipe), seed=seed,
+                                    batch_size=batch_size, desc=f"sampling steps={num_steps} w={scale}")
+    run = evaluate_images(fake, reference, spaces, metrics=metrics, real_cache=reference_name,
+                          floor_uint8=floor, floor_cache=floor_name)
+    scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", {})
+    run["settings"] = {"path": os.path.abspath(path), "dataset": dataset, "steps": num_steps, "guidance": scale,
+                       "num_samples": num_samples, "seed": seed, "metrics": list(metrics),
+                       "solver": scheduler_config.get("solver"), "schedule": scheduler_config.get("schedule")}
+    if getattr(getattr(pipe, "scheduler", None), "is_adaptive", False):
+        run["settings"]["adaptive_nfe_last_batch"] = pipe.scheduler.last_nfe
+    if labels is not None and "domain" in features:
+        from genmod.evals.feature_net import classifier_accuracy, get_feature_net
+
+        run["classifier_accuracy"] = classifier_accuracy(get_feature_net(dataset, feature_net_path), fake, labels)
+    if out_dir is not None:
+        from genmod.evals.generator_adapter import save_npz
+
+        grid = f"_{run['settings']['schedule']}" if run["settings"]["schedule"] not in (None, "uniform") else ""
+        save_npz(os.path.join(out_dir, f"samples_steps{num_steps}_w{scale}{grid}.npz"), fake, labels)
+    return run
 
 
 def _metrics(text: str) -> list[str]:
@@ -123,6 +161,13 @@ def _features(text: str) -> list[str]:
     if not items or any(f not in ("domain", "inception") for f in items):
         raise argparse.ArgumentTypeError(f"--features: expected a comma list of domain,inception, got {text!r}")
     return items
+
+
+def _names(text: str):
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a name or a comma list of names, got {text!r}")
+    return items if len(items) > 1 else items[0]
 
 
 def _numbers(cast):
@@ -176,6 +221,11 @@ def main_eval(argv: list[str] | None = None) -> int:
                         help="solver steps, or a comma list to sweep (default: the pipeline's own)")
     parser.add_argument("--guidance-scale", "--guidance", type=_numbers(float), default=None,
                         help="guidance scale w, or a comma list (default: the pipeline's own)")
+    parser.add_argument("--solver", default=None, help="flow: ODE solver (euler, heun, ..., or adaptive dopri5 ...)")
+    parser.add_argument("--schedule", type=_names, default=None,
+                        help="flow: time grid uniform, shifted, karras, cosine, ays, or a comma list to compare")
+    parser.add_argument("--rtol", type=float, default=None, help="flow: adaptive solver relative tolerance")
+    parser.add_argument("--atol", type=float, default=None, help="flow: adaptive solver absolute tolerance")
     parser.add_argument("--dataset", default=None, help="reference dataset (default: from train_config.json)")
     parser.add_argument("--features", type=_features, default=["domain", "inception"],
                         help="feature spaces: domain,inception (default both)")
@@ -199,7 +249,9 @@ def main_eval(argv: list[str] | None = None) -> int:
     report = eval_pipeline(args.path, args.metrics, args.num_samples, args.num_inference_steps, args.guidance_scale,
                            dataset=args.dataset,
                            features=args.features, seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
-                           feature_net_path=args.feature_net, inception_weights=args.inception_weights)
+                           feature_net_path=args.feature_net, inception_weights=args.inception_weights,
+                           schedule=args.schedule,
+                           scheduler_options={"solver": args.solver, "rtol": args.rtol, "atol": args.atol})
     print(report["markdown"])
     print(f"wrote {report['files']['json']}" + (f" and {report['plot']}" if "plot" in report else ""))
     return 0

@@ -5,6 +5,7 @@
     genmod sample CHECKPOINT_OR_PIPELINE [...]     sample a PNG grid (and PNGs / .npz) from a model
     genmod eval CHECKPOINT_OR_PIPELINE [...]       FID / IS / KID / precision-recall of a model
     genmod eval-folder A B                         metrics between two folders of images
+    genmod ays FLOW_PIPELINE --steps 10            optimise an Align-Your-Steps time grid, saved with the pipeline
     genmod eval-tokenizer TOKENIZER_DIR            PSNR / SSIM / LPIPS / codebook usage of a tokenizer
     genmod tokenize TOKENIZER_DIR                  cache a dataset's latents / indices
     genmod make-speech-digits --out DIR            generate the spoken-digits corpus with espeak-ng
@@ -32,6 +33,7 @@ COMMANDS = {
     "sample": ("genmod.sampling", "main", "sample from a checkpoint or pipeline folder into a PNG grid / PNGs / .npz"),
     "eval": ("genmod.evals.cli", "main_eval", "FID / IS / KID / precision-recall of a checkpoint or pipeline"),
     "eval-folder": ("genmod.evals.cli", "main_eval_folder", "metrics between two folders of images"),
+    "ays": ("genmod.flow.ays", "main", "optimise an Align-Your-Steps time grid for a flow pipeline and save it with it"),
     "eval-tokenizer": ("genmod.tokenizer.cli", "main_eval_tokenizer", "reconstruction metrics of a tokenizer"),
     "tokenize": ("genmod.tokenizers_vq.cache", "main", "encode a dataset once into cached latents / indices"),
     "make-shards": ("genmod.data.shard_writer", "main", "write an image / audio folder as webdataset tar shards"),

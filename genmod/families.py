@@ -35,12 +35,16 @@ class SampleOption:
 SAMPLE_OPTIONS = {option.keyword: option for option in (
     SampleOption("num_inference_steps", int, "solver steps (VAR: the number of scales)", alias="--steps"),
     SampleOption("guidance_scale", float, "classifier-free guidance scale w (1 = off)", alias="--guidance"),
-    SampleOption("solver", str, "ODE solver: euler, midpoint, heun, rk4, dpmsolver++2m"),
+    SampleOption("solver", str, "ODE solver: euler, midpoint, heun, rk4, dpmsolver++2m; flow also adaptive dopri5, "
+                 "dopri8, bosh3, fehlberg2, adaptive_heun (with --rtol / --atol)"),
+    SampleOption("rtol", float, "adaptive solver relative tolerance"),
+    SampleOption("atol", float, "adaptive solver absolute tolerance"),
     SampleOption("num_ar_steps", int, "number of AR steps", alias="--ar-steps"),
     SampleOption("prompt", str, "text prompt"),
     SampleOption("num_frames", int, "frames to generate", alias="--frames"),
     SampleOption("num_context_frames", int, "clean context frames", alias="--context"),
-    SampleOption("schedule", str, "scheduling matrix: full_sequence, autoregressive, pyramid"),
+    SampleOption("schedule", str, "diffusion-forcing: scheduling matrix full_sequence, autoregressive, pyramid; "
+                 "flow: time grid uniform, shifted, karras, cosine, ays (a grid saved by genmod ays)"),
     SampleOption("top_k", int, "sample from the k most likely tokens"),
     SampleOption("top_p", float, "nucleus sampling mass"),
     SampleOption("temperature", float, "sampling temperature"),
@@ -78,7 +82,7 @@ _STEPS_AND_GUIDANCE = ("num_inference_steps", "guidance_scale")
 
 FAMILIES = (
     FamilyRow("flow", "genmod.flow.family", "genmod.flow.pipeline:FlowMatchingPipeline",
-              _STEPS_AND_GUIDANCE, scheduler_options=("solver",)),
+              _STEPS_AND_GUIDANCE, scheduler_options=("solver", "schedule", "rtol", "atol")),
     FamilyRow("tokenizer", "genmod.tokenizer.family"),
     FamilyRow("var", "genmod.var.family", "genmod.var.pipeline:VARPipeline",
               (*_STEPS_AND_GUIDANCE, "top_k", "top_p", "temperature")),

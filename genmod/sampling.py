@@ -96,6 +96,10 @@ def check_arguments(args) -> None:
             raise ValueError(f"{_flag_names(keyword)}: must be >= {low}, got {value}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    for keyword in ("rtol", "atol"):
+        value = getattr(args, keyword, None)
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"--{keyword}: must be in (0, 1), got {value}")
 
 
 def _sample_options(pipe, args) -> dict:
@@ -184,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     _apply_scheduler_options(pipe, args)
     pipe.set_progress_bar_config(disable=True)
     labels = _labels(pipe, args.class_labels, args.num)
-    outputs = []
+    outputs, adaptive_nfe = [], []
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", unit="batch"):
         n = min(args.batch_size, args.num - start)
         out = call_pipeline(pipe, args, n, start, labels)
         outputs.append(out)
+        if getattr(getattr(pipe, "scheduler", None), "is_adaptive", False):  # dopri5 ...: the calls it chose
+            adaptive_nfe.append(pipe.scheduler.last_nfe)
     first = outputs[0]
     if hasattr(first, "images"):
         images = torch.cat([torch.as_tensor(o.images) for o in outputs])
@@ -216,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if v is not None}
     settings["pipeline"] = type(pipe).__name__
     settings["scheduler"] = dict(getattr(pipe.scheduler, "config", {})) if hasattr(pipe, "scheduler") else None
+    if adaptive_nfe:
+        settings["adaptive_nfe_per_batch"] = adaptive_nfe
     if hasattr(pipe, "sampling_settings"):  # defaults saved with the pipeline (VAR: guidance, top-k/p, temperature)
         settings["pipeline_defaults"] = pipe.sampling_settings()
     with atomic_write(settings_path(args)) as f:

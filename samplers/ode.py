@@ -22,6 +22,10 @@ solvers take the step onto t = 0 as a jump to the data prediction, ``x_0 = alpha
 eps(x_t)`` (1 NFE, the first-order DDIM / DPM-Solver step), instead of evaluating the velocity at t = 0.
 
 All solvers accept a strictly monotone grid; going 0 -> 1 (inversion) works for the Runge-Kutta ones.
+
+Adaptive solvers (``dopri5`` and torchdiffeq's other embedded pairs, ``genmod.samplers.adaptive``) go
+through ``sample_ode`` too, with ``rtol`` / ``atol``; they evaluate the velocity at the grid's end, so
+with an x0-predicting network or a path singular at t = 0 the grid must end at some t_min > 0.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genmod.core.paths import AffinePath, LinearPath
+from genmod.samplers.adaptive import ADAPTIVE_METHODS, solve_adaptive
 from genmod.samplers.steppers import (
     METHODS,
     SOLVER_ALIASES,
@@ -40,7 +45,7 @@ from genmod.samplers.steppers import (
     evaluation_times,
     intervals,
     run_step,
-    velocity_singular_at_zero,  # noqa: F401  (re-exported: genmod.samplers.ode.velocity_singular_at_zero)
+    velocity_singular_at_zero,  # also re-exported: genmod.samplers.ode.velocity_singular_at_zero
 )
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,12 +134,16 @@ def sample_ode(
     enable_grad: bool = False,
     final_euler: bool = False,
     prediction: str = "velocity",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
 ):
     """Integrate ``dx/dt = velocity_fn(x, t)`` over ``time_grid`` (``time_grid[0]`` is where ``x_init`` lives).
 
     Args:
         velocity_fn: ``(x [B, ...], t [B]) -> velocity`` like x (or the ``prediction`` it names).
-        method: ``euler``, ``midpoint``, ``heun``, ``rk4`` or ``dpm_solver_pp_2m``.
+        method: ``euler``, ``midpoint``, ``heun``, ``rk4`` or ``dpm_solver_pp_2m``; or an adaptive one through
+            torchdiffeq (``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``), which steps
+            between the grid's times on its own and reports the calls it used in the stats' ``nfe``.
         path: the affine path (DPM-Solver++ converts the velocity to x0 with it); default linear.
         callback: called as ``callback(step_index, t_next, x_next)`` after each step.
         progress: show a tqdm bar over steps.
@@ -143,17 +152,26 @@ def sample_ode(
         final_euler: Heun only: make the step onto t = 0 an Euler step (EDM's choice, one NFE fewer).
         prediction: ``velocity`` (default), ``x0`` or ``epsilon``: what ``velocity_fn`` returns; other types
             are converted with ``path``, and x0 makes the step onto t = 0 a jump to the data prediction.
+        rtol, atol: the adaptive solvers' relative and absolute tolerances (ignored by the fixed-step ones).
     """
     name = SOLVER_ALIASES.get(method, method)
-    if name not in SOLVERS:
-        raise ValueError(f"method: expected one of {', '.join(SOLVERS)}, got {method!r}")
+    if name not in SOLVERS and name not in ADAPTIVE_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(list(SOLVERS) + list(ADAPTIVE_METHODS))}, got {method!r}")
     if not torch.is_tensor(x_init):
         raise ValueError(f"x_init: expected a tensor, got {type(x_init).__name__}")
-    settings = ODESolver(name, path or LinearPath(), prediction, final_euler=final_euler)
-    counter = NFECounter(as_velocity_fn(velocity_fn, settings.path, prediction))
+    path = path or LinearPath()
+    counter = NFECounter(as_velocity_fn(velocity_fn, path, prediction))
     grid = torch.as_tensor(time_grid, dtype=torch.float64)
     with torch.set_grad_enabled(enable_grad):
-        x = solve(settings, counter, x_init, grid, callback=callback, progress=progress)
+        if name in ADAPTIVE_METHODS:
+            intervals(grid)  # the same grid checks as the fixed-step solvers
+            if float(grid[-1]) == 0.0 and (prediction == "x0" or velocity_singular_at_zero(path)):
+                raise ValueError(f"time_grid: {name} evaluates the velocity at t = 0, which this path / prediction "
+                                 "cannot give; end the grid at a small t_min > 0")
+            x = solve_adaptive(counter, x_init, grid, name, rtol=rtol, atol=atol, callback=callback)
+        else:
+            settings = ODESolver(name, path, prediction, final_euler=final_euler)
+            x = solve(settings, counter, x_init, grid, callback=callback, progress=progress)
     if return_stats:
         return x, SolverStats(nfe=counter.nfe, num_steps=grid.numel() - 1, time_grid=grid)
     return x

@@ -130,7 +130,8 @@ class FlowMatchingPipeline(GenmodPipeline):
     def prepare_timesteps(self, num_inference_steps: int, sigmas, device) -> torch.Tensor:
         """Set the scheduler's grid: the uniform 1 -> 1/N (then 0) as Flux/SD3 pass it, or ``sigmas``."""
         accepts_sigmas = "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters
-        if sigmas is None and accepts_sigmas:
+        own_grid = getattr(self.scheduler.config, "schedule", "uniform") != "uniform"  # karras, ays ...: the scheduler's
+        if sigmas is None and accepts_sigmas and not own_grid:
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         if sigmas is not None:
             if not accepts_sigmas:
@@ -164,7 +165,10 @@ class FlowMatchingPipeline(GenmodPipeline):
     def denoise(self, latents, timesteps, labels, callback_on_step_end, callback_tensor_inputs):
         """The diffusers loop: one network call and one ``scheduler.step`` per timestep, then the callback.
 
-        Guidance ``(self.guidance_scale, interval)`` is read at every step, so a callback may change it."""
+        Guidance ``(self.guidance_scale, interval)`` is read at every step, so a callback may change it. An
+        adaptive scheduler (dopri5 ...) integrates the whole grid in one ``integrate`` call (one step here)."""
+        if getattr(self.scheduler, "is_adaptive", False):
+            return self.denoise_adaptive(latents, timesteps, labels, callback_on_step_end, callback_tensor_inputs)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -184,6 +188,23 @@ class FlowMatchingPipeline(GenmodPipeline):
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress.update()
+        return latents
+
+
+    def denoise_adaptive(self, latents, timesteps, labels, callback_on_step_end, callback_tensor_inputs):
+        """One adaptive solve from the grid's start to t = 0; the network sees ``timestep = N_train t``."""
+        num_train = self.scheduler.config.num_train_timesteps
+
+        def model_output(x, t):
+            guidance = None if labels is None else (self.guidance_scale, self._guidance_interval)
+            return self.guided_output(x.to(self.transformer.dtype), (t[0] * num_train).to(x.dtype), labels,
+                                      guidance).to(x.dtype)
+
+        latents = self.scheduler.integrate(model_output, latents)
+        if callback_on_step_end is not None:
+            available = {"latents": latents}
+            outputs = callback_on_step_end(self, 0, timesteps[0], {name: available[name] for name in callback_tensor_inputs})
+            latents = outputs.pop("latents", latents)
         return latents
 
 
