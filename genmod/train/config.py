@@ -60,8 +60,10 @@ class TrainConfig:
     # speed switches (docs/scale/speed.md): torch.compile the model; recompute transformer blocks in backward
     compile: bool = False
     gradient_checkpointing: bool = False
-    # EMA of the weights; 0 = off. Warmup: decay_t = min(decay, 1 - (1 + t/inv_gamma)^-power)
+    # EMA of the weights; 0 = off. Bias correction (Adam's, genmod.train.ema): the average never keeps a share
+    # of the initial weights. Warmup: decay_t <= 1 - (1 + t/inv_gamma)^-power
     ema_decay: float = 0.9999
+    ema_bias_correction: bool = True
     ema_warmup: bool = False
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
