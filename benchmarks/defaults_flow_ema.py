@@ -62,13 +62,17 @@ def _trainer_class():
     return VariantTrainer
 
 
-def train(save_at: list[int], flags: list[str]) -> dict:
-    import genmod.flow.family  # noqa: F401  (registers "flow")
+def train(save_at: list[int], flags: list[str], family: str = "flow") -> dict:
+    """``genmod train FAMILY FLAGS`` with the extra EMAs (any family; ``eval`` is flow's)."""
+    import importlib
+
+    from genmod.families import family_row
     from genmod.presets import preset_files
     from genmod.train import get_family, parse_config
 
-    entry = get_family("flow")
-    config = parse_config(entry.config_class, flags, presets=preset_files("flow"))
+    importlib.import_module(family_row(family).module)  # registers the family
+    entry = get_family(family)
+    config = parse_config(entry.config_class, flags, presets=preset_files(family))
     trainer_class = _trainer_class()
     trainer_class.save_at = tuple(save_at)
     cpu0, wall0 = time.process_time(), time.monotonic()
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train flow (flags after --) with the extra EMAs")
     p_train.add_argument("--save-at", type=_ints, required=True)
+    p_train.add_argument("--family", default="flow")
     p_eval = sub.add_parser("eval", help="evaluate each EMA at each step")
     p_eval.add_argument("run_dir")
     p_eval.add_argument("--steps", type=_ints, required=True)
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--guidance", type=float, default=2.0)
     args = parser.parse_args(argv)
     if args.command == "train":
-        train(args.save_at, flags)
+        train(args.save_at, flags, args.family)
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]

@@ -48,8 +48,10 @@ def write_raw_checkpoint(checkpoint: str, out: str) -> dict:
     from genmod.train.checkpoint import read_trainer_state
 
     initial, config = initial_weights(checkpoint)
-    if not config.ema_bias_correction:
-        raise ValueError(f"{checkpoint}: trained without EMA bias correction; its ema/ is already the raw EMA")
+    if not config.ema_bias_correction or config.ema_warmup:
+        raise ValueError(f"{checkpoint}: the identity needs the bias-corrected EMA without warmup "
+                         f"(--no-ema_warmup); this run has bias_correction={config.ema_bias_correction}, "
+                         f"warmup={config.ema_warmup}")
     num_updates = int(read_trainer_state(checkpoint).get("ema_num_updates", 0))
     if os.path.exists(out):
         shutil.rmtree(out)

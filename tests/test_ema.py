@@ -84,9 +84,10 @@ def test_state_dict_without_bias_correction_key_loads():
 
 
 def test_checkpoint_saved_before_the_change_resumes(tmp_path, caplog):
-    """An old checkpoint: train_config.json without ``ema_bias_correction`` and trainer_state.json without
-    ``ema_num_updates`` (and, as then, no manifest). Resume takes the update count from the step and continues the saved shadow with the
-    corrected decays d_t, t = 4, 5 (the assumption: the saved shadow is the average so far), with a warning."""
+    """An old checkpoint: train_config.json with ``ema_warmup`` false and no ``ema_bias_correction``,
+    trainer_state.json without ``ema_num_updates`` (and, as then, no manifest). Resume takes the update count
+    from the step and continues the saved shadow with this run's decays d_t, t = 4, 5 (the assumption: the saved
+    shadow is the average so far, its share of the initial weights stays), and says so in two warnings."""
     run_toy(tmp_path, max_steps=4, checkpoint_every=4)
     old = tmp_path / "checkpoints" / "step-00000004"
     for name, keys in (("train_config.json", ["ema_bias_correction"]),
@@ -94,6 +95,8 @@ def test_checkpoint_saved_before_the_change_resumes(tmp_path, caplog):
         data = json.loads((old / name).read_text())
         for key in keys:
             data.pop(key)
+        if name == "train_config.json":
+            data["ema_warmup"] = False
         (old / name).write_text(json.dumps(data))
     os.remove(old / "manifest.json")
     saved = load_weights(str(old / "ema"))
@@ -102,10 +105,10 @@ def test_checkpoint_saved_before_the_change_resumes(tmp_path, caplog):
         run_toy(tmp_path, max_steps=6, resume="latest",
                 callbacks=[lambda trainer, step, metrics: seen.append(
                     {k: v.detach().clone() for k, v in trainer.model.named_parameters()})])
-    assert "saved before EMA bias correction" in caplog.text
+    assert "saved before EMA bias correction" in caplog.text and "ema_warmup: False -> True" in caplog.text
     expected = dict(saved)
-    for t, weights in zip((4, 5), seen):
-        d = corrected_decay(0.9, t)
+    for t, weights in zip((4, 5), seen):  # the default schedule: warmup, with bias correction under it
+        d = min(corrected_decay(0.9, t), 1 - (1 + t) ** -0.75)
         expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
     final = load_weights(str(tmp_path / "checkpoints" / "step-00000006" / "ema"))
     for key, value in expected.items():

@@ -191,7 +191,7 @@ def _run_worker(out, *extra, kill_step=None, ema=("--ema_warmup",)):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
-@pytest.mark.parametrize("ema", [("--ema_warmup",), ()], ids=["warmup+bias_correction", "bias_correction"])
+@pytest.mark.parametrize("ema", [("--ema_warmup",), ("--no-ema_warmup",)], ids=["warmup+bias_correction", "bias_correction"])
 def test_sigkill_and_resume_reproduce_uninterrupted_run(tmp_path, ema):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = _run_worker(straight, ema=ema)
