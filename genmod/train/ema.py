@@ -15,9 +15,11 @@ so the shadow holds the corrected average at every step: checkpoints' ``ema/`` f
 the exported pipeline read it as it is, and resume needs only ``num_updates`` (kept in the state).
 It weights the T iterates seen as ``(1 - d) d^(T-1-t) / (1 - d^T)`` and gives the initial weights none.
 
-**Warmup** (optional, combinable): the ``inv_gamma``/``power`` schedule of diffusers' ``EMAModel``
-(after Karras' "EMA warmup"), ``d_t <= 1 - (1 + t / inv_gamma) ** -power``; with both on, the smaller
-decay is used. Only floating-point parameters are averaged; buffers come from the live model.
+**Warmup** (the trainer's default, ``TrainConfig.ema_warmup``; combinable): the ``inv_gamma``/``power``
+schedule of diffusers' ``EMAModel`` (after Karras' "EMA warmup"), ``d_t <= 1 - (1 + t / inv_gamma) ** -power``:
+the averaging window grows with the run instead of spanning a fixed share of a short one (measured better
+at 500-2000 steps, docs/RESULTS.md issue 19); with both on, the smaller decay is used. Only floating-point
+parameters are averaged; buffers come from the live model.
 """
 
 from __future__ import annotations
