@@ -22,9 +22,10 @@ FIRST_RUNS = {
         "domain-FID 3.7 (docs/RESULTS.md)."),
     "DiffusionForcingConfig": (
         "first run: `genmod train diffusion-forcing --cpu` (moving shapes) takes about 5 CPU-minutes (1000 steps "
-        "at 0.3 CPU-s); its frames are not yet recognisable: the transformer needs far longer (8000 steps: "
-        "rollout MSE below copy-last-frame, objects fade) and `--preset moving-shapes-unet` (about 80 CPU-minutes "
-        "in all) keeps the frames' look but not the object's identity (docs/RESULTS.md)."),
+        "at 0.3 CPU-s); its rollouts dissolve into speckle within a few frames (shape class found in 20% of the "
+        "frames): the transformer needs far longer (8000 steps: rollout MSE below copy-last-frame, objects fade) "
+        "and `--preset moving-shapes-unet` (about 80 CPU-minutes in all) keeps the frames' look but not the "
+        "object's identity (docs/RESULTS.md)."),
     "VARConfig": (
         "first run: VAR needs a multi-scale tokenizer (`--tokenizer`; without one the command stops with a "
         "one-line error): `genmod train tokenizer --preset msvq-shapes --cpu` (about 25 minutes), then "
