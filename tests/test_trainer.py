@@ -126,7 +126,7 @@ def losses(output_dir):
 def test_ema_update_equals_formula():
     model = torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in model.parameters()]
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, bias_correction=False)  # the constant-decay formula (tests/test_ema.py: corrected)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -179,24 +179,25 @@ def test_epoch_sampler_splits_global_batches_across_ranks():
 # Exact resume after SIGKILL (during a checkpoint write, after an earlier checkpoint)
 
 
-def _run_worker(out, *extra, kill_step=None):
+def _run_worker(out, *extra, kill_step=None, ema=("--ema_warmup",)):
     cmd = [sys.executable, os.path.abspath(__file__)]
     if kill_step is not None:
         cmd += ["--kill-during-checkpoint", str(kill_step)]
     cmd += ["--output_dir", str(out), "--cpu", "--no-tensorboard", "--max_steps", "6", "--batch_size", "4",
-            "--grad_accum_steps", "2", "--lr", "1e-2", "--ema_decay", "0.9", "--ema_warmup", "--checkpoint_every",
+            "--grad_accum_steps", "2", "--lr", "1e-2", "--ema_decay", "0.9", *ema, "--checkpoint_every",
             "2", "--keep_last", "2", "--sample_every", "3", "--num_preview", "4", "--log_every", "0", "--seed", "5",
             "--dropout", "0.1", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
-def test_sigkill_and_resume_reproduce_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("ema", [("--ema_warmup",), ("--no-ema_warmup",)], ids=["warmup+bias_correction", "bias_correction"])
+def test_sigkill_and_resume_reproduce_uninterrupted_run(tmp_path, ema):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = _run_worker(straight)
+    done = _run_worker(straight, ema=ema)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    crash = _run_worker(killed, kill_step=4)
+    crash = _run_worker(killed, kill_step=4, ema=ema)
     assert crash.returncode == -signal.SIGKILL, crash.stderr[-2000:]
     # the kill hit the step-4 write: it stays invisible, latest still names the complete step 2
     assert [step for step, _ in list_checkpoints(killed)] == [2]
@@ -204,7 +205,7 @@ def test_sigkill_and_resume_reproduce_uninterrupted_run(tmp_path):
     assert find_checkpoint(killed, "latest").endswith("step-00000002")
     assert max(m["step"] for m in read_metrics(killed)) == 4  # the killed run got further than its checkpoint
 
-    resumed = _run_worker(killed, "--resume", "latest")
+    resumed = _run_worker(killed, "--resume", "latest", ema=ema)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = losses(straight), losses(killed)
     assert len(expected) == 6 and got == expected  # bitwise: noise, dropout and data order all restored

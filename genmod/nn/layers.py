@@ -18,7 +18,7 @@ from genmod.nn.norms import RMSNorm, make_norm
 __all__ = [
     "RMSNorm", "LayerNormNoAffine", "make_norm", "Mlp", "SwiGLU", "swiglu_hidden_size", "make_mlp", "modulate",
     "drop_path", "DropPath", "AdaLNZeroBlock", "PreNormBlock", "CausalBlock", "FinalLayer", "DiffusionHead",
-    "xavier_init_",
+    "xavier_init_", "fused_xavier_",
 ]
 
 
@@ -118,11 +118,39 @@ def _zero_(linear: nn.Linear) -> None:
         nn.init.zeros_(linear.bias)
 
 
+def fused_xavier_(linears: list[nn.Linear]) -> None:
+    """One xavier-uniform draw for the stacked ``[sum(out), in]`` weight of linears that read the same input,
+    split among them: each gets the fused bound ``sqrt(6 / (in + sum(out)))`` (DiT's timm ``Attention``
+    holds q, k, v as one ``qkv = Linear(D, 3D)``, so its q/k/v start at ``sqrt(6 / 4D)``, not ``sqrt(6 / 2D)``)."""
+    sizes = [linear.out_features for linear in linears]
+    first = linears[0].weight
+    weight = torch.empty(sum(sizes), first.shape[1], device=first.device, dtype=first.dtype)
+    nn.init.xavier_uniform_(weight)
+    with torch.no_grad():
+        for linear, part in zip(linears, weight.split(sizes)):
+            linear.weight.copy_(part)
+
+
+def _projection_groups(attention: Attention) -> list[list[nn.Linear]]:
+    """The fused linears of the reference codes: ``qkv`` (self-attention), or ``q`` and ``kv`` (cross-attention)."""
+    if attention.is_cross:
+        return [[attention.to_q], [attention.to_k, attention.to_v]]
+    return [[attention.to_q, attention.to_k, attention.to_v]]
+
+
 def xavier_init_(module: nn.Module) -> None:
-    """DiT's base init: xavier-uniform weights and zero biases for every ``nn.Linear`` inside ``module``."""
-    for m in module.modules():
+    """DiT's base init (``initialize_weights``, Peebles & Xie 2023): xavier-uniform weights and zero biases for
+    every ``nn.Linear`` inside ``module``, the q/k/v projections of each :class:`Attention` drawn as DiT's one
+    fused ``qkv`` matrix (:func:`fused_xavier_`)."""
+    fused = set()
+    for m in module.modules():  # an Attention comes before its projections
+        if isinstance(m, Attention):
+            for group in _projection_groups(m):
+                fused_xavier_(group)
+                fused.update(id(linear) for linear in group)
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            if id(m) not in fused:
+                nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

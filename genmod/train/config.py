@@ -60,9 +60,13 @@ class TrainConfig:
     # speed switches (docs/scale/speed.md): torch.compile the model; recompute transformer blocks in backward
     compile: bool = False
     gradient_checkpointing: bool = False
-    # EMA of the weights; 0 = off. Warmup: decay_t = min(decay, 1 - (1 + t/inv_gamma)^-power)
+    # EMA of the weights; 0 = off (genmod.train.ema). Warmup (diffusers' EMAModel, Karras' EMA warmup):
+    # decay_t <= 1 - (1 + t/inv_gamma)^-power, an averaging window that grows with the run (on by default since
+    # issue 19: measured better than a constant decay in short runs); bias correction (Adam's): no schedule
+    # keeps a share of the initial weights
     ema_decay: float = 0.9999
-    ema_warmup: bool = False
+    ema_bias_correction: bool = True
+    ema_warmup: bool = True
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
     # checkpoints, previews and logs (every N optimizer steps; 0 = off)

@@ -19,7 +19,11 @@ __all__ = ["parse_config", "config_help"]
 
 def config_help(cls, presets: Optional[dict] = None) -> str:
     """One line per field (flag, type, default), then the names of ``presets`` if there are any."""
-    lines = [f"options of {cls.__name__} (every field is a flag; --config FILE.json loads a saved config):"]
+    from .first_runs import first_run_note
+
+    note = first_run_note(cls)
+    lines = [note, ""] if note else []
+    lines.append(f"options of {cls.__name__} (every field is a flag; --config FILE.json loads a saved config):")
     defaults = cls()
     for name, tp in _field_types(cls).items():
         default = getattr(defaults, name)

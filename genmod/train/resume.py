@@ -160,6 +160,10 @@ class ResumeMixin:
                    if k in saved and k not in ignored and saved[k] != v]
         if changed:
             logger.warning("resuming %s with changed options: %s", path, "; ".join(changed))
+        if self.ema is not None and self.ema.bias_correction and "ema_bias_correction" not in saved:
+            logger.warning("%s: saved before EMA bias correction; its EMA (which still holds a share of the initial "
+                           "weights) continues bias-corrected from here (--no-ema_bias_correction keeps the old "
+                           "constant decay)", path)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines after ``step`` (written by the killed run) so the file reads as one run."""

@@ -167,7 +167,7 @@ class Trainer(ResumeMixin, ExportMixin, LogMixin):
         self.ema_model = None
         if config.ema_decay > 0:  # the shadow is sharded like the parameters under FSDP
             self.ema = EMA(unwrap_model(self.model), config.ema_decay, config.ema_warmup, config.ema_inv_gamma,
-                           config.ema_power).to(self.device)
+                           config.ema_power, bias_correction=config.ema_bias_correction).to(self.device)
             source = self.full_model if self.sharded else unwrap_model(self.model)
             if source is not None:
                 self.ema_model = copy.deepcopy(source).eval().requires_grad_(False)
