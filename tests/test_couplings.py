@@ -1,5 +1,6 @@
 """Minibatch OT / Sinkhorn / Schrodinger-bridge couplings (genmod.core.couplings) and the flow family's option."""
 
+import importlib.util
 import itertools
 
 import pytest
@@ -10,7 +11,7 @@ from genmod.core.couplings import (brownian_bridge_sample, coupling_permutation,
                                    transport_cost)
 from genmod.flow.toy import eight_gaussians, path_report, train_toy_flow, two_moons
 
-ot = pytest.importorskip("ot")
+needs_pot = pytest.mark.skipif(importlib.util.find_spec("ot") is None, reason="POT (pip install 'genmod[ot]')")
 
 
 def test_exact_ot_equals_brute_force_over_permutations():
@@ -25,6 +26,7 @@ def test_exact_ot_equals_brute_force_over_permutations():
     assert mean_transport_cost(x0, noise[perm]) == pytest.approx(float(cost[range(6), list(best)].mean()), rel=1e-12)
 
 
+@needs_pot
 def test_ot_and_sinkhorn_lower_the_transport_cost_on_8_gaussians():
     g = torch.Generator().manual_seed(1)
     x0, noise = eight_gaussians(256, g), torch.randn(256, 2, generator=g)
@@ -35,6 +37,7 @@ def test_ot_and_sinkhorn_lower_the_transport_cost_on_8_gaussians():
     assert exact <= entropic < 1.05 * exact  # reg 0.5 on costs of ~8: near the exact plan (7.9)
 
 
+@needs_pot
 def test_sinkhorn_plan_marginals_and_limits():
     g = torch.Generator().manual_seed(2)
     x0, noise = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
@@ -57,6 +60,7 @@ def test_row_sampling_follows_the_plan():
     assert (draws[:, 2] == 2).float().mean().item() == pytest.approx(0.35 / 0.45, abs=0.03)
 
 
+@needs_pot
 def test_class_conditional_coupling_stays_within_class():
     g = torch.Generator().manual_seed(4)
     x0, noise = torch.randn(40, 2, generator=g), torch.randn(40, 2, generator=g)

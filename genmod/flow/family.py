@@ -18,6 +18,7 @@ noise of the Schrodinger bridge. Reflow (``--reflow_from TEACHER``, ``genmod.flo
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -99,6 +100,8 @@ class FlowConfig(TrainConfig):
         """Couplings, reflow and distillation flags agree with each other and with the path."""
         if not self.coupling_reg > 0 or self.sb_sigma < 0:
             raise ConfigError(f"--coupling_reg / --sb_sigma: expected > 0 / >= 0, got {self.coupling_reg}, {self.sb_sigma}")
+        if self.coupling in ("sinkhorn", "sb") and importlib.util.find_spec("ot") is None:
+            raise ConfigError(f"--coupling {self.coupling}: needs POT; pip install 'genmod[ot]'")
         if self.coupling == "sb" and (self.path != "linear" or self.prediction != "velocity" or not self.sb_sigma > 0):
             raise ConfigError("--coupling sb: needs --path linear, --prediction velocity and --sb_sigma > 0")
         if self.reflow_from and self.coupling != "independent":
