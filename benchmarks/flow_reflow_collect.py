@@ -3,7 +3,7 @@
     python benchmarks/flow_reflow_collect.py --runs /work/runs/flow18b --out benchmarks/results/flow_core [--grid]
 
 Rows: Euler steps 1, 2, 4, 8; columns: the teacher (Euler, CFG 2), the reflowed model and the 2-step student
-(Euler, no CFG); the teacher at Heun 50 (CFG 2) is the reference. Domain FID / KID at N = 300 with the
+(Euler, no CFG); the teacher at 50 Euler steps (CFG 2) is the reference. Domain FID / KID at N = 300 with the
 real-vs-real floor at the same N, and the domain classifier's accuracy on the samples.
 """
 
@@ -15,8 +15,8 @@ import os
 
 import torch
 
-EVALS = {"teacher Heun 50, CFG 2": "eval_teacher_heun50", "teacher Euler, CFG 2": "eval_teacher_euler",
-         "reflow (2-RF), no CFG": "eval_reflow", "2-step student, no CFG": "eval_distill2"}
+EVALS = {"teacher Euler, CFG 2": "eval_teacher_euler", "reflow (2-RF), no CFG": "eval_reflow",
+         "2-step student, no CFG": "eval_distill2"}
 
 
 def read_runs(folder: str) -> list[dict]:
@@ -33,14 +33,14 @@ def read_runs(folder: str) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    ref = results.get("teacher Heun 50, CFG 2") or []
+    ref = [r for r in results.get("teacher Euler, CFG 2") or [] if r["steps"] == 50]
     lines = []
     if ref:
         r = ref[0]
-        lines.append(f"Reference: teacher, Heun 50 steps (100 NFE), CFG 2 (200 network evaluations per sample): "
+        lines.append(f"Reference: the teacher at 50 Euler steps, CFG 2 (100 network evaluations per sample): "
                      f"domain-FID {r['fid']:.2f} (floor {r['floor_fid']:.2f}), KID {r['kid']:.2f} ± {r['kid_std']:.2f}, "
                      f"class accuracy {r['accuracy']:.3f}.\n")
-    names = [n for n in EVALS if n != "teacher Heun 50, CFG 2" and results.get(n)]
+    names = [n for n in EVALS if results.get(n)]
     lines.append("| Euler steps | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for steps in (1, 2, 4, 8):
