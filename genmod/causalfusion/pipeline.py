@@ -18,6 +18,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from genmod.causalfusion.sampling import CausalFusionSampling, sample_tokens
 from genmod.nn.embeddings import patchify, unpatchify
 from genmod.pipelines.base import GenmodPipeline
+from genmod.pipelines.callbacks import tensor_hook
 
 EDIT_MASKS = ("inpaint", "outpaint", "left", "right", "top", "bottom")
 
@@ -37,6 +38,8 @@ class CausalFusionPipeline(GenmodPipeline):
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+    scheduler = None  # set ``pipe.scheduler = <diffusers flow scheduler>`` to swap every AR step's solver
 
     def __init__(self, transformer, vae=None, id2label: dict | None = None, path: str = "linear",
                  prediction: str = "velocity", solver: str = "euler", time_grid: str = "uniform",
@@ -128,6 +131,8 @@ class CausalFusionPipeline(GenmodPipeline):
         use_cache: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
+        scheduler=None, callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate (or complete) images.
 
@@ -138,6 +143,8 @@ class CausalFusionPipeline(GenmodPipeline):
         ``guidance_interval=(t_lo, t_hi)``. ``generator``: one ``torch.Generator`` or one per sample.
         ``image`` + ``keep_mask`` (``[H, W]``, True = keep): zero-shot editing, see ``edit``.
         Unset ``num_inference_steps`` / ``guidance_scale`` / ``order`` / ``solver`` use the saved defaults.
+        ``scheduler`` (or ``pipe.scheduler``): a diffusers flow scheduler solving every AR step instead of ``solver``.
+        ``callback_on_step_end(pipe, ar_step, 0, {"latents"})`` after every AR step: see ``_ar_step_callback``.
         """
         saved = self.sampling_settings()
         num_inference_steps = saved["num_inference_steps"] if num_inference_steps is None else num_inference_steps
@@ -152,15 +159,32 @@ class CausalFusionPipeline(GenmodPipeline):
             num_ar_steps=num_steps, step_sizes=step_sizes, num_inference_steps=num_inference_steps,
             solver=solver or saved["solver"], time_grid=saved["time_grid"], path=saved["path"],
             prediction=saved["prediction"], guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-            order=order, use_cache=use_cache,
-        )
+            order=order, use_cache=use_cache, scheduler=scheduler if scheduler is not None else self.scheduler)
         with self.progress_bar(total=num_steps) as progress:
             tokens = sample_tokens(self.transformer, labels, batch_size, settings, generator=generator,
                                    known_tokens=known_tokens, known_mask=known_mask,
-                                   on_ar_step=lambda _: progress.update())
+                                   on_ar_step=lambda _: progress.update(),
+                                   on_ar_step_end=self._ar_step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs))
         images = self._tokens_to_output(tokens, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _ar_step_callback(self, callback, tensor_inputs):
+        """The sampler's ``on_ar_step_end(step, tokens)`` as ``callback_on_step_end`` on ``[B, C, H, W]`` latents.
+
+        The latents hold the tokens generated so far and noise elsewhere; returned latents replace the step's
+        tokens before they join the clean prefix (so later AR steps see them).
+        """
+        hook = tensor_hook(self, callback, tensor_inputs)
+        if hook is None:
+            return None
+        grid, patch = self.transformer.grid_size, self.transformer.config.patch_size
+
+        def on_ar_step_end(step: int, tokens_BLD: torch.Tensor):
+            returned = hook(step, unpatchify(tokens_BLD, patch, (grid, grid)))
+            return None if returned is None else patchify(returned.to(tokens_BLD.dtype), patch)
+
+        return on_ar_step_end
 
     def _labels_and_batch(self, class_labels, batch_size: int | None, device):
         """Class ids ``[B]`` (or None) and the batch size they imply (``batch_size`` must agree)."""

@@ -27,7 +27,8 @@ import torch
 from genmod.core.paths import AffinePath, get_path
 from genmod.core.settings import with_options
 from genmod.nn.attention import KVCache
-from genmod.samplers import classifier_free_guidance, get_time_grid, sample_ddpm, sample_ode
+from genmod.samplers import SolverStats, classifier_free_guidance, get_time_grid, sample_ddpm, sample_ode
+from genmod.samplers.scheduled import solve_with_scheduler
 
 
 def even_step_sizes(num_tokens: int, num_ar_steps: int) -> list[int]:
@@ -94,6 +95,9 @@ class CausalFusionSampling:
         guidance_scale, guidance_interval: CFG weight w (1 = off) and the t-interval where it applies.
         order: ``"random"`` (per sample), ``"raster"`` or an explicit ``[B, L]`` permutation.
         use_cache: KV cache for the clean prefix (otherwise the full masked sequence every call).
+        scheduler: a diffusers flow scheduler that replaces ``solver`` / ``time_grid`` for every AR step's
+            solve (``genmod.samplers.scheduled``: FlowMatchEuler, ``FlowMatchSolverScheduler``, DPM/UniPC
+            with flow settings), ``num_inference_steps`` steps on its own grid.
     """
 
     num_ar_steps: int = 1
@@ -107,6 +111,7 @@ class CausalFusionSampling:
     guidance_interval: tuple[float, float] | None = None
     order: str | torch.Tensor = "random"
     use_cache: bool = True
+    scheduler: object | None = None
 
     def __post_init__(self):
         if self.num_ar_steps < 1:
@@ -258,9 +263,18 @@ class _CleanPrefix:
 def _solve(velocity, x_BND: torch.Tensor, grid: torch.Tensor, settings: CausalFusionSampling, generator):
     """One AR step's diffusion: an ODE solve, or ancestral DDPM (``solver="ddpm"``, the official sampler;
     its noise comes from ``generator``, one draw per step in the token order of ``x_BND``)."""
+    if settings.scheduler is not None:  # a swapped-in diffusers scheduler (the pipeline's `scheduler`)
+        x, nfe = solve_with_scheduler(settings.scheduler, velocity, x_BND, settings.num_inference_steps)
+        return x, SolverStats(nfe=nfe, num_steps=settings.num_inference_steps, time_grid=grid)
     if settings.solver == "ddpm":
         return sample_ddpm(velocity, x_BND, grid, path=get_path(settings.path), generator=generator, return_stats=True)
     return sample_ode(velocity, x_BND, grid, method=settings.solver, path=get_path(settings.path), return_stats=True)
+
+
+def _step_end(on_ar_step_end, step: int, tokens_BLD: torch.Tensor, x_BND: torch.Tensor, pos_BN: torch.Tensor):
+    """``on_ar_step_end(step, tokens)`` may return replacement tokens; the step's own are then re-read from them."""
+    replaced = on_ar_step_end(step, tokens_BLD) if on_ar_step_end is not None else None
+    return (tokens_BLD, x_BND) if replaced is None else (replaced, _gather(replaced, pos_BN))
 
 
 @torch.no_grad()
@@ -275,6 +289,7 @@ def sample_tokens(
     known_mask: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     on_ar_step: Callable[[int], None] | None = None,
+    on_ar_step_end: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     return_stats: bool = False,
     **options,
 ):
@@ -284,7 +299,8 @@ def sample_tokens(
     ``class_labels``: ``[B]`` ids or None; ``settings``: a ``CausalFusionSampling`` (``options``, its field
     names, override single fields); ``generator``: one or one per sample (noise and random order).
     ``known_tokens`` ``[B, L, D]`` + ``known_mask`` ``[B, L]``: zero-shot editing, kept as a clean prefix.
-    ``noise``: initial noise ``[B, L, D]`` instead of drawing it; ``on_ar_step(step)`` after each AR step.
+    ``noise``: initial noise ``[B, L, D]`` instead of drawing it; ``on_ar_step(step)`` after each AR step;
+    ``on_ar_step_end(step, tokens_BLD)`` before the step's tokens join the clean prefix, may return replacements.
     Returns the tokens, and with ``return_stats`` also ``{"nfe": network calls, "step_sizes": ...}``.
     """
     settings = with_options(settings or CausalFusionSampling(), options, "sample_tokens")
@@ -310,6 +326,7 @@ def sample_tokens(
         # 4. write the clean tokens back (raster layout) and append them to the prefix
         x_BND = x_BND.to(tokens_BLD.dtype)
         tokens_BLD = tokens_BLD.scatter(1, pos_BN[..., None].expand(-1, -1, tokens_BLD.shape[-1]), x_BND)
+        tokens_BLD, x_BND = _step_end(on_ar_step_end, step, tokens_BLD, x_BND, pos_BN)  # a callback may replace them
         prefix.append(x_BND, pos_BN, push=step < len(sizes) - 1)
         start += size
         if on_ar_step is not None:

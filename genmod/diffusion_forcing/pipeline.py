@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from genmod.diffusion_forcing.sampling import RolloutSettings, rollout
 from genmod.diffusion_forcing.schedules import SCHEDULES
 from genmod.pipelines.base import GenmodPipeline
+from genmod.pipelines.callbacks import tensor_hook
 
 OUTPUT_TYPES = ("pt", "np", "frames", "latent")
 
@@ -42,6 +43,7 @@ class DiffusionForcingPipeline(GenmodPipeline):
     """
 
     model_cpu_offload_seq = "transformer"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, transformer, path: str = "cosine", prediction: str = "velocity", context_noise: float = 0.02,
                  schedule: str = "pyramid", slope: float = 1.0, frame_stack: int = 1, num_inference_steps: int = 20):
@@ -86,12 +88,14 @@ class DiffusionForcingPipeline(GenmodPipeline):
         generator=None,
         output_type: str = "pt",
         return_dict: bool = True,
+        callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate ``num_frames`` frames after ``context`` (``(B, C_f, C, H, W)`` in [-1, 1], or
         ``(B, steps, D)`` for sequences); without ``context``, ``num_context_frames`` (default 1)
         frames are generated first. ``schedule``: autoregressive | pyramid | full_sequence |
         trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off). ``stabilization``: see
         ``genmod.diffusion_forcing.stabilization``; ``clip_denoised``: ``auto`` clamps x0 to [-1, 1] for video only.
+        ``callback_on_step_end(pipe, chunk, 0, {"latents": frames [B, h, ...]})``: after every chunk; returned frames replace it.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -109,17 +113,21 @@ class DiffusionForcingPipeline(GenmodPipeline):
                 (1.0 if self.transformer.config.modality == "video" else None) if clip_denoised == "auto" else clip_denoised),
         )
         conditions = dict(class_labels=class_labels, actions=actions, generator=generator)
-        if context is None:
-            context = self._opening_frames(settings, num_context_frames, batch_size or 1, conditions, device)
-        else:
-            context = self._given_context(context, num_context_frames, generator, device)
+        context = self._start_context(context, settings, num_context_frames, batch_size, conditions, device)
+        on_chunk_end = tensor_hook(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         with self.progress_bar(total=1) as bar:
             out = rollout(self.transformer, context, int(num_frames), settings, schedule=schedule,
-                          chunk_size=chunk_size, **conditions)
+                          chunk_size=chunk_size, on_chunk_end=on_chunk_end, **conditions)
             bar.update()
         frames = self._format(out[:, context.shape[1]:], output_type)
         self.maybe_free_model_hooks()
         return DiffusionForcingPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _start_context(self, context, settings, num_context_frames, batch_size, conditions: dict, device):
+        """The given context frames, or ``num_context_frames`` opening frames generated from scratch."""
+        if context is None:
+            return self._opening_frames(settings, num_context_frames, batch_size or 1, conditions, device)
+        return self._given_context(context, num_context_frames, conditions["generator"], device)
 
     def _schedule(self, schedule):
         """The call's schedule (default the saved one); names are checked, matrices pass through."""

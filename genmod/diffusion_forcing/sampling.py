@@ -261,6 +261,7 @@ def rollout(
     batch_size: int | None = None,
     generator=None,
     progress: bool = False,
+    on_chunk_end=None,
     **options,
 ) -> torch.Tensor:
     """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame]``; returns ``[B, C + num_frames, *frame]``.
@@ -269,6 +270,8 @@ def rollout(
     stabilised history and is denoised along the scheduling matrix. ``settings``: a
     ``RolloutSettings``; ``options`` (its field names) override single fields. ``actions``:
     ``[B, C + num_frames, A]`` for action-conditioned models. Everything random comes from ``generator``.
+    ``on_chunk_end(chunk_index, frames [B, h, ...])`` after each chunk may return replacement frames, which are
+    then shown stabilised afresh to the later chunks (the pipeline's ``callback_on_step_end``).
     """
     settings = with_options(settings or RolloutSettings(), options, "rollout")
     if num_frames < 1:
@@ -284,6 +287,7 @@ def rollout(
         uncond_history = _set_history(run, frames, presented, start, keep, chunk_index)
         # 2. denoise the chunk along the scheduling matrix (Alg. 2)
         x, shown = _denoise_chunk(run, context.shape[0], h, start, uncond_history)
+        x, shown = _chunk_end(run, on_chunk_end, chunk_index, x, shown)
         # 3. the finished frames become clean context: kept as generated, shown stabilised
         frames.extend(x.unbind(1))
         presented.extend(shown)
@@ -291,6 +295,15 @@ def rollout(
             run.predictor.append_to_cache(torch.stack(shown, 1), start, keep_frames=run.window)
     run.bar.close()
     return torch.stack(frames, 1)
+
+
+def _chunk_end(run: _Rollout, on_chunk_end, chunk_index: int, x: torch.Tensor, shown: list):
+    """``on_chunk_end`` may replace the finished chunk; replaced frames are stabilised afresh for later chunks."""
+    replaced = on_chunk_end(chunk_index, x) if on_chunk_end is not None else None
+    if replaced is None:
+        return x, shown
+    x = replaced.to(x.dtype)
+    return x, list(run.stabilizer.static(x, run.generator).unbind(1))
 
 
 def _set_history(run: _Rollout, frames: list, presented: list, start: int, keep: int, chunk_index: int):

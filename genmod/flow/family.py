@@ -8,15 +8,23 @@ guidance, Ho & Salimans 2022). Everything random comes from the trainer's genera
 
 Pixel space by default; ``--tokenizer DIR`` trains in the latent space of a saved ``tokenizers_vq``
 tokenizer (the generator only sees "latents plus a decode function").
+
+Couplings (``--coupling ot|sinkhorn|sb``, ``genmod.core.couplings``): the batch's noise is re-paired with
+its data by a minibatch OT plan, within each class (Tong et al. 2023); ``sb`` adds the Brownian-bridge
+noise of the Schrodinger bridge. Reflow (``--reflow_from TEACHER``, ``genmod.flow.reflow``): the data are
+(noise, teacher sample) pairs, the loss uses the stored noise (Liu et al. 2022, Sec. 2.2), and with
+``--distill_steps K`` only the K Euler times are trained (Sec. 2.3, a K-step student).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
+from genmod.core.couplings import brownian_bridge_sample, couple
 from genmod.core.loss import flow_matching_loss
 from genmod.core.paths import get_path
 from genmod.core.time_sampling import get_time_sampler
@@ -66,6 +74,17 @@ class FlowConfig(TrainConfig):
     num_inference_steps: int = 20
     solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "heun"
     guidance_scale: float = 2.0
+    # minibatch couplings of noise and data (genmod.core.couplings): OT-CFM / SB-CFM, Tong et al. 2023
+    coupling: Literal["independent", "ot", "sinkhorn", "sb"] = "independent"
+    coupling_reg: float = 0.05  # entropic regularisation of --coupling sinkhorn (cost ||x0 - eps||^2)
+    sb_sigma: float = 0.5  # --coupling sb: bridge noise sigma sqrt(t (1 - t)), plan reg 2 sigma^2
+    # reflow / k-step distillation on (noise, teacher sample) pairs (genmod.flow.reflow; Liu et al. 2022)
+    reflow_from: Optional[str] = None  # teacher FlowMatchingPipeline folder
+    reflow_pairs: int = 4096
+    reflow_pairs_dir: Optional[str] = None  # default OUTPUT/reflow_pairs (resumable safetensors shards)
+    reflow_num_inference_steps: int = 50  # teacher ODE steps (its saved solver)
+    reflow_guidance_scale: float = 1.0  # teacher CFG while making pairs (the student then samples with w = 1)
+    distill_steps: int = 0  # K > 0: train only at the K-step Euler times (a K-step student)
 
     def validate(self) -> None:
         """The trainer's checks, then the network and sampler sizes (one line naming the flag)."""
@@ -80,6 +99,21 @@ class FlowConfig(TrainConfig):
             raise ConfigError(f"--mlp_ratio and --time_shift: must be > 0, got {self.mlp_ratio}, {self.time_shift}")
         if not 0 <= self.class_dropout_prob < 1:
             raise ConfigError(f"--class_dropout_prob: must be in [0, 1), got {self.class_dropout_prob}")
+        self.validate_pairing()
+
+    def validate_pairing(self) -> None:
+        """Couplings, reflow and distillation flags agree with each other and with the path."""
+        if not self.coupling_reg > 0 or self.sb_sigma < 0:
+            raise ConfigError(f"--coupling_reg / --sb_sigma: expected > 0 / >= 0, got {self.coupling_reg}, {self.sb_sigma}")
+        if self.coupling in ("sinkhorn", "sb") and importlib.util.find_spec("ot") is None:
+            raise ConfigError(f"--coupling {self.coupling}: needs POT; pip install 'genmod[ot]'")
+        if self.coupling == "sb" and (self.path != "linear" or self.prediction != "velocity" or not self.sb_sigma > 0):
+            raise ConfigError("--coupling sb: needs --path linear, --prediction velocity and --sb_sigma > 0")
+        if self.reflow_from and self.coupling != "independent":
+            raise ConfigError(f"--coupling {self.coupling}: reflow pairs are already coupled; use --coupling independent")
+        if self.distill_steps < 0 or (self.distill_steps and not self.reflow_from):
+            raise ConfigError(f"--distill_steps {self.distill_steps}: expected >= 0, and > 0 only with --reflow_from")
+        check_at_least(self, 1, "reflow_pairs", "reflow_num_inference_steps")
 
 
 class FlowFamily(ImageFamily):
@@ -109,15 +143,40 @@ class FlowFamily(ImageFamily):
             learn_sigma=cfg.learn_sigma, time_convention=cfg.time_convention, guidance_channels=cfg.guidance_channels,
         )
 
+    def build_dataset(self):
+        """The configured dataset, or with ``--reflow_from`` the teacher's (noise, sample) pairs (made if missing)."""
+        if not self.config.reflow_from:
+            return super().build_dataset()
+        if self._dataset is None:
+            from genmod.flow.reflow import make_reflow_pairs
+
+            self._dataset = make_reflow_pairs(self.config)
+        return self._dataset
+
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
+        cfg = self.config
         x0 = self.clean_data(batch)
         batch_size = x0.shape[0]
-        t = self.draw_time((batch_size,), generator, device=x0.device)
+        if cfg.distill_steps:
+            from genmod.flow.reflow import distill_times
+
+            t = distill_times(cfg.distill_steps, batch_size, generator, device=x0.device)
+        else:
+            t = self.draw_time((batch_size,), generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.path.sample(x0, noise, t).x_t
         labels = batch["label"].to(x0.device) if unwrap_model(model).config.num_classes else None
+        if "noise" in batch:  # reflow: the teacher's own noise of this sample
+            noise = batch["noise"].to(device=x0.device, dtype=x0.dtype)
+        elif cfg.coupling != "independent":
+            noise = couple(x0, noise, cfg.coupling, cfg.coupling_reg, cfg.sb_sigma, generator, labels)
+        if cfg.coupling == "sb":
+            z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t, target = brownian_bridge_sample(x0, noise, t, cfg.sb_sigma, z)
+            out = model(x_t, 1000 * t, labels, dropout_generator=generator).sample[:, : x0.shape[1]]
+            return {"loss": (out.float() - target.float()).pow(2).mean()}
+        x_t = self.path.sample(x0, noise, t).x_t
         out = model(x_t, 1000 * t, labels, dropout_generator=generator).sample[:, : x0.shape[1]]  # learn_sigma: first C
-        loss = flow_matching_loss(out, x0, noise, t, path=self.path, prediction=self.config.prediction)
+        loss = flow_matching_loss(out, x0, noise, t, path=self.path, prediction=cfg.prediction)
         return {"loss": loss}
 
     def velocity_fn(self, model, labels: Optional[torch.Tensor], guidance_scale: float, guidance_interval=None):

@@ -20,6 +20,7 @@ from diffusers.pipelines.pipeline_utils import AudioPipelineOutput, ImagePipelin
 from genmod.latentlm.sampling import generate_latents, generate_text
 from genmod.latentlm.text import BOL, BOS, EOL, LATENT, NULL, LatentLMTokenizer
 from genmod.pipelines.base import GenmodPipeline
+from genmod.pipelines.callbacks import tensor_hook
 
 
 class LatentLMPipeline(GenmodPipeline):
@@ -34,6 +35,8 @@ class LatentLMPipeline(GenmodPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+    scheduler = None  # set ``pipe.scheduler = <diffusers flow scheduler>`` to swap the head's solver
 
     def __init__(self, transformer, vae, sample_rate: Optional[int] = None, id2label: Optional[dict] = None,
                  num_head_steps: int = 10, guidance_scale: float = 3.0, temperature: float = 1.0):
@@ -84,6 +87,10 @@ class LatentLMPipeline(GenmodPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         use_kv_cache: bool = True,
+        guidance_interval: Optional[tuple[float, float]] = None,
+        scheduler=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate one sample per prompt (or class id / name).
 
@@ -91,6 +98,10 @@ class LatentLMPipeline(GenmodPipeline):
         list of strings; ``""``/None is unconditional. ``num_head_steps`` (alias
         ``num_inference_steps``): DPM-Solver++ steps of the diffusion head per latent.
         ``guidance_scale`` w: 1 is off. ``temperature``: scale of the head's initial noise.
+        ``guidance_interval=(lo, hi)``: guidance only for head times t in [lo, hi]. ``scheduler`` (or
+        ``pipe.scheduler``): a diffusers flow scheduler for every head solve instead of DPM-Solver++(2M).
+        ``callback_on_step_end(pipe, i, timestep, {"latents": z})`` runs after the head solve of latent token
+        ``i`` (``z`` ``[B, D]``, ``timestep`` 0); a returned ``latents`` replaces the token before the decoder reads it.
         ``generator``: one ``torch.Generator`` or a list of one per sample. Images come back as
         ``ImagePipelineOutput`` (pil / np / pt in [0, 1]), audio as ``AudioPipelineOutput`` (np, (B, 1, N)).
         """
@@ -103,8 +114,10 @@ class LatentLMPipeline(GenmodPipeline):
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         temp = self.config.temperature if temperature is None else temperature
         show_progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        on_latent = tensor_hook(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         tokens = generate_latents(self.transformer, cond, null, steps, w, temp, generator, use_kv_cache=use_kv_cache,
-                                  progress=show_progress)
+                                  progress=show_progress, scheduler=scheduler if scheduler is not None else self.scheduler,
+                                  guidance_interval=guidance_interval, on_latent=on_latent)
         latents = self.transformer.tokens_to_latents(tokens)
         if output_type == "latent":
             return ImagePipelineOutput(images=latents) if return_dict else (latents,)

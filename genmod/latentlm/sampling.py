@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from genmod.core.paths import get_path
 from genmod.latentlm.text import EOS, LATENT, PAD, pack_sequences
 from genmod.samplers import combine_guidance, get_time_grid, sample_logits, sample_ode
+from genmod.samplers.scheduled import solve_with_scheduler
 
 
 def randn_per_sample(shape: Sequence[int], generator, batch: int, device) -> torch.Tensor:
@@ -36,12 +37,15 @@ def randn_per_sample(shape: Sequence[int], generator, batch: int, device) -> tor
 
 
 def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: float = 1.0, temperature: float = 1.0,
-                generator=None, do_cfg: bool = False, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                generator=None, do_cfg: bool = False, noise: Optional[torch.Tensor] = None, scheduler=None,
+                guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
     """One latent per row of ``hidden [R, C]`` (``R = 2B`` with CFG: conditional rows first) -> ``[B, D]``.
 
     Solves the head's probability-flow ODE on the model's path with DPM-Solver++(2M) over a uniform
     ``num_steps`` grid from t = 1 to 0; the head's output is guided in its own prediction space
     (linear, so equal to guiding the velocity) and converted to a velocity with ``path.convert``.
+    ``scheduler``: a diffusers flow scheduler solving instead (``genmod.samplers.scheduled``);
+    ``guidance_interval=(lo, hi)``: CFG only for t in [lo, hi] (Kynkaanniemi et al. 2024), conditional rows elsewhere.
     """
     cfg = model.config
     path = get_path(cfg.path)
@@ -51,7 +55,10 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
     x = temperature * noise.to(hidden.dtype)
 
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if do_cfg:
+        guided = do_cfg and (guidance_interval is None or guidance_interval[0] <= float(t[0]) <= guidance_interval[1])
+        if do_cfg and not guided:
+            out = model.head(x_t, path.network_timestep(t), hidden[:batch])
+        elif guided:
             out = model.head(torch.cat([x_t, x_t]), path.network_timestep(torch.cat([t, t])), hidden)
             cond, uncond = out.chunk(2)
             out = combine_guidance(cond, uncond, guidance_scale)
@@ -61,6 +68,8 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
             out = path.convert(out, x_t, t, src=cfg.prediction, dst="velocity")
         return out
 
+    if scheduler is not None:
+        return solve_with_scheduler(scheduler, velocity, x, int(num_steps))[0]
     grid = get_time_grid("uniform", int(num_steps))
     return sample_ode(velocity, x, grid, method="dpm_solver_pp_2m", path=path)
 
@@ -68,8 +77,12 @@ def sample_head(model, hidden: torch.Tensor, num_steps: int, guidance_scale: flo
 @torch.no_grad()
 def generate_latents(model, prompts: list[list[int]], null_prompts: Optional[list[list[int]]] = None,
                      num_head_steps: int = 10, guidance_scale: float = 1.0, temperature: float = 1.0,
-                     generator=None, use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                     generator=None, use_kv_cache: bool = True, progress: bool = False, scheduler=None,
+                     guidance_interval: Optional[tuple[float, float]] = None, on_latent=None) -> torch.Tensor:
     """Latent tokens ``[B, L, D]`` following each prompt (id lists ending with ``<bol>``).
+
+    ``scheduler`` / ``guidance_interval``: see ``sample_head``; ``on_latent(i, z [B, D])`` after each head
+    solve may return a replacement for the latent before the decoder reads it.
 
     ``null_prompts`` (same count) are the unconditional prefixes for CFG (``<bos> <bol>`` for text,
     ``<bos> <null> <bol>`` for classes); guidance is off when absent or ``guidance_scale == 1``.
@@ -89,7 +102,11 @@ def generate_latents(model, prompts: list[list[int]], null_prompts: Optional[lis
     generated = []
     steps = range(num_latents)
     for i in tqdm(steps, desc="latents", leave=False, disable=not progress):
-        z = sample_head(model, hidden, num_head_steps, guidance_scale, temperature, generator, do_cfg)
+        z = sample_head(model, hidden, num_head_steps, guidance_scale, temperature, generator, do_cfg,
+                        scheduler=scheduler, guidance_interval=guidance_interval)
+        if on_latent is not None:
+            replaced = on_latent(i, z)
+            z = z if replaced is None else replaced
         generated.append(z)
         if i == num_latents - 1:
             break
