@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The job that made the numbers of docs/RESULTS.md "Issue 18": run as `flock /tmp/heavy3.lock bash benchmarks/flow_core_final_job.sh`
-# after benchmarks/flow_reflow_shapes.sh has trained the students (its steps 1-2).
+# after benchmarks/flow_reflow.sh has trained the students (its steps 1-2).
 # one job under the lock: the shapes evals (teacher Euler 1,2,4,8,50; reflow and student Euler 1,2,4,8) then the 2-D benchmark
 cd /work/wt-flow18b
 export GENMOD_WT=/work/wt-flow18b OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

@@ -1,6 +1,6 @@
-"""Collect the `genmod eval` reports of benchmarks/flow_reflow_shapes.sh into one JSON / markdown table and a sample grid.
+"""Collect the `genmod eval` reports of benchmarks/flow_reflow.sh into one JSON / markdown table and a sample grid.
 
-    python benchmarks/flow_reflow_collect.py --runs /work/runs/flow18b --out benchmarks/results/flow_core [--grid]
+    python benchmarks/flow_reflow_collect.py --runs runs/flow18b --dataset shapes --out benchmarks/results/flow_core [--grid]
 
 Rows: Euler steps 1, 2, 4, 8; columns: the teacher (Euler, CFG 2), the reflowed model and the 2-step student
 (Euler, no CFG); the teacher at 50 Euler steps (CFG 2) is the reference. Domain FID / KID at N = 300 with the
@@ -20,8 +20,10 @@ EVALS = {"teacher Euler, CFG 2": "eval_teacher_euler", "reflow (2-RF), no CFG": 
 
 
 def read_runs(folder: str) -> list[dict]:
-    path = os.path.join(folder, "report.json")
-    if not os.path.exists(path):
+    """Rows of one eval folder (``FOLDER_DATASET``, or the unsuffixed name the shapes run of session 6 used)."""
+    path = next((os.path.join(f, "report.json") for f in (folder, folder.rsplit("_", 1)[0])
+                 if os.path.exists(os.path.join(f, "report.json"))), None)
+    if path is None:
         return []
     rows = []
     for run in json.load(open(path))["runs"]:
@@ -54,17 +56,21 @@ def markdown(results: dict) -> str:
 
 
 @torch.no_grad()
-def grid(runs: str, path: str) -> None:
+def grid(runs: str, dataset: str, path: str) -> None:
     """One row per model x steps: 8 samples (classes cycled), the same noise everywhere."""
     from PIL import Image
 
     from genmod.pipelines import load_pipeline
 
     rows = []
-    noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    models = [("teacher_euler", 2.0), ("reflow_shapes/pipeline", 1.0), ("distill2_shapes/pipeline", 1.0)]
+    teacher = f"teacher_euler_{dataset}" if os.path.isdir(os.path.join(runs, f"teacher_euler_{dataset}")) else "teacher_euler"
+    models = [(teacher, 2.0), (f"reflow_{dataset}/pipeline", 1.0), (f"distill2_{dataset}/pipeline", 1.0)]
+    noise = None
     for folder, w in models:
         pipe = load_pipeline(os.path.join(runs, folder))
+        if noise is None:
+            cfg = pipe.transformer.config
+            noise = torch.randn(8, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(0))
         pipe.set_progress_bar_config(disable=True)
         labels = torch.arange(8) % pipe.transformer.config.num_classes
         for steps in (1, 2, 4):
@@ -72,26 +78,28 @@ def grid(runs: str, path: str) -> None:
                      output_type="pt").images
             rows.append(torch.cat(list(x), dim=2))
     image = (torch.cat(rows, dim=1).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    Image.fromarray(image).save(path)
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="/work/runs/flow18b")
+    parser.add_argument("--runs", default="runs/flow18b")
+    parser.add_argument("--dataset", default="shapes", help="the DATASET the run of flow_reflow.sh used")
     parser.add_argument("--out", default="benchmarks/results/flow_core")
-    parser.add_argument("--grid", action="store_true", help="also write reflow_shapes_grid.png (rows: teacher, reflow, "
-                        "student at 1 / 2 / 4 Euler steps)")
+    parser.add_argument("--grid", action="store_true", help="also write reflow_DATASET_grid.png (rows: teacher, "
+                        "reflow, student at 1 / 2 / 4 Euler steps)")
     args = parser.parse_args(argv)
-    results = {name: read_runs(os.path.join(args.runs, folder)) for name, folder in EVALS.items()}
+    results = {name: read_runs(os.path.join(args.runs, f"{folder}_{args.dataset}")) for name, folder in EVALS.items()}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "reflow_shapes.json"), "w") as f:
+    stem = os.path.join(args.out, f"reflow_{args.dataset}")
+    with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     text = markdown(results)
-    with open(os.path.join(args.out, "reflow_shapes.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(text)
     print(text)
     if args.grid:
-        grid(args.runs, os.path.join(args.out, "reflow_shapes_grid.png"))
+        grid(args.runs, args.dataset, stem + "_grid.png")
     return 0
 
 

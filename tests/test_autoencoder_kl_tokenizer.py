@@ -60,7 +60,7 @@ def test_flow_trains_on_its_latents_and_exports_a_pipeline_that_decodes(tmp_path
     from genmod.train import read_metrics, run_family
 
     _save_vae(tmp_path / "vae", scaling_factor=0.18215)
-    summary = run_family("flow", ["--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--hidden_size", "32",
+    summary = run_family("flow", ["--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--backbone", "dit", "--hidden_size", "32",
                                   "--depth", "1", "--num_heads", "2", "--patch_size", "2", "--cpu", "--no-tensorboard",
                                   "--num_preview", "0", "--sample_every", "0", "--log_every", "1", "--seed", "3",
                                   "--max_steps", "2", "--checkpoint_every", "0", "--tokenizer", str(tmp_path / "vae"),
@@ -99,7 +99,7 @@ def test_latentlm_trains_on_its_latents_and_samples_images(tmp_path):
 
     _save_vae(tmp_path / "vae", scaling_factor=0.18215)
     summary = run_family("latentlm", [
-        "--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--hidden_size", "32", "--depth", "1",
+        "--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--backbone", "dit", "--hidden_size", "32", "--depth", "1",
         "--num_heads", "4", "--head_width", "32", "--head_depth", "1", "--latent_patch_size", "4", "--cpu",
         "--report_to", "none", "--num_preview", "0", "--sample_every", "0", "--log_every", "1", "--seed", "3",
         "--max_steps", "2", "--checkpoint_every", "0", "--tokenizer", str(tmp_path / "vae"),

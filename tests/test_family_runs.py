@@ -13,7 +13,7 @@ from genmod.cli import main as cli_main
 from genmod.train import Trainer, load_weights, parse_config, read_metrics, run_family
 from genmod.train.checkpoint import load_training_state
 
-FLOW_FLAGS = ["--dataset", "shapes", "--dataset_size", "16", "--batch_size", "4", "--hidden_size", "32", "--depth", "1",
+FLOW_FLAGS = ["--dataset", "shapes", "--dataset_size", "16", "--batch_size", "4", "--backbone", "dit", "--hidden_size", "32", "--depth", "1",
               "--num_heads", "2", "--cpu", "--no-tensorboard", "--num_preview", "0", "--sample_every", "0",
               "--log_every", "0", "--seed", "3"]
 

@@ -192,7 +192,7 @@ def test_family_previews_equal_the_exported_pipeline(path, prediction, solver):
     from genmod.samplers import get_time_grid, nfe_per_solve, sample_ode
 
     config = FlowConfig(dataset_size=4, path=path, prediction=prediction, solver=solver, num_inference_steps=3,
-                        patch_size=8, hidden_size=32, depth=1, num_heads=2, guidance_scale=2.0)
+                        backbone="dit", patch_size=8, hidden_size=32, depth=1, num_heads=2, guidance_scale=2.0)
     family = FlowFamily(config)
     torch.manual_seed(0)
     model = family.build_model().eval()

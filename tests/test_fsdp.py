@@ -25,7 +25,7 @@ from genmod.train import ConfigError, Trainer, list_checkpoints, load_weights, p
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 2 blocks of width 32 on 32x32 shapes, patch 4 (64 tokens); per process 2 samples x 2 micro-batches
-FLAGS = ["--dataset", "shapes", "--dataset_size", "16", "--hidden_size", "32", "--depth", "2", "--num_heads", "2",
+FLAGS = ["--dataset", "shapes", "--dataset_size", "16", "--backbone", "dit", "--hidden_size", "32", "--depth", "2", "--num_heads", "2",
          "--patch_size", "4", "--no-conditional", "--class_dropout_prob", "0", "--grad_accum_steps", "2",
          "--lr", "1e-2", "--grad_clip", "1.0", "--ema_decay", "0.9", "--ema_warmup", "--max_steps", "4",
          "--checkpoint_every", "2", "--keep_last", "0", "--sample_every", "4", "--num_preview", "2",

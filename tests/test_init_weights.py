@@ -8,7 +8,7 @@ import torch
 import genmod.flow.family  # noqa: F401  (registers "flow", as the CLI does)
 from genmod.train import CheckpointError, load_weights, run_family
 
-TINY = ["--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--hidden_size", "32", "--depth", "1",
+TINY = ["--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--backbone", "dit", "--hidden_size", "32", "--depth", "1",
         "--num_heads", "2", "--patch_size", "8", "--cpu", "--report_to", "none", "--num_preview", "0",
         "--sample_every", "0", "--log_every", "1", "--seed", "3", "--checkpoint_every", "0",
         "--warmup_steps", "0"]  # the lr acts from step 1 (flow's default warms up over 100 steps since issue 19)

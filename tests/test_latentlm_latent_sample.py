@@ -98,7 +98,6 @@ def test_no_latent_sample_keeps_the_mean_and_the_generator_untouched(tmp_path):
 
 @torch.no_grad()
 def test_kl_posterior_cached_std_gives_mean_plus_std_eps(tmp_path):
-    from genmod.latentlm.family import posterior_std
     from genmod.tokenizers_vq.models import KLVAE
 
     torch.manual_seed(0)
@@ -106,8 +105,25 @@ def test_kl_posterior_cached_std_gives_mean_plus_std_eps(tmp_path):
     vae.register_to_config(scaling_factor=2.0, shift_factor=0.1)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     mean, logvar = vae.posterior(x)
-    std = posterior_std(vae, x)
+    std = vae.posterior_std(x)
     assert torch.allclose(std, (0.5 * logvar).exp() * 2.0)
     z = sample_from_cached(vae, vae.encode(x), std, torch.Generator().manual_seed(4))
     direct = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(z, direct, atol=1e-5)
+
+
+@torch.no_grad()
+def test_posterior_std_of_diffusers_autoencoder_kl_and_sigma_vae():
+    """The diffusers wrapper's std is its latent distribution's std times scaling_factor; a sigma-VAE has none."""
+    from genmod.tokenizers_vq.models import SigmaVAE
+    from genmod.tokenizers_vq.models.autoencoder_kl import DiffusersAutoencoderKL
+
+    torch.manual_seed(0)
+    vae = DiffusersAutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                                 latent_channels=4, norm_num_groups=4, scaling_factor=0.5).eval()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    dist = vae.encoder(x)
+    logvar = vae.quant_conv(dist).chunk(2, dim=1)[1].clamp(-30.0, 20.0)
+    assert torch.allclose(vae.posterior_std(x), (0.5 * logvar).exp() * 0.5, atol=1e-6)
+    sigma_vae = SigmaVAE(modality="image", in_channels=3, base_channels=8, ch_mult=(1, 2), latent_channels=4)
+    assert sigma_vae.posterior_std(x) is None

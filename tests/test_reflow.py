@@ -91,7 +91,7 @@ def test_reflow_of_the_exact_mixture_flow_is_straighter_and_better_in_few_steps(
 def _family(tmp_path, **kw):
     from genmod.flow.family import FlowConfig, FlowFamily
 
-    config = FlowConfig(output_dir=str(tmp_path), dataset_size=8, patch_size=8, hidden_size=32, depth=1, num_heads=2,
+    config = FlowConfig(output_dir=str(tmp_path), dataset_size=8, backbone="dit", patch_size=8, hidden_size=32, depth=1, num_heads=2,
                         time_sampling="uniform", **kw)
     family = FlowFamily(config)
     torch.manual_seed(0)
@@ -143,3 +143,34 @@ def test_bad_pairing_flags_are_one_line_errors(flags, message):
 
     with pytest.raises(ConfigError, match=message):
         FlowConfig(**flags).validate()
+
+
+def test_student_pipeline_steps_euler_on_its_own_grid_by_default(tmp_path):
+    """A K-step student's export samples with Euler at K steps unless told otherwise, also after save / load."""
+    from genmod.pipelines import load_pipeline
+
+    family, model = _family(tmp_path, class_dropout_prob=0.0)
+    family.config.reflow_from, family.config.distill_steps = "teacher", 2
+    pipe = family.build_pipeline(model)
+    pipe.save_pretrained(tmp_path / "student")
+    loaded = load_pipeline(str(tmp_path / "student"))
+    assert loaded.config.default_num_inference_steps == 2 and loaded.scheduler.config.solver == "euler"
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    times = []
+    hook = loaded.transformer.register_forward_pre_hook(lambda m, args: times.append(args[1].flatten()[0].item()))
+    out = loaded(class_labels=[0, 1], latents=noise, output_type="latent").images
+    hook.remove()
+    assert times == [1000.0, 500.0]
+    with torch.no_grad():  # two Euler steps by hand: x <- x + (t_next - t) v(x, t) at t = 1, 1/2
+        x, labels = noise, torch.tensor([0, 1])
+        for t, t_next in ((1.0, 0.5), (0.5, 0.0)):
+            x = x + (t_next - t) * model(x, torch.full((2,), 1000 * t), labels).sample
+    assert torch.allclose(out, x, atol=1e-5)
+    assert len(loaded.scheduler.timesteps) == 2
+
+
+def test_pipeline_default_steps_is_checked():
+    from genmod.flow.pipeline import FlowMatchingPipeline
+
+    with pytest.raises(ValueError, match="default_num_inference_steps"):
+        FlowMatchingPipeline(transformer=None, scheduler=None, default_num_inference_steps=0)

@@ -16,7 +16,7 @@ from genmod.train import ConfigError, Trainer, get_family, load_weights, parse_c
 from genmod.train.batches import default_collate_fn
 
 TINY = {  # the smallest config of each family (pixel space unless it needs a tokenizer)
-    "flow": ["--dataset_size", "8", "--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8",
+    "flow": ["--dataset_size", "8", "--backbone", "dit", "--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8",
              "--class_dropout_prob", "0.5"],
     "var": ["--dataset_size", "8", "--depth", "2", "--width", "32", "--num_heads", "2", "--drop_path_rate", "0.5",
             "--class_dropout_prob", "0.5"],

@@ -127,18 +127,8 @@ class CausalFusionFamily(ImageFamily):
     def __init__(self, config: CausalFusionConfig):
         super().__init__(config)
         self.path = get_path(config.path)
-        if config.time_sampling == "discrete":
-            self.draw_time = self._discrete_time
-        else:
-            kwargs = {"shift": config.time_shift} if config.time_sampling == "shifted" else {}
-            self.draw_time = get_time_sampler(config.time_sampling, **kwargs)
-
-    @staticmethod
-    def _discrete_time(shape, generator, device=None, dtype=torch.float32):
-        """DDPM's ``n ~ U{0..999}`` as package time ``t = (n + 1) / 1000`` (``DiscreteSchedulePath`` knots)."""
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        n = torch.randint(0, 1000, shape, generator=generator, device=gen_device)
-        return ((n + 1).to(dtype) / 1000).to(device or gen_device)
+        kwargs = {"shift": config.time_shift} if config.time_sampling == "shifted" else {}
+        self.draw_time = get_time_sampler(config.time_sampling, **kwargs)  # "discrete": DDPM's n ~ U{0..999}
 
     # -- model, loss, sampler --------------------------------------------------------------------
     def build_model(self) -> CausalFusionTransformer:

@@ -8,6 +8,9 @@ noise levels (Diffusion Forcing, LatentLM).
 * logit-normal: ``t = sigmoid(m + s n)``, ``n ~ N(0, 1)`` (Esser et al. 2024, SD3, Sec. 3.1, eq. 19).
 * shifted: ``t' = s t / (1 + (s - 1) t)`` (SD3 Sec. 5.3.2 resolution-dependent shift; s > 1 moves
   mass towards noise), applied to a uniform or logit-normal draw.
+* discrete: DDPM's integer step ``n ~ U{0..N-1}`` at its knot ``t = (n + 1) / N`` (Ho et al. 2020, Alg. 1;
+  the draw of LatentLM's and CausalFusion's training code), so that ``DiscreteSchedulePath.network_timestep``
+  feeds the network exactly ``n``.
 """
 
 from __future__ import annotations
@@ -70,10 +73,21 @@ def sample_shifted_t(shape, generator: torch.Generator | None = None, device=Non
     return shift_time(sampler(shape, generator, device, dtype, **base_kwargs), shift)
 
 
+def sample_discrete_t(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32,
+                      num_steps: int = 1000) -> torch.Tensor:
+    """DDPM's ``n ~ U{0..N-1}`` as package time ``t = (n + 1) / N`` (the knots of ``DiscreteSchedulePath``)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    n = torch.randint(0, num_steps, _shape(shape), generator=generator, device=gen_device)
+    return ((n + 1).to(torch.float64) / num_steps).to(device or gen_device, dtype)
+
+
 TIME_SAMPLERS: dict[str, Callable] = {
     "uniform": sample_uniform_t,
     "logit_normal": sample_logit_normal_t,
     "shifted": sample_shifted_t,
+    "discrete": sample_discrete_t,
 }
 
 

@@ -49,8 +49,8 @@ class FlowConfig(TrainConfig):
     warmup_steps: int = 100
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     ema_decay: float = 0.999
-    # network: a DiT/SiT transformer, or a small U-Net (learns faster on a CPU budget)
-    backbone: Literal["dit", "unet"] = "dit"
+    # network: a small U-Net (the default: it learns the shapes on a CPU budget, issue 19) or a DiT/SiT transformer
+    backbone: Literal["dit", "unet"] = "unet"
     unet_channels: tuple[int, ...] = (32, 64, 64)
     patch_size: int = 4
     hidden_size: int = 128
@@ -213,18 +213,24 @@ class FlowFamily(ImageFamily):
         pipe = self.pipeline(model, solver=solver)
         pipe.set_progress_bar_config(disable=True)
         x = pipe(class_labels=labels if cfg.num_classes else None, batch_size=None if cfg.num_classes else num,
-                 num_inference_steps=num_inference_steps or self.config.num_inference_steps, latents=noise, output_type="latent",
+                 num_inference_steps=num_inference_steps or self.config.distill_steps or self.config.num_inference_steps,
+                 latents=noise, output_type="latent",
                  guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale).images
         return self.decode(x).clamp(-1, 1)
 
     def pipeline(self, model, solver: Optional[str] = None, id2label: Optional[dict] = None):
-        """A ``FlowMatchingPipeline`` whose scheduler steps ``solver`` on this family's path and prediction type."""
+        """A ``FlowMatchingPipeline`` whose scheduler steps ``solver`` on this family's path and prediction type.
+
+        A K-step student (``--distill_steps K``) was trained only at the K uniform Euler times: its pipeline
+        steps Euler and defaults to K steps (``default_num_inference_steps``)."""
         from genmod.flow.pipeline import FlowMatchingPipeline
         from genmod.flow.scheduler import FlowMatchSolverScheduler
 
-        scheduler = FlowMatchSolverScheduler(solver=solver or self.config.solver, path=self.config.path,
-                                             prediction_type=self.config.prediction)
-        return FlowMatchingPipeline(transformer=model, scheduler=scheduler, vae=self.tokenizer, id2label=id2label)
+        student = self.config.distill_steps or None
+        scheduler = FlowMatchSolverScheduler(solver=solver or ("euler" if student else self.config.solver),
+                                             path=self.config.path, prediction_type=self.config.prediction)
+        return FlowMatchingPipeline(transformer=model, scheduler=scheduler, vae=self.tokenizer, id2label=id2label,
+                                    default_num_inference_steps=student)
 
     def build_pipeline(self, model):
         """The export: every path x prediction type, with the dataset's class names."""

@@ -30,16 +30,24 @@ class FlowMatchingPipeline(GenmodPipeline):
         scheduler: a flow scheduler (diffusers flow convention, sigma=1 is noise); ``FlowMatchSolverScheduler``
             also takes other paths and x0/epsilon outputs (its ``path`` / ``prediction_type`` config).
         vae: optional tokenizer with ``decode(latents)``; None for pixel-space models.
+        default_num_inference_steps: the step count ``__call__`` uses when given none (20 if None); a k-step
+            student (``--distill_steps K``) saves K here, the only grid it was trained on.
     """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None):
+    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None,
+                 default_num_inference_steps: int | None = None):
         super().__init__()
+        if default_num_inference_steps is not None and (isinstance(default_num_inference_steps, bool) or
+                                                        not isinstance(default_num_inference_steps, int) or
+                                                        default_num_inference_steps < 1):
+            raise ValueError(f"default_num_inference_steps: must be an int >= 1 or None, got {default_num_inference_steps!r}")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        self.register_to_config(id2label={str(k): v for k, v in (id2label or {}).items()})
+        self.register_to_config(id2label={str(k): v for k, v in (id2label or {}).items()},
+                                default_num_inference_steps=default_num_inference_steps)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -66,7 +74,7 @@ class FlowMatchingPipeline(GenmodPipeline):
         class_labels=None,
         batch_size: int | None = None,
         num_images_per_label: int = 1,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         generator=None,
@@ -81,6 +89,7 @@ class FlowMatchingPipeline(GenmodPipeline):
 
         ``class_labels``: ids or names, one per sample, or nested lists (class-conditional models); each makes
         ``num_images_per_label`` samples. ``batch_size``: number of samples for unconditional models.
+        ``num_inference_steps``: solver steps; None takes the saved ``default_num_inference_steps`` (else 20).
         ``guidance_scale`` w: 1 is no guidance; it is read from ``self.guidance_scale`` at every step, so a
         ``callback_on_step_end`` may change it (diffusers' CFG-cutoff pattern).
         ``guidance_interval=(lo, hi)``: guidance only for t in [lo, hi] (sigma on the linear path). ``generator``: one
@@ -93,6 +102,7 @@ class FlowMatchingPipeline(GenmodPipeline):
         labels, batch_size = self.prepare_labels(class_labels, batch_size, device, num_images_per_label)
         self._guidance_scale, self._guidance_interval, self._interrupt = guidance_scale, guidance_interval, False
         latents = self.prepare_latents(batch_size, generator, latents, device)
+        num_inference_steps = num_inference_steps or getattr(self.config, "default_num_inference_steps", None) or 20
         timesteps = self.prepare_timesteps(num_inference_steps, sigmas, device)
         latents = self.denoise(latents, timesteps, labels, callback_on_step_end,
                                callback_on_step_end_tensor_inputs)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from genmod.core.loss import flow_matching_loss
 from genmod.core.paths import DiscreteSchedulePath, get_path
+from genmod.core.time_sampling import sample_discrete_t, sample_uniform_t
 from genmod.latentlm.sampling import generate_latents, generate_text
 from genmod.latentlm.text import BOL, BOS, EOL, EOS, LATENT, NULL, PAD, LatentLMTokenizer, pack_sequences
 from genmod.latentlm.transformer import LatentLMTransformer
@@ -123,9 +124,8 @@ def draw_head_time(path, num: int, generator: torch.Generator, device) -> torch.
     ``n ~ U{0..N-1}`` at its knot ``t = (n + 1) / N``, as LatentLM's ``train_hf.py`` draws its 1000 timesteps
     uniformly (so the head is fed exactly ``n``, :meth:`DiscreteSchedulePath.network_timestep`)."""
     if isinstance(path, DiscreteSchedulePath):
-        n = torch.randint(0, path.num_steps, (num,), generator=generator, device=generator.device)
-        return path.step_to_t(n).float().to(device)
-    return torch.rand(num, generator=generator, device=generator.device).to(device)
+        return sample_discrete_t(num, generator, device, num_steps=path.num_steps)
+    return sample_uniform_t(num, generator, device)
 
 
 def next_element_loss(model, packed, generator: torch.Generator, path, prediction: str, diffusion_batch_mul: int = 4,
@@ -147,19 +147,6 @@ def next_element_loss(model, packed, generator: torch.Generator, path, predictio
     diffusion = flow_matching_loss(head_out, x0, noise, t, path=path, prediction=prediction)
     return {"loss": ce_weight * ce + diffusion, "ce": ce.detach(), "diffusion": diffusion.detach(),
             "num_text_targets": float(next_is_text.sum()), "num_latent_targets": float(next_is_latent.sum())}
-
-
-def posterior_std(tokenizer, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The normalised per-element posterior std of a KL tokenizer (None for a sigma-VAE, whose noise scale is
-    drawn per item, see :func:`sample_from_cached`)."""
-    with torch.no_grad():
-        if hasattr(tokenizer, "posterior"):  # genmod KLVAE
-            return (0.5 * tokenizer.posterior(x)[1]).exp() * tokenizer.config.scaling_factor
-        if hasattr(tokenizer, "latent_norm"):  # a diffusers AutoencoderKL (its own encode gives the distribution)
-            from diffusers import AutoencoderKL
-
-            return AutoencoderKL.encode(tokenizer, x).latent_dist.std * tokenizer.latent_norm[0]
-    return None
 
 
 def sample_from_cached(tokenizer, mean: torch.Tensor, std: Optional[torch.Tensor],
@@ -226,7 +213,8 @@ class LatentLMFamily(Family):
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False)
         for batch in tqdm(loader, desc="encoding latents", leave=False):
             latents = self.tokenizer.encode(batch[key])
-            std = posterior_std(self.tokenizer, batch[key]) if self.config.latent_sample else None
+            # a KL tokenizer's per-element posterior std; None for a sigma-VAE (noise drawn per item, sample_from_cached)
+            std = self.tokenizer.posterior_std(batch[key]) if self.config.latent_sample else None
             for i in range(len(latents)):
                 item = {"latents": latents[i], "label": batch["label"][i]}
                 if std is not None:

@@ -55,6 +55,10 @@ class DiffusersAutoencoderKL(AutoencoderKL):
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         return super().encode(x).latent_dist.mean
 
+    def posterior_std(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-element std of the normalised posterior (the latent distribution's std times ``scaling_factor``)."""
+        return super().encode(x).latent_dist.std * self.latent_norm[0]
+
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
         """Reconstruction of ``x`` through the posterior mean (diffusers' own forward needs its encode)."""
         return self.decode(self.encode(x))

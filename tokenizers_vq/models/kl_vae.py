@@ -43,6 +43,10 @@ class KLVAE(ModelMixin, ConfigMixin, LatentNormMixin):
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         return self.posterior(x)[0]
 
+    def posterior_std(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-element std of the normalised posterior, ``exp(logvar / 2) * scaling_factor`` (same shape as ``encode``)."""
+        return (0.5 * self.posterior(x)[1]).exp() * self.config.scaling_factor
+
     @apply_forward_hook
     def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Normalised posterior mode (``sample=False``) or a posterior sample."""

@@ -50,6 +50,10 @@ class SigmaVAE(ModelMixin, ConfigMixin, LatentNormMixin):
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
+    def posterior_std(self, x: torch.Tensor) -> None:
+        """None: a sigma-VAE has no per-element posterior std; its noise scale is drawn per item (:meth:`add_noise`)."""
+        return None
+
     @apply_forward_hook
     def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Normalised latent: ``mu`` (``sample=False``), or the training-time sample ``mu + sigma_b * eps``
