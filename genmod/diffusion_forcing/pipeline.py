@@ -102,16 +102,11 @@ class DiffusionForcingPipeline(GenmodPipeline):
         schedule = self._schedule(schedule)
         device = self._execution_device
         class_labels, batch_size = self._labels_and_batch(class_labels, batch_size, generator, device)
-        settings = RolloutSettings(
-            path=self.config.path, prediction=self.config.prediction,
-            num_inference_steps=num_inference_steps or self.config.num_inference_steps,
-            slope=self.config.slope if slope is None else slope, window=window,
-            context_noise=self.config.context_noise if context_noise is None else context_noise,
+        settings = self._rollout_settings(
+            num_inference_steps, slope, context_noise, clip_denoised, window=window,
             kv_cache="reencode" if use_kv_cache else None, guidance_scale=guidance_scale,
             history_guidance=history_guidance, guidance_fn=guidance_fn, guidance_strength=guidance_strength,
-            guidance_grad=guidance_grad, stabilization=stabilization, clip_denoised=(
-                (1.0 if self.transformer.config.modality == "video" else None) if clip_denoised == "auto" else clip_denoised),
-        )
+            guidance_grad=guidance_grad, stabilization=stabilization)
         conditions = dict(class_labels=class_labels, actions=actions, generator=generator)
         context = self._start_context(context, settings, num_context_frames, batch_size, conditions, device)
         on_chunk_end = tensor_hook(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -122,6 +117,17 @@ class DiffusionForcingPipeline(GenmodPipeline):
         frames = self._format(out[:, context.shape[1]:], output_type)
         self.maybe_free_model_hooks()
         return DiffusionForcingPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _rollout_settings(self, num_inference_steps, slope, context_noise, clip_denoised, **options) -> RolloutSettings:
+        """The call's ``RolloutSettings``: None falls back to the saved config; ``clip_denoised="auto"`` is [-1, 1]
+        for video and off for sequences."""
+        if clip_denoised == "auto":
+            clip_denoised = 1.0 if self.transformer.config.modality == "video" else None
+        return RolloutSettings(
+            path=self.config.path, prediction=self.config.prediction, clip_denoised=clip_denoised,
+            num_inference_steps=num_inference_steps or self.config.num_inference_steps,
+            slope=self.config.slope if slope is None else slope,
+            context_noise=self.config.context_noise if context_noise is None else context_noise, **options)
 
     def _start_context(self, context, settings, num_context_frames, batch_size, conditions: dict, device):
         """The given context frames, or ``num_context_frames`` opening frames generated from scratch."""

@@ -34,6 +34,26 @@ from genmod.nn.masks import block_mask
 MODALITIES = ("video", "sequence")
 
 
+def _check_sizes(modality, in_channels, sample_size, patch_size, hidden_size, depth, num_heads, max_frames,
+                 num_classes, action_dim) -> None:
+    """One-line errors for sizes the transformer cannot be built with."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality: expected one of {', '.join(MODALITIES)}, got {modality!r}")
+    for name, value in (("in_channels", in_channels), ("hidden_size", hidden_size), ("depth", depth),
+                        ("num_heads", num_heads), ("max_frames", max_frames)):
+        if int(value) <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if modality == "video":
+        if sample_size <= 0 or patch_size <= 0 or sample_size % patch_size:
+            raise ValueError(f"sample_size: {sample_size} must be positive and divisible by patch_size {patch_size}")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise ValueError(f"num_heads: hidden_size {hidden_size} / num_heads {num_heads} must be an even head size")
+    if num_classes < 0 or action_dim < 0:
+        raise ValueError(f"num_classes/action_dim: must be >= 0, got {num_classes}, {action_dim}")
+
+
 class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
     """``forward(sample [B, T, C, H, W] | [B, T, D], timestep [B, T], ...) -> same shape``.
 
@@ -75,21 +95,8 @@ class DiffusionForcingTransformer(ModelMixin, ConfigMixin):
         causal: bool = True,
     ):
         super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(f"modality: expected one of {', '.join(MODALITIES)}, got {modality!r}")
-        for name, value in (("in_channels", in_channels), ("hidden_size", hidden_size), ("depth", depth),
-                            ("num_heads", num_heads), ("max_frames", max_frames)):
-            if int(value) <= 0:
-                raise ValueError(f"{name}: must be positive, got {value}")
-        if modality == "video":
-            if sample_size <= 0 or patch_size <= 0 or sample_size % patch_size:
-                raise ValueError(f"sample_size: {sample_size} must be positive and divisible by patch_size {patch_size}")
-            if hidden_size % 4:
-                raise ValueError(f"hidden_size: must be divisible by 4 for 2D sin-cos positions, got {hidden_size}")
-        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
-            raise ValueError(f"num_heads: hidden_size {hidden_size} / num_heads {num_heads} must be an even head size")
-        if num_classes < 0 or action_dim < 0:
-            raise ValueError(f"num_classes/action_dim: must be >= 0, got {num_classes}, {action_dim}")
+        _check_sizes(modality, in_channels, sample_size, patch_size, hidden_size, depth, num_heads, max_frames,
+                     num_classes, action_dim)
         check_backend(attention_backend)
         self.gradient_checkpointing = False
         self.head_dim = hidden_size // num_heads
