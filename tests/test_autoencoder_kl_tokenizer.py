@@ -99,7 +99,7 @@ def test_latentlm_trains_on_its_latents_and_samples_images(tmp_path):
 
     _save_vae(tmp_path / "vae", scaling_factor=0.18215)
     summary = run_family("latentlm", [
-        "--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--backbone", "dit", "--hidden_size", "32", "--depth", "1",
+        "--dataset", "shapes", "--dataset_size", "8", "--batch_size", "4", "--hidden_size", "32", "--depth", "1",
         "--num_heads", "4", "--head_width", "32", "--head_depth", "1", "--latent_patch_size", "4", "--cpu",
         "--report_to", "none", "--num_preview", "0", "--sample_every", "0", "--log_every", "1", "--seed", "3",
         "--max_steps", "2", "--checkpoint_every", "0", "--tokenizer", str(tmp_path / "vae"),
@@ -112,3 +112,27 @@ def test_latentlm_trains_on_its_latents_and_samples_images(tmp_path):
     images = pipe(prompt="a red circle", num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+
+
+@pytest.mark.parametrize("family_name", ["flow", "causalfusion"])
+@pytest.mark.parametrize("latent_sample", [True, False])
+def test_image_families_train_on_posterior_samples_as_dit_and_mar_do(tmp_path, family_name, latent_sample):
+    """Flow and CausalFusion encode each batch with ``latent_dist.sample()`` on the trainer's generator (the
+    DiT / SiT / MAR / CausalFusion trainings); ``--no-latent_sample`` keeps the posterior mean."""
+    import genmod.causalfusion.family  # noqa: F401
+    import genmod.flow.family  # noqa: F401
+    from genmod.train import get_family, parse_config
+
+    _save_vae(tmp_path / "vae", scaling_factor=0.5)
+    entry = get_family(family_name)
+    flags = ["--dataset", "shapes", "--dataset_size", "4", "--tokenizer", str(tmp_path / "vae"), "--cpu",
+             "--output_dir", str(tmp_path / "run")] + ([] if latent_sample else ["--no-latent_sample"])
+    family = entry.factory(parse_config(entry.config_class, flags))
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    got = family.clean_data({"image": x}, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        mean = family.tokenizer.encode(x)
+        drawn = family.tokenizer.encode(x, sample=True, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, drawn if latent_sample else mean)
+    assert (got - mean).abs().max() > 1e-4 if latent_sample else True
+    assert torch.equal(family.clean_data({"image": x}), mean)  # no generator (data_shape, previews): the mean

@@ -98,8 +98,10 @@ class CausalFusionConfig(TrainConfig):
     prediction: Literal["velocity", "x0", "epsilon"] = "velocity"
     time_sampling: Literal["uniform", "logit_normal", "shifted", "discrete"] = "uniform"
     time_shift: float = 1.0
-    # latent space: a saved tokenizers_vq tokenizer folder (None = pixels)
+    # latent space: a saved tokenizers_vq tokenizer folder (None = pixels); with a KL / sigma-VAE tokenizer the model
+    # trains on posterior samples, as DiT, SiT, MAR and CausalFusion do (`latent_dist.sample()`); --no-latent_sample: means
     tokenizer: Optional[str] = None
+    latent_sample: bool = True
     # previews / exported pipeline defaults
     num_inference_steps: int = 16
     num_ar_steps: int = 4
@@ -145,7 +147,7 @@ class CausalFusionFamily(ImageFamily):
         """The weighted dual-factorization loss of one batch (module docstring)."""
         cfg = self.config
         inner = unwrap_model(model)
-        x0 = self.clean_data(batch)
+        x0 = self.clean_data(batch, generator)
         batch_size, length, patch = x0.shape[0], inner.num_tokens, inner.config.patch_size
         gen_device = generator.device
         order = torch.argsort(torch.rand((batch_size, length), generator=generator, device=gen_device), dim=1).to(x0.device)

@@ -68,8 +68,10 @@ class FlowConfig(TrainConfig):
     prediction: Literal["velocity", "x0", "epsilon"] = "velocity"
     time_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
     time_shift: float = 1.0
-    # latent space: a saved tokenizers_vq tokenizer folder (None = pixels)
+    # latent space: a saved tokenizers_vq tokenizer folder (None = pixels); with a KL / sigma-VAE tokenizer the model
+    # trains on posterior samples, as DiT, SiT, MAR and CausalFusion do (`latent_dist.sample()`); --no-latent_sample: means
     tokenizer: Optional[str] = None
+    latent_sample: bool = True
     # previews / exported pipeline defaults
     num_inference_steps: int = 20
     solver: Literal["euler", "midpoint", "heun", "rk4", "dpmsolver++2m"] = "heun"
@@ -155,7 +157,7 @@ class FlowFamily(ImageFamily):
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
         cfg = self.config
-        x0 = self.clean_data(batch)
+        x0 = self.clean_data(batch, generator)
         batch_size = x0.shape[0]
         if cfg.distill_steps:
             from genmod.flow.reflow import distill_times

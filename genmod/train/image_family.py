@@ -2,7 +2,10 @@
 
 A generator sees "a tensor of latents plus a decode function" (docs/DESIGN.md §4): with
 ``config.tokenizer`` set, images are encoded by a saved ``tokenizers_vq`` tokenizer on the fly (or read
-from a ``genmod tokenize`` cache, whose items carry ``latents``) and samples are decoded back.
+from a ``genmod tokenize`` cache, whose items carry ``latents``) and samples are decoded back. With
+``config.latent_sample`` and a tokenizer that has a posterior (KL-VAE, sigma-VAE, diffusers AutoencoderKL),
+training draws a posterior sample per step on the trainer's generator, as the reference trainings of DiT / SiT
+(``vae.encode(x).latent_dist.sample()``), MAR and CausalFusion do; a cache keeps what it stored.
 """
 
 from __future__ import annotations
@@ -42,16 +45,24 @@ class ImageFamily(Family):
                              f"got {tuple(x.shape)}")
         return x.shape[0], x.shape[-1], getattr(dataset, "num_classes", 0), list(getattr(dataset, "class_names", []))
 
-    def clean_data(self, batch: dict) -> torch.Tensor:
-        """The batch's clean generator inputs: cached latents, encoded images, or pixels."""
+    def clean_data(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The batch's clean generator inputs: cached latents, encoded images (a posterior sample drawn on
+        ``generator`` when ``config.latent_sample``), or pixels."""
         if "latents" in batch:
             return batch["latents"]
         x = batch["image"]
         if self.tokenizer is not None:
             self.tokenizer.to(x.device)
             with torch.no_grad():
+                if self.samples_latents and generator is not None:
+                    return self.tokenizer.encode(x, sample=True, generator=generator)
                 x = self.tokenizer.encode(x)
         return x
+
+    @property
+    def samples_latents(self) -> bool:
+        """Whether training encodes posterior samples: ``config.latent_sample`` and a tokenizer with a posterior."""
+        return bool(getattr(self.config, "latent_sample", False)) and hasattr(self.tokenizer, "posterior_std")
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from generated latents (identity in pixel space)."""
