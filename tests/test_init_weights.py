@@ -52,3 +52,9 @@ def test_released_model_conventions_are_flags_so_an_import_can_be_fine_tuned(tmp
     assert config["in_channels"] == 3 and start["final_layer.linear.weight"].shape[0] == 8 * 8 * 2 * 3  # 2C outputs
     for key in start:
         torch.testing.assert_close(end[key], start[key], rtol=1e-6, atol=1e-20)
+
+
+def test_a_dit_pipeline_into_the_default_unet_names_the_backbone_flag(pretrained, tmp_path):
+    with pytest.raises(CheckpointError, match=r"^--init_weights: .* has no FlowUNet component .*--backbone dit"):
+        run_family("flow", [*TINY, "--backbone", "unet", "--max_steps", "1", "--init_weights", pretrained.pipeline,
+                            "--output_dir", str(tmp_path / "unet")])

@@ -340,7 +340,9 @@ def _component_folder(path: str, model: torch.nn.Module) -> str:
         if isinstance(entry, list) and len(entry) == 2 and entry[1] == type(model).__name__:
             return os.path.join(path, name)
     components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
-    raise CheckpointError(f"--init_weights: {path} has no {type(model).__name__} component (it holds {components})")
+    hint = " (flow: pass --backbone dit for a FlowTransformer)" if "FlowTransformer" in components.values() else ""
+    raise CheckpointError(f"--init_weights: {path} has no {type(model).__name__} component (it holds {components}); "
+                          f"pass the flags of the run that made it{hint}")
 
 
 def _config_differences(folder: str, model: torch.nn.Module) -> list[str]:
