@@ -32,9 +32,25 @@ class SampleOption:
         return "--" + self.keyword.replace("_", "-")
 
 
+def interval(text: str) -> tuple[float, float]:
+    """``"lo,hi"`` -> ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (a guidance interval of noise levels t)."""
+    import argparse
+
+    parts = text.split(",")
+    try:
+        lo, hi = (float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers lo,hi such as 0.1,0.9, got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"need 0 <= lo <= hi <= 1, got {text!r}")
+    return lo, hi
+
+
 SAMPLE_OPTIONS = {option.keyword: option for option in (
     SampleOption("num_inference_steps", int, "solver steps (VAR: the number of scales)", alias="--steps"),
     SampleOption("guidance_scale", float, "classifier-free guidance scale w (1 = off)", alias="--guidance"),
+    SampleOption("guidance_interval", interval, "guide only at noise levels t in [lo, hi] (Kynkaanniemi et al. "
+                 "2024), e.g. 0.1,0.9; diffusion-forcing: per frame"),
     SampleOption("solver", str, "ODE solver: euler, midpoint, heun, rk4, dpmsolver++2m; flow also adaptive dopri5, "
                  "dopri8, bosh3, fehlberg2, adaptive_heun (with --rtol / --atol)"),
     SampleOption("rtol", float, "adaptive solver relative tolerance"),
@@ -79,20 +95,21 @@ class FamilyRow:
 
 
 _STEPS_AND_GUIDANCE = ("num_inference_steps", "guidance_scale")
+_GUIDED = (*_STEPS_AND_GUIDANCE, "guidance_interval")
 
 FAMILIES = (
     FamilyRow("flow", "genmod.flow.family", "genmod.flow.pipeline:FlowMatchingPipeline",
-              _STEPS_AND_GUIDANCE, scheduler_options=("solver", "schedule", "rtol", "atol")),
+              _GUIDED, scheduler_options=("solver", "schedule", "rtol", "atol")),
     FamilyRow("tokenizer", "genmod.tokenizer.family"),
     FamilyRow("var", "genmod.var.family", "genmod.var.pipeline:VARPipeline",
               (*_STEPS_AND_GUIDANCE, "top_k", "top_p", "temperature")),
     FamilyRow("latentlm", "genmod.latentlm.family", "genmod.latentlm.pipeline:LatentLMPipeline",
-              (*_STEPS_AND_GUIDANCE, "prompt", "num_head_steps", "temperature")),
+              (*_GUIDED, "prompt", "num_head_steps", "temperature")),
     FamilyRow("diffusion-forcing", "genmod.diffusion_forcing.family",
               "genmod.diffusion_forcing.pipeline:DiffusionForcingPipeline",
-              (*_STEPS_AND_GUIDANCE, "num_frames", "num_context_frames", "schedule")),
+              (*_GUIDED, "num_frames", "num_context_frames", "schedule")),
     FamilyRow("causalfusion", "genmod.causalfusion.family", "genmod.causalfusion.pipeline:CausalFusionPipeline",
-              (*_STEPS_AND_GUIDANCE, "num_ar_steps", "solver")),
+              (*_GUIDED, "num_ar_steps", "solver")),
     FamilyRow("feature-net", trainer="genmod.evals.feature_net:main"),
 )
 

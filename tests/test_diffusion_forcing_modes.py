@@ -112,6 +112,37 @@ def test_fractional_and_temporal_guidance_combine_known_predictions():
     torch.testing.assert_close(guided_prediction(_ToyPredictor(), hgt, x, t, 0, "drop"), torch.full_like(x, expected))
 
 
+class _CountingToy(_ToyPredictor):
+    calls = 0
+
+    def __call__(self, x, t, start, history="keep"):
+        self.calls += 1
+        return super().__call__(x, t, start, history)
+
+
+@pytest.mark.parametrize("interval,guided_frames,calls", [(None, [1, 1, 1], 3), ((0.0, 1.0), [1, 1, 1], 3),
+                                                          ((0.45, 0.75), [0, 1, 1], 3), ((0.9, 1.0), [0, 0, 0], 1)])
+def test_guidance_interval_gates_each_frame_by_its_own_level(interval, guided_frames, calls):
+    """Frames at levels 0.2, 0.5, 0.7: inside the interval the HG-f combination, outside the full-history
+    prediction (7); HG-f runs the full history, c_k and u (3 calls), no frame inside only the first."""
+    x, t = torch.zeros(1, 3, 2), torch.tensor([0.2, 0.5, 0.7])
+    toy = lambda levels: sum(levels) + 10 * levels[0]
+    settings = RolloutSettings(history_guidance="fractional", guidance_scale=2.5, history_freq_scale=0.3,
+                               guidance_interval=interval)
+    guided = 7.0 + 1.5 * (toy([0.3] * 3) - toy([1.0] * 3))
+    predictor = _CountingToy()
+    out = guided_prediction(predictor, settings, x, t, 0, "drop")
+    expected = torch.tensor([guided if g else 7.0 for g in guided_frames]).reshape(1, 3, 1).expand_as(x)
+    torch.testing.assert_close(out, expected)
+    assert predictor.calls == calls
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.3,)])
+def test_bad_guidance_interval_is_one_line(bad):
+    with pytest.raises(ValueError, match="^guidance_interval: need"):
+        RolloutSettings(guidance_interval=bad)
+
+
 def test_partial_history_views_and_neutral_guidance_rollouts():
     path = get_path("linear")
     predictor = Predictor(None, None, None, path, Stabilizer(path, "v1.5", 0.2), torch.Generator().manual_seed(0))

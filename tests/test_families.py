@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from genmod.families import FAMILIES, SAMPLE_OPTIONS, family_row
+from genmod.families import FAMILIES, SAMPLE_OPTIONS, families_taking, family_row
 from genmod.presets import PRESETS_DIR, preset_files
 from genmod.train import ConfigError, get_family, load_config, parse_config, registered_families
 from genmod.train.config import RENAMED_FIELDS, _field_types, convert_value, read_config_values
@@ -52,8 +52,9 @@ def test_every_exposed_sample_keyword_is_a_pipeline_keyword(row):
     for keyword in row.sample_options:
         assert keyword in SAMPLE_OPTIONS, keyword
         assert keyword in params, f"{row.pipeline_class}.__call__ has no {keyword!r}"
-        annotation = str(params[keyword].annotation)
-        assert SAMPLE_OPTIONS[keyword].type.__name__ in annotation or annotation == "<class 'inspect._empty'>"
+        annotation, parse = str(params[keyword].annotation), SAMPLE_OPTIONS[keyword].type
+        name = parse.__name__ if isinstance(parse, type) else str(inspect.signature(parse).return_annotation)
+        assert name in annotation or annotation == "<class 'inspect._empty'>"  # a parser: its return type
     if row.scheduler_options:  # flow: the solver is a field of the scheduler its family exports
         from genmod.flow.scheduler import FlowMatchSolverScheduler
 
@@ -88,6 +89,7 @@ def test_cli_and_pipeline_lists_are_derived_from_the_table():
     (["--ar-steps", "4"], "num_ar_steps", 4), (["--num-ar-steps", "4"], "num_ar_steps", 4),
     (["--head-steps", "5"], "num_head_steps", 5), (["--frames", "9"], "num_frames", 9),
     (["--context", "2"], "num_context_frames", 2), (["--top-p", "0.9"], "top_p", 0.9), (["--solver", "rk4"], "solver", "rk4"),
+    (["--guidance-interval", "0.1,0.9"], "guidance_interval", (0.1, 0.9)),
 ])
 def test_sample_flags_are_the_pipeline_keywords_with_short_aliases(argv, keyword, value):
     from genmod.sampling import build_parser
@@ -108,6 +110,19 @@ def test_sample_flag_of_another_family_is_a_one_line_error():
         _sample_options(VARPipeline(), args)
     args = build_parser().parse_args(["run", "--top-k", "5", "--steps", "6"])
     assert _sample_options(VARPipeline(), args) == {"top_k": 5, "num_inference_steps": 6}
+
+
+@pytest.mark.parametrize("spec", ["0.9,0.1", "0.1", "a,b", "0.1,0.5,0.9", "-0.1,0.5", "0.2,1.5"])
+def test_bad_guidance_interval_is_one_line(spec, capsys):
+    from genmod.sampling import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--guidance-interval", spec])
+    assert "argument --guidance-interval: " in capsys.readouterr().err
+
+
+def test_guidance_interval_is_taken_by_every_ode_family_with_guidance():
+    assert families_taking("guidance_interval") == ["flow", "latentlm", "diffusion-forcing", "causalfusion"]
 
 
 def test_flow_solver_flag_is_set_on_the_scheduler():

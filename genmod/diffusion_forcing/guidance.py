@@ -15,7 +15,9 @@ DFoT's unconditional branch; history is noised, not dropped). With ``u`` = all h
   the others fully noised, with weights ``history_weights``.
 
 Composing predictions equals DFoT's composing of the DDIM-updated states (the step is affine in the
-prediction for a fixed ``x_t``, and the weights sum to one).
+prediction for a fixed ``x_t``, and the weights sum to one). With ``guidance_interval = (t_lo, t_hi)``
+(Kynkaanniemi et al. 2024, as the other pipelines) a frame is guided only while its own level is inside the
+interval; outside, it gets the full-history prediction, and a step with no frame inside runs no extra view.
 
 **Gradient guidance** (DF planning, Sec. 3.4 / App. D): ``guidance_fn(x0_hat) -> loss`` moves the x0
 prediction by ``-guidance_strength * f * grad``, ``f = 1`` (``guidance_scaling="constant"``) or
@@ -67,8 +69,22 @@ def history_conditions(kind: str, scale: float, num_history: int, freq_scale: fl
 
 
 def guided_prediction(predictor, settings, x_in, t_in, start, uncond_history):
-    """The network prediction of the chunk frames with history guidance (module doc)."""
+    """The network prediction of the chunk frames ``[B, n, ...]`` at levels ``t_in [n]`` with history guidance,
+    gated per frame by ``settings.guidance_interval`` (module doc)."""
     pred = predictor(x_in, t_in, start)
+    inside = None
+    if settings.guidance_interval is not None:
+        inside = (t_in >= settings.guidance_interval[0]) & (t_in <= settings.guidance_interval[1])
+        if not bool(inside.any()):
+            return pred
+    guided = _history_guided(predictor, settings, pred, x_in, t_in, start, uncond_history)
+    if inside is None or bool(inside.all()):
+        return guided
+    return torch.where(inside.reshape(1, -1, *([1] * (pred.dim() - 2))).to(pred.device), guided, pred)
+
+
+def _history_guided(predictor, settings, pred, x_in, t_in, start, uncond_history):
+    """``pred`` combined with the other history views of ``settings.history_guidance`` (module doc)."""
     kind = settings.history_guidance
     if kind in ("fractional", "temporal"):
         if predictor.history[0] is None:

@@ -74,6 +74,7 @@ class DiffusionForcingPipeline(GenmodPipeline):
         chunk_size: int | None = None,
         window: int | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         history_guidance: str = "noise",
         guidance_fn=None,
         guidance_strength: float = 0.0,
@@ -93,7 +94,8 @@ class DiffusionForcingPipeline(GenmodPipeline):
         """Generate ``num_frames`` frames after ``context`` (``(B, C_f, C, H, W)`` in [-1, 1], or
         ``(B, steps, D)`` for sequences); without ``context``, ``num_context_frames`` (default 1)
         frames are generated first. ``schedule``: autoregressive | pyramid | full_sequence |
-        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off). ``stabilization``: see
+        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off), for the frames whose level is in
+        ``guidance_interval`` (default all). ``stabilization``: see
         ``genmod.diffusion_forcing.stabilization``; ``clip_denoised``: ``auto`` clamps x0 to [-1, 1] for video only.
         ``callback_on_step_end(pipe, chunk, 0, {"latents": frames [B, h, ...]})``: after every chunk; returned frames replace it.
         """
@@ -105,8 +107,8 @@ class DiffusionForcingPipeline(GenmodPipeline):
         settings = self._rollout_settings(
             num_inference_steps, slope, context_noise, clip_denoised, window=window,
             kv_cache="reencode" if use_kv_cache else None, guidance_scale=guidance_scale,
-            history_guidance=history_guidance, guidance_fn=guidance_fn, guidance_strength=guidance_strength,
-            guidance_grad=guidance_grad, stabilization=stabilization)
+            guidance_interval=guidance_interval, history_guidance=history_guidance, guidance_fn=guidance_fn,
+            guidance_strength=guidance_strength, guidance_grad=guidance_grad, stabilization=stabilization)
         conditions = dict(class_labels=class_labels, actions=actions, generator=generator)
         context = self._start_context(context, settings, num_context_frames, batch_size, conditions, device)
         on_chunk_end = tensor_hook(self, callback_on_step_end, callback_on_step_end_tensor_inputs)

@@ -69,7 +69,8 @@ class RolloutSettings:
         kv_cache: ``None`` | ``reencode`` | ``incremental`` (how the clean history is encoded).
         guidance_scale, history_guidance: history guidance weight w (1 = off) and its kind (``noise`` |
             ``drop`` HG-v, ``fractional`` HG-f at level ``history_freq_scale``, ``temporal`` HG-t over
-            ``history_subsets`` with ``history_weights``).
+            ``history_subsets`` with ``history_weights``); guidance_interval: ``(t_lo, t_hi)``, a frame is guided
+            only while its level is inside (None = always).
         guidance_fn, guidance_strength, guidance_grad: gradient guidance on the x0 prediction (Sec. 3.4);
             guidance_scaling: ``constant`` or ``ddim`` (``sigma_t sigma_next / alpha_t``, DF v1.5);
             guidance_mc_samples: Monte Carlo guidance samples (> 1 needs ``guidance_grad="x_t"``).
@@ -91,6 +92,7 @@ class RolloutSettings:
     kv_cache: str | None = "reencode"
     guidance_scale: float = 1.0
     history_guidance: str = "noise"
+    guidance_interval: tuple[float, float] | None = None
     guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     guidance_strength: float = 0.0
     guidance_grad: str = "x0"
@@ -130,6 +132,9 @@ class RolloutSettings:
             raise ValueError(f"stabilization: expected one of {', '.join(STABILIZATION_MODES)}, got {self.stabilization!r}")
         if self.eta < 0:
             raise ValueError(f"eta: must be >= 0, got {self.eta}")
+        if self.guidance_interval is not None and not (len(self.guidance_interval) == 2 and
+                                                       0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1):
+            raise ValueError(f"guidance_interval: need (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1, got {self.guidance_interval}")
         if self.history_frames is not None and self.history_frames < 1 and self.history_frames != -1:
             raise ValueError(f"history_frames: must be >= 1, -1 (window - 1) or None, got {self.history_frames}")
         if not 0 < self.history_freq_scale < 1:
