@@ -146,3 +146,75 @@ def test_diffusion_forcing_callback_per_chunk():
     torch.testing.assert_close(out[:, :2], plain[:, :2])  # before the edit: unchanged
     assert torch.equal(out[:, 2:4], torch.full_like(out[:, 2:4], 0.5))  # the replaced chunk
     assert not torch.allclose(out[:, 4], plain[:, 4])  # the next chunk saw it as history
+
+
+def _df_pipe(path="linear", prediction="x0"):
+    from genmod.diffusion_forcing.pipeline import DiffusionForcingPipeline
+    from test_diffusion_forcing import _random_model
+
+    pipe = DiffusionForcingPipeline(transformer=_random_model("video"), schedule="pyramid", num_inference_steps=4,
+                                    path=path, prediction=prediction)
+    pipe.set_progress_bar_config(disable=True)
+    context = torch.rand(2, 2, *pipe.transformer.frame_shape, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    return pipe, context
+
+
+@pytest.mark.parametrize("make", [FlowMatchEulerDiscreteScheduler, lambda: FlowMatchSolverScheduler(solver="euler"),
+                                  lambda: FlowMatchSolverScheduler(solver="euler", prediction_type="x0")])
+def test_diffusion_forcing_euler_scheduler_per_frame_equals_its_ddim_steps(make, tmp_path):
+    """On the linear path an Euler step of the velocity rebuilt from (x0_hat, eps_hat) lands where DDIM does:
+    (1 - t') x0_hat + t' eps_hat, so swapping an Euler scheduler in leaves the pyramid rollout unchanged."""
+    pipe, context = _df_pipe()
+    kw = dict(num_frames=5, chunk_size=3, output_type="latent")
+    plain = pipe(context, generator=torch.Generator().manual_seed(5), **kw).frames
+    pipe.scheduler = make()
+    swapped = pipe(context, generator=torch.Generator().manual_seed(5), **kw).frames
+    torch.testing.assert_close(swapped, plain, atol=2e-5, rtol=1e-5)
+    pipe.save_pretrained(tmp_path / "df")  # the swapped scheduler is a saved component
+    from genmod.pipelines import load_pipeline
+
+    assert type(load_pipeline(str(tmp_path / "df")).scheduler).__name__ == type(pipe.scheduler).__name__
+
+
+def test_diffusion_forcing_multistep_scheduler_steps_every_frame_through_every_level():
+    """DPM-Solver++ 2M on the cosine path: each frame's own copy is stepped once per level, at the level
+    grid 1, 3/4, 1/2, 1/4 in order, whatever the row at which the pyramid moves it; a different sampler
+    than DDIM, so the frames differ."""
+    from genmod.diffusion_forcing import rollout
+    from genmod.diffusion_forcing.frame_schedulers import FrameSchedulers
+    from test_diffusion_forcing import _random_model
+
+    steps = []
+    original = FrameSchedulers.step
+
+    def recording(self, i, x0_hat, eps_hat, x_t, t):
+        steps.append((id(self), i, float(t)))
+        return original(self, i, x0_hat, eps_hat, x_t, t)
+
+    FrameSchedulers.step = recording
+    try:
+        model, context = _random_model("video"), torch.zeros(1, 2, *_random_model("video").frame_shape)
+        kw = dict(schedule="pyramid", num_inference_steps=4, chunk_size=3, path="cosine", prediction="x0",
+                  generator=torch.Generator().manual_seed(1))
+        out = rollout(model, context, 3, scheduler=FlowMatchSolverScheduler(solver="dpmsolver++2m", path="cosine"), **kw)
+    finally:
+        FrameSchedulers.step = original
+    for frame in range(3):
+        assert [t for _, i, t in steps if i == frame] == [1.0, 0.75, 0.5, 0.25]
+    kw["generator"] = torch.Generator().manual_seed(1)
+    ddim = rollout(model, context, 3, **kw)
+    assert torch.isfinite(out).all() and float((out - ddim).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("scheduler,path,message", [
+    (FlowMatchSolverScheduler(solver="heun", path="cosine"), "cosine", "2 network calls per step"),
+    (FlowMatchEulerDiscreteScheduler(), "cosine", "steps the linear path's velocity"),
+    (FlowMatchSolverScheduler(solver="euler", path="linear"), "cosine", "steps the 'linear' path"),
+    (DPMSolverMultistepScheduler(**FLOW_SETTINGS), "linear", "does not step the rollout's levels"),
+    (FlowMatchEulerDiscreteScheduler(shift=3.0), "linear", "does not step the rollout's levels"),
+])
+def test_diffusion_forcing_scheduler_that_cannot_step_frames_is_one_line(scheduler, path, message):
+    pipe, context = _df_pipe(path=path)
+    pipe.scheduler = scheduler
+    with pytest.raises(ValueError, match=f"^scheduler: .*{message}"):
+        pipe(context, num_frames=2, generator=torch.Generator().manual_seed(0))

@@ -40,15 +40,21 @@ class DiffusionForcingPipeline(GenmodPipeline):
         path, prediction: the package path and the network's prediction type it was trained with.
         context_noise: stabilisation level ``t_c`` of clean frames; schedule/slope/num_inference_steps: defaults.
         frame_stack: time steps per frame for sequences (outputs are unstacked).
+        scheduler: optional flow scheduler that steps each frame instead of DDIM (swap it in with
+            ``pipe.scheduler = ...``; ``genmod.diffusion_forcing.frame_schedulers``): genmod's
+            ``FlowMatchSolverScheduler(path=..., solver="euler" | "dpmsolver++2m")``, or on the linear path
+            ``FlowMatchEulerDiscreteScheduler`` / ``UniPCMultistepScheduler`` with flow sigmas.
     """
 
     model_cpu_offload_seq = "transformer"
+    _optional_components = ["scheduler"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, transformer, path: str = "cosine", prediction: str = "velocity", context_noise: float = 0.02,
-                 schedule: str = "pyramid", slope: float = 1.0, frame_stack: int = 1, num_inference_steps: int = 20):
+    def __init__(self, transformer, scheduler=None, path: str = "cosine", prediction: str = "velocity",
+                 context_noise: float = 0.02, schedule: str = "pyramid", slope: float = 1.0, frame_stack: int = 1,
+                 num_inference_steps: int = 20):
         super().__init__()
-        self.register_modules(transformer=transformer)
+        self.register_modules(transformer=transformer, scheduler=scheduler)
         self.register_to_config(path=path, prediction=prediction, context_noise=float(context_noise), schedule=schedule,
                                 slope=float(slope), frame_stack=int(frame_stack), num_inference_steps=int(num_inference_steps))
 
@@ -127,6 +133,7 @@ class DiffusionForcingPipeline(GenmodPipeline):
             clip_denoised = 1.0 if self.transformer.config.modality == "video" else None
         return RolloutSettings(
             path=self.config.path, prediction=self.config.prediction, clip_denoised=clip_denoised,
+            scheduler=getattr(self, "scheduler", None),
             num_inference_steps=num_inference_steps or self.config.num_inference_steps,
             slope=self.config.slope if slope is None else slope,
             context_noise=self.config.context_noise if context_noise is None else context_noise, **options)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from genmod.core.paths import AffinePath, get_path
 from genmod.core.settings import with_options
+from genmod.diffusion_forcing.frame_schedulers import FrameSchedulers
 from genmod.diffusion_forcing.guidance import GUIDANCE_SCALING, HISTORY_GUIDANCE, denoise
 from genmod.diffusion_forcing.predictor import Predictor
 from genmod.diffusion_forcing.schedules import get_scheduling_matrix, level_times
@@ -78,6 +79,7 @@ class RolloutSettings:
         stabilization: ``v1.5`` | ``v1.5_ddpm`` | ``dfot`` | ``fixed_noise`` (``stabilization`` module).
         eta: DDIM stochasticity (0 deterministic, 1 DDPM posterior).
         history_frames: DFoT's per-chunk history length L (``-1`` = ``window - 1``; None = fixed chunks).
+        scheduler: None (DDIM steps) or a flow scheduler stepping each frame (``frame_schedulers`` module).
     """
 
     path: str | AffinePath = "cosine"
@@ -105,6 +107,7 @@ class RolloutSettings:
     history_weights: Sequence[float] | None = None
     guidance_scaling: str = "constant"
     guidance_mc_samples: int = 1
+    scheduler: object = None
 
     def __post_init__(self):
         self._check_session6_fields()
@@ -358,6 +361,8 @@ def _denoise_chunk(run: _Rollout, batch: int, h: int, start: int, uncond_history
     dtype = _compute_dtype(run.model)
     x = _randn((batch, h, *run.model.frame_shape), run.generator, tau.device, dtype)
     shown = [None] * h  # stabilised versions of finished chunk frames
+    path_name = settings.path if isinstance(settings.path, str) else run.path.name
+    stepper = None if settings.scheduler is None else FrameSchedulers(settings.scheduler, run.path, path_name, tau, h)
     for m in range(matrix.shape[0] - 1):
         cur, nxt = matrix[m], matrix[m + 1]
         changed = (cur != nxt).nonzero().flatten()
@@ -370,12 +375,15 @@ def _denoise_chunk(run: _Rollout, batch: int, h: int, start: int, uncond_history
         # 2. x0 / eps predictions with history and gradient guidance
         x0_hat, eps_hat = denoise(run.predictor, settings, run.path, x_in, t_in, tau[nxt[:n]], start, uncond_history,
                                   changed, run.generator, cur[:n] != 0)
-        # 3. DDIM step of every changing frame to its next level; a frame reaching level 0 is its x0
-        #    prediction, given its static stabilised view once
+        # 3. DDIM step (or the swapped-in scheduler's) of every changing frame to its next level; a frame
+        #    reaching level 0 is its x0 prediction (under DDIM), given its static stabilised view once
         for i in changed.tolist():
-            x[:, i] = _step_frame(run, x0_hat[:, i], eps_hat[:, i], tau[cur[i]], tau[nxt[i]], dtype)
+            if stepper is not None:
+                x[:, i] = stepper.step(i, x0_hat[:, i], eps_hat[:, i], x[:, i], tau[cur[i]])
+            else:
+                x[:, i] = _step_frame(run, x0_hat[:, i], eps_hat[:, i], tau[cur[i]], tau[nxt[i]], dtype)
+                x[:, i] = x0_hat[:, i] if nxt[i] == 0 else x[:, i]
             if nxt[i] == 0:
-                x[:, i] = x0_hat[:, i]
                 shown[i] = run.stabilizer.static(x[:, i:i + 1], run.generator)[:, 0]
         run.bar.update()
     return x, shown

@@ -141,6 +141,18 @@ class GenmodPipeline(DiffusionPipeline):
         _check_no_missing_weights(pipe, path)
         return pipe
 
+    def __setattr__(self, name, value):
+        """``pipe.scheduler = X`` also fills an optional component that was None (diffusers keeps such a slot
+        at ``(None, None)`` in ``model_index.json``, so the swapped-in component would not be saved)."""
+        if (value is not None and name in getattr(self, "_optional_components", ()) and
+                name in self.__dict__ and self.__dict__[name] is None):
+            from diffusers.pipelines.pipeline_utils import _fetch_class_library_tuple
+
+            super().__setattr__(name, value)
+            self.register_to_config(**{name: _fetch_class_library_tuple(value)})
+            return
+        super().__setattr__(name, value)
+
     @staticmethod
     def _generator_for(generator, batch_size: int):
         """Accept one generator, a list of one per sample, or None (diffusers convention)."""
