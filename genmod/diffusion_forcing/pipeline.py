@@ -100,14 +100,12 @@ class DiffusionForcingPipeline(GenmodPipeline):
         """Generate ``num_frames`` frames after ``context`` (``(B, C_f, C, H, W)`` in [-1, 1], or
         ``(B, steps, D)`` for sequences); without ``context``, ``num_context_frames`` (default 1)
         frames are generated first. ``schedule``: autoregressive | pyramid | full_sequence |
-        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off), for the frames whose level is in
-        ``guidance_interval`` (default all). ``stabilization``: see
-        ``genmod.diffusion_forcing.stabilization``; ``clip_denoised``: ``auto`` clamps x0 to [-1, 1] for video only.
+        trapezoid | a matrix. ``guidance_scale``: history guidance w (1 = off) of the frames whose level is in
+        ``guidance_interval``. ``stabilization``: ``genmod.diffusion_forcing.stabilization``; ``clip_denoised``:
+        ``auto`` clamps x0 to [-1, 1] for video only.
         ``callback_on_step_end(pipe, chunk, 0, {"latents": frames [B, h, ...]})``: after every chunk; returned frames replace it.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        schedule = self._schedule(schedule)
+        schedule = self._schedule(schedule, output_type)
         device = self._execution_device
         class_labels, batch_size = self._labels_and_batch(class_labels, batch_size, generator, device)
         settings = self._rollout_settings(
@@ -144,8 +142,11 @@ class DiffusionForcingPipeline(GenmodPipeline):
             return self._opening_frames(settings, num_context_frames, batch_size or 1, conditions, device)
         return self._given_context(context, num_context_frames, conditions["generator"], device)
 
-    def _schedule(self, schedule):
-        """The call's schedule (default the saved one); names are checked, matrices pass through."""
+    def _schedule(self, schedule, output_type: str = "pt"):
+        """The call's schedule (default the saved one); names are checked, matrices pass through; so is
+        ``output_type``."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         schedule = self.config.schedule if schedule is None else schedule
         if isinstance(schedule, str):
             schedule = schedule.replace("-", "_")
