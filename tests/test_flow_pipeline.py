@@ -242,3 +242,12 @@ def test_folder_saved_with_pre_namespace_module_names_loads(tmp_path):
     assert type(loaded.vae) is KLVAE
     run = dict(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(**run).images, pipe(**dict(run, generator=torch.Generator().manual_seed(0))).images)
+
+
+@pytest.mark.parametrize("path", ["/no/such/run/pipeline", "./missing", "runs/x/pipeline"])
+def test_from_pretrained_of_a_missing_local_folder_names_it(path):
+    """A path that cannot be a hub id ("org/name") is not sent to the hub: one line naming it."""
+    from genmod.flow.pipeline import FlowMatchingPipeline
+
+    with pytest.raises(FileNotFoundError, match=f"^{path}: no such pipeline folder$"):
+        FlowMatchingPipeline.from_pretrained(path)

@@ -132,6 +132,8 @@ class GenmodPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
+            if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:  # a local path, not a hub id
+                raise FileNotFoundError(f"{path}: no such pipeline folder")
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_pipeline_folder(path)
         kwargs.setdefault("use_safetensors", True)  # never fall back to unpickling
