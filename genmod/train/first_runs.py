@@ -34,8 +34,8 @@ FIRST_RUNS = {
     "LatentLMConfig": (
         "first run: LatentLM needs a continuous tokenizer (`--tokenizer`; without one the command stops with a "
         "one-line error): `genmod train tokenizer --preset sigma-vae-shapes --cpu` (about 22 minutes), then "
-        "`genmod train latentlm --preset shapes-text-to-image --cpu` (about 60 CPU-minutes: the prompt's shape in "
-        "48% of the images at guidance 3; docs/RESULTS.md)."),
+        "`genmod train latentlm --preset shapes-text-to-image --cpu` (about 55 CPU-minutes: the prompt's shape in "
+        "62% of the images at guidance 3, 68% at guidance 5; docs/RESULTS.md)."),
 }
 
 
