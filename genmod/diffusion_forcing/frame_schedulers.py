@@ -60,6 +60,7 @@ class FrameSchedulers:
             raise ValueError(f"scheduler: {type(scheduler).__name__} takes {scheduler.order} network calls per step; "
                              "a Diffusion Forcing row evaluates each frame once (use euler, dpmsolver++2m or UniPC)")
         self.path, self.output_type = path, _output_type(scheduler, path_name)
+        scheduler = copy.deepcopy(scheduler)  # the pipeline's own scheduler is left as it was
         _set_grid(scheduler, tau)
         self.copies = [copy.deepcopy(scheduler) for _ in range(num_frames)]
         self.calls = [0] * num_frames
